@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make demo` (the embedded default, end to end) and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: install test demo lint
+
+install: $(VENV)/.installed
+
+# torch is pinned first: the CPU wheel of this version is what the machine serves; a bare `torch` would pull CUDA.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[test,demo]"
+	touch $@
+
+test: install
+	$(PYTHON) -m pytest -q
+
+demo: install
+	$(VENV)/bin/clip-diffusionlm demo --output-dir outputs/demo
+
+lint: install
+	$(PYTHON) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check src tests examples benchmarks

@@ -1,0 +1,109 @@
+"""Frozen CLIP features: turning user images (PIL, numpy, torch; any mode) into L2-normalised CLIP embeddings.
+
+The pipeline and the training feature cache both encode through these functions, so a cached feature and one
+computed at inference time are the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB from any PIL mode: transparency composited on white, 16/32-bit scaled (not clipped), CMYK converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = PIL.Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_pil(array: np.ndarray, index: int) -> PIL.Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels-first → channels-last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"`images[{index}]` has shape {tuple(array.shape)}; expected (H, W), (H, W, C) or (C, H, W) with "
+            "C in {1, 3, 4}."
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
+            raise ValueError(f"`images[{index}]` is a float array with values outside [0, 1].")
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"`images[{index}]` has dtype {array.dtype}; expected uint8 or float in [0, 1].")
+    return PIL.Image.fromarray(array)
+
+
+def as_rgb_images(images: ImageInput | Sequence[ImageInput]) -> list[PIL.Image.Image]:
+    """
+    Normalises one image or a batch into a list of RGB PIL images.
+
+    Accepts PIL images of any mode, numpy arrays (`(H, W)`, `(H, W, C)`, `(C, H, W)`; uint8 or float in [0, 1]),
+    torch tensors of the same layouts or a 4-D batch `(B, C, H, W)`, and lists of any of these.
+    """
+    if isinstance(images, torch.Tensor):
+        images = list(images) if images.ndim == 4 else [images]
+    elif isinstance(images, np.ndarray):
+        images = list(images) if images.ndim == 4 else [images]
+    elif isinstance(images, PIL.Image.Image):
+        images = [images]
+    elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise TypeError(
+            f"`images` must be a PIL image, numpy array, torch tensor or a list of them, got {type(images).__name__}."
+        )
+    if len(images) == 0:
+        raise ValueError("`images` is empty; pass at least one image.")
+
+    converted = []
+    for index, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if isinstance(image, np.ndarray):
+            image = _array_to_pil(image, index)
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError(
+                f"`images[{index}]` is a {type(image).__name__}; expected a PIL image, numpy array or torch tensor."
+            )
+        converted.append(to_rgb(image))
+    return converted
+
+
+@torch.no_grad()
+def encode_images(
+    image_encoder: CLIPVisionModelWithProjection,
+    image_processor: CLIPImageProcessor,
+    images: ImageInput | Sequence[ImageInput],
+) -> torch.FloatTensor:
+    """L2-normalised CLIP `image_embeds`, shape `(batch, projection_dim)`, on the encoder's device."""
+    pixel_values = image_processor(images=as_rgb_images(images), return_tensors="pt").pixel_values
+    pixel_values = pixel_values.to(device=image_encoder.device, dtype=image_encoder.dtype)
+    embeds = image_encoder(pixel_values=pixel_values).image_embeds
+    return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def encode_texts(text_encoder: CLIPTextModelWithProjection, tokenizer, texts: Sequence[str]) -> torch.FloatTensor:
+    """L2-normalised CLIP `text_embeds`, shape `(batch, projection_dim)`, on the encoder's device."""
+    max_length = text_encoder.config.max_position_embeddings
+    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    tokens = tokens.to(text_encoder.device)
+    embeds = text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds
+    return embeds / embeds.norm(dim=-1, keepdim=True)

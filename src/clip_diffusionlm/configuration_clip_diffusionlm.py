@@ -1,0 +1,164 @@
+"""CLIP-DiffusionLM configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+FUSION_METHODS = ("concat", "add")
+PREDICTION_TYPES = ("sample", "previous_sample")
+NOISE_SCHEDULES = ("squaredcos_cap_v2", "sqrt", "linear")
+
+
+class CLIPDiffusionLMConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`CLIPDiffusionLMModel`], the denoiser of CLIP-DiffusionLM (Xu, 2022, arXiv 2210.04559).
+
+    The denoiser receives a noisy caption in word-embedding space, `x_t` of shape `(caption_length, hidden_size)`,
+    the timestep `t` and a frozen CLIP embedding of the image, and predicts the clean caption embeddings `x̂0` (or
+    `x_{t-n}`). Defaults are the paper's final model unless noted.
+
+    Args:
+        caption_length (`int`, *optional*, defaults to 16):
+            Number of token positions `L` that are denoised together, special tokens and padding included.
+        condition_dim (`int`, *optional*, defaults to 512):
+            Size of the CLIP embeddings used as conditioning (`image_embeds` of CLIP ViT-B/32 is 512).
+        fusion (`str`, *optional*, defaults to `"concat"`):
+            How the conditioning meets the caption. `"concat"` appends each projected CLIP feature as an extra token
+            marked by a segment embedding (the paper's final choice); `"add"` adds it to every caption position.
+        use_text_condition (`bool`, *optional*, defaults to `False`):
+            Also condition on the CLIP text embedding of the caption (the paper's guidance experiment). At inference
+            the text slot takes user-given `text_embeds` or the learned null condition.
+        condition_drop_prob (`float`, *optional*, defaults to 0.0):
+            Probability of replacing the conditioning by the learned null condition during training, which enables
+            classifier-free guidance. The paper uses 0.2 when guidance is on.
+        prediction_type (`str`, *optional*, defaults to `"sample"`):
+            `"sample"` predicts `x0` (paper's final model); `"previous_sample"` predicts `x_{t-n}` with
+            `n = prediction_step_offset` (the paper's ablation).
+        prediction_step_offset (`int`, *optional*, defaults to 100):
+            `n` of the `x_{t-n}` target.
+        rounding_weight (`float`, *optional*, defaults to 0.3):
+            `λ` in `L = L'_simple + λ·L_R`.
+        dynamic_rounding_constant (`float`, *optional*):
+            When set to `C`, `λ` is recomputed every step as `C · L'_simple / L_R` without gradient (the paper tries
+            C ∈ {1, 3}); `rounding_weight` is then ignored.
+        x1_restoring_loss (`bool`, *optional*, defaults to `True`):
+            Add the restoring loss at `t = 1` (one extra forward pass) to `L'_simple`, as in the paper.
+        timestep_conditioning (`bool`, *optional*, defaults to `True`):
+            Feed a sinusoidal embedding of `t` to the denoiser. The original code had none; `False` reproduces it.
+        self_conditioning (`bool`, *optional*, defaults to `False`):
+            Feed the previous estimate of `x0` back as an extra input (Chen et al., 2022).
+        embedding_scale (`float`, *optional*, defaults to 1.0):
+            Multiplier applied to the frozen word embeddings to form `x0`. Pretrained BERT embeddings have a per-
+            dimension standard deviation near 0.05, so noise swamps them early in the schedule; a scale near
+            `1 / std` gives the signal unit variance like an image diffusion model. 1.0 is the paper.
+        noise_schedule (`str`, *optional*, defaults to `"squaredcos_cap_v2"`):
+            `"squaredcos_cap_v2"` (cosine, the paper), `"sqrt"` (Diffusion-LM) or `"linear"`.
+        num_train_timesteps (`int`, *optional*, defaults to 1000):
+            `T`.
+        condition_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the conditioning and timestep MLPs.
+        backbone_config (`dict` or `PretrainedConfig`, *optional*):
+            Configuration of the BERT-family transformer encoder (any model whose `AutoModel` accepts
+            `inputs_embeds`: DistilBERT, BERT, RoBERTa, ...). Defaults to DistilBERT-base-uncased's shape.
+        text_backbone_name_or_path (`str`, *optional*, defaults to `"distilbert-base-uncased"`):
+            Where the word embeddings, tokenizer and initial transformer weights come from; recorded for provenance
+            and used by [`CLIPDiffusionLMModel.from_text_backbone`].
+    """
+
+    model_type = "clip_diffusionlm"
+
+    def __init__(
+        self,
+        caption_length: int = 16,
+        condition_dim: int = 512,
+        fusion: str = "concat",
+        use_text_condition: bool = False,
+        condition_drop_prob: float = 0.0,
+        prediction_type: str = "sample",
+        prediction_step_offset: int = 100,
+        rounding_weight: float = 0.3,
+        dynamic_rounding_constant: float | None = None,
+        x1_restoring_loss: bool = True,
+        timestep_conditioning: bool = True,
+        self_conditioning: bool = False,
+        embedding_scale: float = 1.0,
+        noise_schedule: str = "squaredcos_cap_v2",
+        num_train_timesteps: int = 1000,
+        condition_hidden_act: str = "gelu",
+        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        text_backbone_name_or_path: str = "distilbert-base-uncased",
+        **kwargs,
+    ):
+        if backbone_config is None:
+            backbone_config = {"model_type": "distilbert"}
+        if isinstance(backbone_config, PretrainedConfig):
+            backbone_config = backbone_config.to_dict()
+        if not isinstance(backbone_config, dict) or "model_type" not in backbone_config:
+            raise ValueError(
+                "`backbone_config` must be a transformers config or a dict with a 'model_type' key (e.g. "
+                f"{{'model_type': 'bert', 'hidden_size': 384}}), got {backbone_config!r}."
+            )
+
+        self.caption_length = caption_length
+        self.condition_dim = condition_dim
+        self.fusion = fusion
+        self.use_text_condition = use_text_condition
+        self.condition_drop_prob = condition_drop_prob
+        self.prediction_type = prediction_type
+        self.prediction_step_offset = prediction_step_offset
+        self.rounding_weight = rounding_weight
+        self.dynamic_rounding_constant = dynamic_rounding_constant
+        self.x1_restoring_loss = x1_restoring_loss
+        self.timestep_conditioning = timestep_conditioning
+        self.self_conditioning = self_conditioning
+        self.embedding_scale = embedding_scale
+        self.noise_schedule = noise_schedule
+        self.num_train_timesteps = num_train_timesteps
+        self.condition_hidden_act = condition_hidden_act
+        self.backbone_config = backbone_config
+        self.text_backbone_name_or_path = text_backbone_name_or_path
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises `ValueError` naming the first knob that is out of range."""
+        if self.fusion not in FUSION_METHODS:
+            raise ValueError(f"`fusion` must be one of {FUSION_METHODS}, got {self.fusion!r}.")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
+        for name in ("caption_length", "condition_dim", "num_train_timesteps", "prediction_step_offset"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.caption_length < 2:
+            raise ValueError(f"`caption_length` must be at least 2 ([CLS] and [SEP]), got {self.caption_length}.")
+        if self.prediction_step_offset >= self.num_train_timesteps:
+            raise ValueError(
+                f"`prediction_step_offset` ({self.prediction_step_offset}) must be smaller than "
+                f"`num_train_timesteps` ({self.num_train_timesteps})."
+            )
+        if not 0.0 <= self.condition_drop_prob < 1.0:
+            raise ValueError(f"`condition_drop_prob` must be in [0, 1), got {self.condition_drop_prob}.")
+        if self.rounding_weight < 0:
+            raise ValueError(f"`rounding_weight` (λ) must be non-negative, got {self.rounding_weight}.")
+        if self.dynamic_rounding_constant is not None and self.dynamic_rounding_constant <= 0:
+            raise ValueError(
+                f"`dynamic_rounding_constant` (C) must be positive or None, got {self.dynamic_rounding_constant}."
+            )
+        if self.embedding_scale <= 0:
+            raise ValueError(f"`embedding_scale` must be positive, got {self.embedding_scale}.")
+
+    def get_backbone_config(self) -> PretrainedConfig:
+        """The transformers config of the transformer encoder, rebuilt from the stored dict."""
+        return AutoConfig.for_model(**self.backbone_config)
+
+    @property
+    def num_condition_tokens(self) -> int:
+        """Tokens appended to the caption by concat fusion (0 for add fusion)."""
+        if self.fusion != "concat":
+            return 0
+        return 2 if self.use_text_condition else 1

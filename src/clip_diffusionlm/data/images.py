@@ -1,0 +1,162 @@
+"""Image loading and validation for caption datasets.
+
+The readers in :mod:`clip_diffusionlm.data.readers` run :func:`validate_images` so that missing or corrupt images are
+found while the dataset is loaded, not hours into training, and the training code loads every image with
+:func:`load_rgb_image` so that all color modes reach the image processor as 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+from datasets import DatasetDict
+from PIL import Image
+
+__all__ = ["BAD_INPUT_POLICIES", "BadInputPolicy", "load_rgb_image", "validate_images"]
+
+logger = logging.getLogger("clip_diffusionlm.data")
+
+BadInputPolicy = Literal["error", "skip"]
+BAD_INPUT_POLICIES: tuple[str, ...] = ("error", "skip")
+
+# Alpha is composited on white, the usual page background of transparent product shots and logos.
+_BACKGROUND = (255, 255, 255)
+# 65535 / 257 == 255 exactly, so this maps the full 16-bit range onto the full 8-bit range.
+_UINT16_TO_UINT8 = 257
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def check_bad_input_policy(on_bad_input: str, max_report: int) -> None:
+    """Raises a `ValueError` for an unknown bad-input policy or a non-positive `max_report`."""
+    if on_bad_input not in BAD_INPUT_POLICIES:
+        raise ValueError(f"on_bad_input must be one of {BAD_INPUT_POLICIES}, got {on_bad_input!r}.")
+    if isinstance(max_report, bool) or not isinstance(max_report, int) or max_report < 1:
+        raise ValueError(f"max_report must be a positive integer, got {max_report!r}.")
+
+
+def handle_bad_items(problems: Sequence[tuple[str, str]], what: str, on_bad_input: str, max_report: int) -> None:
+    """Applies the bad-input policy to a list of problems found while loading a dataset.
+
+    Args:
+        problems (`Sequence[tuple[str, str]]`):
+            `(item, reason)` pairs, e.g. an image path and why it cannot be used.
+        what (`str`):
+            Plural noun for the items in messages, e.g. `"images"`.
+        on_bad_input (`str`):
+            `"error"` raises a `ValueError` listing the first `max_report` problems and the total count; `"skip"`
+            logs the count, and the caller drops the items.
+        max_report (`int`):
+            Maximum number of problems listed in the error message.
+    """
+    if not problems:
+        return
+    if on_bad_input == "error":
+        listed = "\n".join(f"  {item}: {reason}" for item, reason in problems[:max_report])
+        more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
+        raise ValueError(
+            f"Found {len(problems)} bad {what}:\n{listed}{more}\n"
+            "Fix them, or pass on_bad_input='skip' to drop them."
+        )
+    logger.warning("Skipped %d bad %s (first: %s: %s).", len(problems), what, *problems[0])
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Loads an image of any common mode as an 8-bit RGB image.
+
+    Transparent images (RGBA, LA, palette with transparency) are composited on white rather than having their alpha
+    dropped, which would reveal arbitrary colors stored under fully transparent pixels. 16-bit images are rescaled
+    from 0..65535 to 0..255 instead of being clipped, which would turn most of them white.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            Path of the image file.
+
+    Returns:
+        `PIL.Image.Image`: An RGB image that no longer references the file.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in _SIXTEEN_BIT_MODES:
+            pixels = np.asarray(image, dtype=np.float64) / _UINT16_TO_UINT8
+            gray = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+            return gray.convert("RGB")
+        if image.mode in _ALPHA_MODES or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def _image_problem(path: str) -> str | None:
+    """Returns why the image at `path` cannot be used, or `None` when it decodes."""
+    if not os.path.isfile(path):
+        return "missing file"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        # `verify` leaves the image unusable and does not decode pixel data, so truncated files need a second open.
+        with Image.open(path) as image:
+            # Decoding JPEGs at reduced scale still reads every byte of the stream, so truncation is found ~8x faster.
+            image.draft(None, (1, 1))
+            image.load()
+    # PIL plugins raise many unrelated exception types (OSError, SyntaxError, struct.error, ...) on corrupt data.
+    except Exception as err:
+        return f"unreadable image ({type(err).__name__}: {err})"
+    return None
+
+
+def validate_images(
+    dataset_dict: DatasetDict,
+    on_bad_input: BadInputPolicy = "error",
+    max_report: int = 10,
+    num_threads: int | None = None,
+) -> DatasetDict:
+    """Checks that every `image_path` of a caption dataset exists and decodes.
+
+    Args:
+        dataset_dict (`datasets.DatasetDict`):
+            Caption dataset with an `image_path` column in every split.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` listing the first `max_report` bad images and their total count;
+            `"skip"` drops them and logs the count on the `clip_diffusionlm.data` logger.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in the error message.
+        num_threads (`int`, *optional*):
+            Threads used to decode images. Defaults to `min(8, os.cpu_count())`.
+
+    Returns:
+        `datasets.DatasetDict`: The input, without the bad images when `on_bad_input="skip"`.
+    """
+    check_bad_input_policy(on_bad_input, max_report)
+    if num_threads is None:
+        num_threads = min(8, os.cpu_count() or 1)
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}.")
+    paths_by_split = {}
+    for split, dataset in dataset_dict.items():
+        if "image_path" not in dataset.column_names:
+            raise ValueError(f"Split {split!r} has no 'image_path' column (columns: {dataset.column_names}).")
+        paths_by_split[split] = dataset["image_path"]
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        problems_by_split = {split: list(pool.map(_image_problem, paths)) for split, paths in paths_by_split.items()}
+    problems = [
+        (path, problem)
+        for split, paths in paths_by_split.items()
+        for path, problem in zip(paths, problems_by_split[split])
+        if problem is not None
+    ]
+    handle_bad_items(problems, "images", on_bad_input, max_report)
+    if not problems:
+        return dataset_dict
+    return DatasetDict(
+        {
+            split: dataset.select([i for i, problem in enumerate(problems_by_split[split]) if problem is None])
+            for split, dataset in dataset_dict.items()
+        }
+    )

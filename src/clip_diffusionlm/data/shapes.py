@@ -1,0 +1,794 @@
+"""The "shapes world": a deterministic synthetic image-captioning dataset and a content-accuracy metric.
+
+Real images and pretrained CLIP weights cannot be downloaded everywhere, so the package ships a tiny world whose
+captions can be checked automatically. Every image shows 1-3 coloured shapes on a plain light background, placed in
+distinct cells of a 3x3 grid so that they never overlap and spatial relations (left/right/above/below) are exact.
+Every reference caption is generated from the ground-truth objects and is therefore true of its image.
+
+The words the captions use for shapes, colours and sizes come from small synonym tables (`SHAPE_SYNONYMS`,
+`COLOUR_SYNONYMS`, `SIZE_SYNONYMS`) that [`content_accuracy`] shares, so the metric understands every word the
+generator uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
+SIZES: tuple[str, ...] = ("small", "large")
+
+# Chosen to stay far apart from each other and from the light background, so a small CNN/ViT can tell them apart.
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (250, 140, 0),
+    "yellow": (235, 205, 0),
+    "green": (20, 150, 50),
+    "blue": (30, 80, 220),
+    "purple": (130, 40, 170),
+    "pink": (250, 120, 200),
+    "black": (25, 25, 25),
+}
+
+# The first word of each entry is the canonical one. Every word is a single word piece in BERT's uncased vocabulary,
+# which keeps the captions short in tokens.
+SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "disc"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+    "cross": ("cross",),
+    "diamond": ("diamond",),
+}
+COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "red": ("red",),
+    "orange": ("orange",),
+    "yellow": ("yellow",),
+    "green": ("green",),
+    "blue": ("blue",),
+    "purple": ("purple", "violet"),
+    "pink": ("pink",),
+    "black": ("black",),
+}
+SIZE_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "small": ("small", "little", "tiny"),
+    "large": ("large", "big"),
+}
+
+MIN_IMAGE_SIZE = 64 // 2
+MAX_IMAGE_SIZE = 64 * 2
+MAX_OBJECTS = 3
+# Equal to the smallest caption-template pool (see `_caption_templates`), so captions of one image are always distinct.
+MAX_CAPTIONS_PER_IMAGE = 8
+SPLITS: tuple[str, ...] = ("train", "validation", "test", "holdout")
+# Bump whenever the generator's output changes, so worlds already on disk are rebuilt instead of silently reused.
+SHAPES_WORLD_VERSION = 1
+
+_GRID = 3
+# Object extents as a fraction of the image side; a large object still fits inside one grid cell (1/3).
+_SIZE_FRACTION = {"small": 0.19, "large": 0.31}
+_BACKGROUND_LEVEL = 245
+_MAX_BACKGROUND_TINT = 40
+# Drawing at a multiple of the final size and box-filtering down anti-aliases the polygon edges.
+_SUPERSAMPLE = 4
+_IMAGE_NAME = re.compile(r"^(train|validation|test|holdout)-\d{6}\.png$")
+
+_ROW_WORDS = ("top", "middle", "bottom")
+_COLUMN_WORDS = ("left", "middle", "right")
+_NUMBER_WORDS = {"one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+_GENERIC_NOUNS = frozenset({"shape", "shapes", "object", "objects", "thing", "things", "item", "items"})
+
+
+def _plural(word: str) -> str:
+    return word + "es" if word.endswith(("s", "x")) else word + "s"
+
+
+_SHAPE_LOOKUP = {
+    form: shape for shape, words in SHAPE_SYNONYMS.items() for word in words for form in (word, _plural(word))
+}
+_COLOUR_LOOKUP = {word: colour for colour, words in COLOUR_SYNONYMS.items() for word in words}
+_SIZE_LOOKUP = {word: size for size, words in SIZE_SYNONYMS.items() for word in words}
+_TOKEN = re.compile(r"[a-z]+|\d+")
+
+
+@dataclass
+class ShapesWorldConfig:
+    """
+    Configuration of the shapes world generator.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 64):
+            Side of the square RGB images in pixels, between 32 and 128.
+        min_objects (`int`, *optional*, defaults to 1):
+            Fewest objects in an image, between 1 and `max_objects`.
+        max_objects (`int`, *optional*, defaults to 3):
+            Most objects in an image, between `min_objects` and 3.
+        captions_per_image (`int`, *optional*, defaults to 5):
+            Number of distinct reference captions per image, between 1 and `MAX_CAPTIONS_PER_IMAGE` (8).
+        background_tint (`int`, *optional*, defaults to 12):
+            Largest per-channel amount (0-40) subtracted from the light grey background (245, 245, 245); each image
+            draws its own tint from its seed.
+        holdout_combinations (`tuple[tuple[str, str], ...]`, *optional*, defaults to `(("purple", "triangle"), ("green", "star"))`):
+            `(colour, shape)` pairs that never appear in the train/validation/test splits and instead make up the
+            "holdout" split, to measure compositional generalisation. Lists are accepted and converted to tuples.
+    """
+
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 3
+    captions_per_image: int = 5
+    background_tint: int = 12
+    holdout_combinations: tuple[tuple[str, str], ...] = field(
+        default_factory=lambda: (("purple", "triangle"), ("green", "star"))
+    )
+
+    def __post_init__(self):
+        _check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        _check_int("min_objects", self.min_objects, 1, MAX_OBJECTS)
+        _check_int("max_objects", self.max_objects, self.min_objects, MAX_OBJECTS)
+        _check_int("captions_per_image", self.captions_per_image, 1, MAX_CAPTIONS_PER_IMAGE)
+        _check_int("background_tint", self.background_tint, 0, _MAX_BACKGROUND_TINT)
+        combinations = []
+        for pair in self.holdout_combinations:
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(f"holdout_combinations must hold (colour, shape) pairs, got {pair!r}.")
+            colour, shape = pair
+            if colour not in COLOURS:
+                raise ValueError(f"Unknown colour {colour!r} in holdout_combinations; expected one of {COLOURS}.")
+            if shape not in SHAPES:
+                raise ValueError(f"Unknown shape {shape!r} in holdout_combinations; expected one of {SHAPES}.")
+            combinations.append((colour, shape))
+        self.holdout_combinations = tuple(combinations)
+        if len(self.allowed_combinations()) < self.max_objects:
+            raise ValueError(
+                f"holdout_combinations leaves fewer than max_objects={self.max_objects} (colour, shape) pairs for "
+                "the train/validation/test images."
+            )
+
+    def allowed_combinations(self) -> list[tuple[str, str]]:
+        """Returns the `(colour, shape)` pairs that may appear in train/validation/test images."""
+        held_out = set(self.holdout_combinations)
+        return [(colour, shape) for colour in COLOURS for shape in SHAPES if (colour, shape) not in held_out]
+
+
+@dataclass
+class ShapesExample:
+    """
+    One generated image with its ground truth.
+
+    Args:
+        image (`PIL.Image.Image`):
+            The RGB image.
+        objects (`list[dict[str, Any]]`):
+            The objects in row-major grid order, each a dict with `shape`, `colour` and `size` (names from `SHAPES`,
+            `COLOURS`, `SIZES`) and `x`, `y` (integer pixel coordinates of its centre; `y` grows downwards).
+        captions (`list[str]`):
+            Distinct lowercase reference captions, all true of the image.
+    """
+
+    image: Image.Image
+    objects: list[dict[str, Any]]
+    captions: list[str]
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < low or (high is not None and value > high):
+        expected = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {expected}, got {value}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        h = 0.85 * r
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "diamond":
+        # Narrower than tall so it does not read as a rotated square.
+        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
+    if shape == "cross":
+        a = 0.36 * r
+        return [
+            (cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a), (cx + a, cy + a),
+            (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a),
+        ]  # fmt: skip
+    if shape == "star":
+        # A fat inner radius keeps the points visible on small stars.
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.48 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + 0.1 * r + radius * math.sin(angle)))
+        return points
+    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}.")
+
+
+def _draw(objects: list[dict[str, Any]], background: tuple[int, int, int], image_size: int) -> Image.Image:
+    canvas = Image.new("RGB", (image_size * _SUPERSAMPLE, image_size * _SUPERSAMPLE), background)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        cx, cy = obj["x"] * _SUPERSAMPLE, obj["y"] * _SUPERSAMPLE
+        r = _SIZE_FRACTION[obj["size"]] * image_size * _SUPERSAMPLE / 2
+        fill = COLOUR_RGB[obj["colour"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon(_shape_polygon(obj["shape"], cx, cy, r), fill=fill)
+    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _word(rng: random.Random, synonyms: tuple[str, ...]) -> str:
+    # Canonical words dominate so the vocabulary stays focused, synonyms add human-like variety.
+    if len(synonyms) == 1 or rng.random() < 0.7:
+        return synonyms[0]
+    return rng.choice(synonyms[1:])
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _bare_phrase(obj: dict[str, Any], rng: random.Random, with_size: bool) -> str:
+    words = [_word(rng, COLOUR_SYNONYMS[obj["colour"]]), _word(rng, SHAPE_SYNONYMS[obj["shape"]])]
+    if with_size:
+        words.insert(0, _word(rng, SIZE_SYNONYMS[obj["size"]]))
+    return " ".join(words)
+
+
+def _phrase(obj: dict[str, Any], rng: random.Random, with_size: bool | None = None) -> str:
+    """`a [size] colour shape`; `with_size=None` flips a coin."""
+    bare = _bare_phrase(obj, rng, rng.random() < 0.5 if with_size is None else with_size)
+    return f"{_article(bare)} {bare}"
+
+
+def _region(cell: tuple[int, int]) -> str:
+    row, column = cell
+    if row == 1 and column == 1:
+        return "in the middle"
+    if row == 1:
+        return f"on the {_COLUMN_WORDS[column]}"
+    if column == 1:
+        return f"at the {_ROW_WORDS[row]}"
+    return f"in the {_ROW_WORDS[row]} {_COLUMN_WORDS[column]}"
+
+
+def _relations(a: dict[str, Any], b: dict[str, Any], cells: dict[int, tuple[int, int]]) -> list[tuple[dict, str, dict]]:
+    """True `(subject, relation, object)` statements; objects in different grid columns/rows never overlap in x/y."""
+    (row_a, col_a), (row_b, col_b) = cells[id(a)], cells[id(b)]
+    statements = []
+    if col_a != col_b:
+        left, right = (a, b) if col_a < col_b else (b, a)
+        statements += [(left, "to the left of", right), (right, "to the right of", left)]
+    if row_a != row_b:
+        top, bottom = (a, b) if row_a < row_b else (b, a)
+        statements += [(top, "above", bottom), (bottom, "below", top)]
+    return statements
+
+
+def _caption_templates(
+    objects: list[dict[str, Any]], cells: dict[int, tuple[int, int]], rng: random.Random
+) -> list[Callable[[], str]]:
+    """Builds one caption maker per template. Templates differ in their fixed words, so their captions are distinct."""
+    if len(objects) == 1:
+        (obj,) = objects
+        region = _region(cells[id(obj)])
+        return [
+            lambda: _phrase(obj, rng, with_size=True),
+            lambda: f"{_phrase(obj, rng)} on a light background",
+            lambda: f"there is {_phrase(obj, rng, with_size=True)}",
+            lambda: f"a single {_bare_phrase(obj, rng, with_size=True)}",
+            lambda: f"one {_bare_phrase(obj, rng, rng.random() < 0.5)} {region}",
+            lambda: f"a picture of {_phrase(obj, rng)}",
+            lambda: f"{_phrase(obj, rng)} {region}",
+            lambda: f"an image with one {_bare_phrase(obj, rng, rng.random() < 0.5)}",
+        ]
+
+    def listed(with_size: bool | None) -> str:
+        order = rng.sample(objects, len(objects))
+        phrases = [_phrase(obj, rng, with_size) for obj in order]
+        return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+    def one_each() -> str:
+        phrases = [f"one {_bare_phrase(obj, rng, rng.random() < 0.5)}" for obj in rng.sample(objects, len(objects))]
+        return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+    if len(objects) == 2:
+        a, b = objects
+        templates: list[Callable[[], str]] = [
+            lambda: f"two shapes: {listed(None)}",
+            lambda: listed(None),
+            lambda: f"a picture of {listed(None)}",
+            lambda: f"two objects: {listed(None)}",
+            lambda: f"{listed(False)} on a light background",
+            one_each,
+        ]
+        for subject, relation, other in _relations(a, b, cells):
+            templates.append(
+                lambda subject=subject, relation=relation, other=other: (
+                    f"{_phrase(subject, rng)} {relation} {_phrase(other, rng)}"
+                )
+            )
+        return templates
+
+    pairs = [(objects[i], objects[j]) for i in range(len(objects)) for j in range(i + 1, len(objects))]
+
+    def related() -> str:
+        # Naming the third object after a comma keeps the relation from reading as if it applied to both.
+        a, b = rng.choice(pairs)
+        subject, relation, other = rng.choice(_relations(a, b, cells))
+        (third,) = [obj for obj in objects if obj is not subject and obj is not other]
+        return f"{_phrase(subject, rng, False)} {relation} {_phrase(other, rng, False)}, and {_phrase(third, rng, False)}"
+
+    # Three-object captions name sizes less often to stay within 24 word pieces.
+    templates = [
+        lambda: f"three shapes: {listed(None)}",
+        lambda: listed(None),
+        lambda: f"three objects: {listed(None)}",
+        related,
+        one_each,
+        lambda: f"{listed(False)} on a light background",
+        lambda: f"a picture of {listed(False)}",
+        lambda: f"there are three shapes: {listed(False)}",
+    ]
+    for axis, words in ((1, "from left to right"), (0, "from top to bottom")):
+        if len({cells[id(obj)][axis] for obj in objects}) == len(objects):
+            ordered = sorted(objects, key=lambda obj, axis=axis: cells[id(obj)][axis])
+
+            def along(ordered: list[dict[str, Any]] = ordered, words: str = words) -> str:
+                phrases = [_phrase(obj, rng, False) for obj in ordered]
+                return f"{words}: " + ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+            templates.append(along)
+    return templates
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _generate_example(config: ShapesWorldConfig, rng: random.Random, holdout: bool) -> ShapesExample:
+    num_objects = rng.randint(config.min_objects, config.max_objects)
+    if holdout:
+        first = rng.choice(config.holdout_combinations)
+        others = [(colour, shape) for colour in COLOURS for shape in SHAPES if (colour, shape) != first]
+        combinations = [first, *rng.sample(others, num_objects - 1)]
+    else:
+        combinations = rng.sample(config.allowed_combinations(), num_objects)
+    grid_cells = sorted(rng.sample(range(_GRID * _GRID), num_objects))
+    rng.shuffle(combinations)
+
+    cell_size = config.image_size / _GRID
+    objects: list[dict[str, Any]] = []
+    cells: dict[int, tuple[int, int]] = {}
+    for (colour, shape), index in zip(combinations, grid_cells, strict=True):
+        row, column = divmod(index, _GRID)
+        size = rng.choice(SIZES)
+        half_extent = _SIZE_FRACTION[size] * config.image_size / 2
+
+        def centre(start: float, half_extent: float = half_extent) -> int:
+            # Any integer centre in this range keeps the whole shape inside its grid cell.
+            low = math.ceil(start + half_extent)
+            high = math.floor(start + cell_size - half_extent)
+            return rng.randint(low, high) if low <= high else round(start + cell_size / 2)
+
+        obj = {"shape": shape, "colour": colour, "size": size, "x": centre(column * cell_size)}
+        obj["y"] = centre(row * cell_size)
+        objects.append(obj)
+        cells[id(obj)] = (row, column)
+
+    background = tuple(_BACKGROUND_LEVEL - rng.randint(0, config.background_tint) for _ in range(3))
+    image = _draw(objects, background, config.image_size)
+    templates = _caption_templates(objects, cells, rng)
+    captions = [make() for make in rng.sample(templates, config.captions_per_image)]
+    return ShapesExample(image=image, objects=objects, captions=captions)
+
+
+def _generate(
+    num_images: int, seed: int, config: ShapesWorldConfig, holdout: bool, stream: str
+) -> list[ShapesExample]:
+    _check_int("num_images", num_images, 0)
+    _check_int("seed", seed, -(2**63))
+    if holdout and not config.holdout_combinations:
+        raise ValueError("Holdout images need config.holdout_combinations to be non-empty.")
+    # One generator per image, seeded from a string (hashed with SHA-512, independent of PYTHONHASHSEED), so each
+    # image depends only on (seed, stream, index) and a split's images do not change when another split grows.
+    return [
+        _generate_example(config, random.Random(f"shapes-world:{seed}:{stream}:{holdout}:{index}"), holdout)
+        for index in range(num_images)
+    ]
+
+
+def generate_shapes_world(
+    num_images: int, seed: int = 0, config: ShapesWorldConfig | None = None, *, holdout: bool = False
+) -> list[ShapesExample]:
+    """
+    Generates shapes-world images with their objects and reference captions, deterministically.
+
+    Args:
+        num_images (`int`):
+            Number of images to generate.
+        seed (`int`, *optional*, defaults to 0):
+            Same seed (and config) gives identical pixels, objects and captions.
+        config (`ShapesWorldConfig`, *optional*):
+            Generator settings; defaults to `ShapesWorldConfig()`.
+        holdout (`bool`, *optional*, defaults to `False`):
+            If `False`, no image contains a `(colour, shape)` pair from `config.holdout_combinations`. If `True`, every
+            image contains at least one such pair (its other objects may be any pair).
+
+    Returns:
+        `list[ShapesExample]`: The generated examples.
+    """
+    return _generate(num_images, seed, config or ShapesWorldConfig(), holdout, stream="")
+
+
+def _world_parameters(seed: int, sizes: dict[str, int], config: ShapesWorldConfig) -> dict[str, Any]:
+    parameters = {"version": SHAPES_WORLD_VERSION, "seed": seed, "sizes": sizes, "config": asdict(config)}
+    # A JSON round trip turns tuples into lists, so the result compares equal to what `world.json` holds.
+    return json.loads(json.dumps(parameters))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _read_world(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((output_dir / "world.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def build_shapes_world(
+    output_dir: str | os.PathLike,
+    num_train: int = 10000,
+    num_validation: int = 1000,
+    num_test: int = 1000,
+    num_holdout: int = 500,
+    seed: int = 0,
+    config: ShapesWorldConfig | None = None,
+) -> Path:
+    """
+    Writes a shapes world to disk as an image folder, or reuses the one already there.
+
+    The layout is `output_dir/images/<split>-<index>.png` plus `output_dir/metadata.jsonl` with one JSON line per
+    image: `{"file_name": "images/...png", "captions": [...], "split": ..., "objects": "<JSON list of objects>"}`, in
+    the order train, validation, test, holdout. `output_dir/world.json` records the parameters and is written last,
+    atomically, so its presence marks a complete world: if it matches the requested parameters nothing is written,
+    otherwise the world is regenerated (stale images of a previous world are deleted; other files are left alone).
+    Do not call this from several processes at once on the same directory: build on one process first.
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            Directory of the world; created if missing.
+        num_train (`int`, *optional*, defaults to 10000):
+            Number of training images.
+        num_validation (`int`, *optional*, defaults to 1000):
+            Number of validation images.
+        num_test (`int`, *optional*, defaults to 1000):
+            Number of test images.
+        num_holdout (`int`, *optional*, defaults to 500):
+            Number of images containing a held-out `(colour, shape)` pair; must be 0 if
+            `config.holdout_combinations` is empty.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the whole world; each split uses its own stream derived from it.
+        config (`ShapesWorldConfig`, *optional*):
+            Generator settings; defaults to `ShapesWorldConfig()`.
+
+    Returns:
+        `pathlib.Path`: `output_dir`.
+    """
+    config = config or ShapesWorldConfig()
+    sizes = {"train": num_train, "validation": num_validation, "test": num_test, "holdout": num_holdout}
+    for split, size in sizes.items():
+        _check_int(f"num_{split}", size, 0)
+    _check_int("seed", seed, -(2**63))
+    if num_holdout and not config.holdout_combinations:
+        raise ValueError(f"num_holdout={num_holdout} needs config.holdout_combinations to be non-empty.")
+
+    output_dir = Path(output_dir)
+    parameters = _world_parameters(seed, sizes, config)
+    if _read_world(output_dir) == parameters and (output_dir / "metadata.jsonl").is_file():
+        return output_dir
+
+    image_dir = output_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    # Drop the completeness marker first: if we crash from here on, the next call regenerates.
+    (output_dir / "world.json").unlink(missing_ok=True)
+    for stale in image_dir.iterdir():
+        if _IMAGE_NAME.match(stale.name):
+            stale.unlink()
+
+    lines = []
+    for split, size in sizes.items():
+        for index, example in enumerate(_generate(size, seed, config, holdout=split == "holdout", stream=split)):
+            file_name = f"images/{split}-{index:06d}.png"
+            example.image.save(output_dir / file_name, format="PNG")
+            record = {
+                "file_name": file_name,
+                "captions": example.captions,
+                "split": split,
+                "objects": json.dumps(example.objects),
+            }
+            lines.append(json.dumps(record) + "\n")
+    _write_atomically(output_dir / "metadata.jsonl", "".join(lines))
+    _write_atomically(output_dir / "world.json", json.dumps(parameters, indent=2) + "\n")
+    return output_dir
+
+
+def shapes_world_dataset(output_dir: str | os.PathLike):
+    """
+    Loads a world written by [`build_shapes_world`] as a `datasets.DatasetDict`.
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            Directory of a complete world (one with `world.json`).
+
+    Returns:
+        `datasets.DatasetDict`: Splits "train", "validation", "test" and "holdout" (possibly empty) with columns
+        `image_id` (`str`, the file stem, e.g. "train-000000"), `image_path` (`str`, absolute), `captions`
+        (`list[str]`) and `objects` (`str`, the JSON list of object dicts).
+    """
+    import datasets
+
+    output_dir = Path(output_dir).resolve()
+    if _read_world(output_dir) is None:
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} holds no complete shapes world (world.json is missing); "
+            "call build_shapes_world first."
+        )
+    columns: dict[str, dict[str, list]] = {
+        split: {"image_id": [], "image_path": [], "captions": [], "objects": []} for split in SPLITS
+    }
+    with open(output_dir / "metadata.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            split = columns[record["split"]]
+            split["image_id"].append(Path(record["file_name"]).stem)
+            split["image_path"].append(str(output_dir / record["file_name"]))
+            split["captions"].append(record["captions"])
+            split["objects"].append(record["objects"])
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("string"),
+            "image_path": datasets.Value("string"),
+            "captions": datasets.List(datasets.Value("string")),
+            "objects": datasets.Value("string"),
+        }
+    )
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict(data, features=features) for split, data in columns.items()}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Content-accuracy metric
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectMention:
+    """
+    One object named in a caption.
+
+    Args:
+        shape (`str`):
+            Canonical shape name from `SHAPES`.
+        colour (`str`, *optional*):
+            Canonical colour name from `COLOURS`, or `None` if the caption gave none.
+        size (`str`, *optional*):
+            Canonical size name from `SIZES`, or `None` if the caption gave none.
+        count (`int`, *optional*, defaults to 1):
+            Multiplicity given by a number word right before the mention ("two red circles").
+    """
+
+    shape: str
+    colour: str | None = None
+    size: str | None = None
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ParsedCaption:
+    """
+    The content of a caption as read by [`parse_caption`].
+
+    Args:
+        mentions (`tuple[ObjectMention, ...]`):
+            Object mentions in caption order.
+        stated_count (`int`, *optional*):
+            Total given explicitly as "<number> shapes/objects/things/items", or `None`.
+    """
+
+    mentions: tuple[ObjectMention, ...]
+    stated_count: int | None = None
+
+    @property
+    def count(self) -> int:
+        """The stated total if any, otherwise the number of mentioned objects (multiplicities included)."""
+        return self.stated_count if self.stated_count is not None else sum(m.count for m in self.mentions)
+
+
+def _number(token: str) -> int | None:
+    return int(token) if token.isdigit() else _NUMBER_WORDS.get(token)
+
+
+def parse_caption(caption: str) -> ParsedCaption:
+    """
+    Reads the objects a caption names, using the shared synonym tables.
+
+    Parsing rules:
+        1. The caption is lowercased and split into tokens of letters or of digits; punctuation only separates.
+        2. Every shape word (a synonym from `SHAPE_SYNONYMS`, singular or plural: "circle", "discs", "boxes") starts a
+           mention. The tokens right before it are scanned backwards while they are colour or size words (any order,
+           so "small red circle" and "red small circle" both work); the nearest colour word and the nearest size word
+           become the mention's colour and size. A shape word without a colour word still counts as a mention, with
+           no colour.
+        3. A number word ("one", "single", "two", ..., "eight") or number directly before that attribute span sets
+           the mention's multiplicity ("two red circles" names two objects); otherwise it is 1, plural or not.
+        4. A number word directly followed by "shape(s)", "object(s)", "thing(s)" or "item(s)" ("three shapes: ...")
+           states the total count; the first such statement wins.
+        Attributes after the noun ("a circle that is red"), coreference ("... the circle is small") and negation are
+        not understood: every mention is read as a separate object claim.
+
+    Args:
+        caption (`str`):
+            The caption to parse.
+
+    Returns:
+        [`ParsedCaption`]: The mentions and the explicitly stated count.
+    """
+    if not isinstance(caption, str):
+        raise ValueError(f"caption must be a str, got {type(caption).__name__}.")
+    tokens = _TOKEN.findall(caption.lower())
+    mentions = []
+    stated_count = None
+    for position, token in enumerate(tokens):
+        if token in _GENERIC_NOUNS and position > 0 and stated_count is None:
+            stated_count = _number(tokens[position - 1])
+        shape = _SHAPE_LOOKUP.get(token)
+        if shape is None:
+            continue
+        colour = size = None
+        start = position - 1
+        while start >= 0 and (tokens[start] in _COLOUR_LOOKUP or tokens[start] in _SIZE_LOOKUP):
+            colour = colour or _COLOUR_LOOKUP.get(tokens[start])
+            size = size or _SIZE_LOOKUP.get(tokens[start])
+            start -= 1
+        count = _number(tokens[start]) if start >= 0 else None
+        mentions.append(ObjectMention(shape=shape, colour=colour, size=size, count=1 if count is None else count))
+    return ParsedCaption(mentions=tuple(mentions), stated_count=stated_count)
+
+
+def _ground_truth(index: int, objects: Sequence[Mapping[str, Any]] | str) -> list[Mapping[str, Any]]:
+    if isinstance(objects, str):
+        try:
+            objects = json.loads(objects)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"objects[{index}] is not valid JSON: {error}.") from error
+    if not isinstance(objects, Sequence) or isinstance(objects, str):
+        raise ValueError(f"objects[{index}] must be a list of object dicts or its JSON string, got {objects!r}.")
+    for obj in objects:
+        if not isinstance(obj, Mapping) or obj.get("shape") not in SHAPES or obj.get("colour") not in COLOURS:
+            raise ValueError(
+                f"objects[{index}] must hold dicts with a 'shape' in {SHAPES} and a 'colour' in {COLOURS}, got {obj!r}."
+            )
+    return list(objects)
+
+
+def _overlap(a: Counter, b: Counter) -> int:
+    return sum((a & b).values())
+
+
+def content_accuracy(
+    predictions: Sequence[str], objects: Sequence[Sequence[Mapping[str, Any]] | str]
+) -> dict[str, float]:
+    """
+    Scores how well captions name the objects of their shapes-world images.
+
+    Each caption is read with [`parse_caption`] and compared, per image, with its ground-truth objects as multisets
+    (so "a red circle and a red circle" for one red circle matches once, and the second mention is an extra).
+
+    Args:
+        predictions (`Sequence[str]`):
+            One generated caption per image.
+        objects (`Sequence[list[dict] | str]`):
+            Per image, the ground-truth objects (dicts with at least `shape` and `colour`, and `size` for
+            `size_accuracy`), or their JSON string as stored in `metadata.jsonl`.
+
+    Returns:
+        `dict[str, float]`:
+        - `object_accuracy`: fraction of all ground-truth objects named with the right colour and shape.
+        - `shape_accuracy`: fraction of ground-truth objects whose shape is named (with or without a colour).
+        - `colour_accuracy`: fraction of ground-truth objects whose colour is named on some shape.
+        - `size_accuracy`: fraction of ground-truth objects named with the right size, colour and shape (mentions
+          without a size word do not count, so reference captions that leave out sizes score below 1).
+        - `count_accuracy`: fraction of images whose caption count (the stated "<n> shapes" or else the number of
+          mentioned objects) equals the number of objects.
+        - `exact_match`: fraction of images where every object is named with the right colour and shape and nothing
+          else is mentioned.
+        - `hallucination_rate`: mentioned objects that match no ground-truth object (by colour and shape, or by shape
+          for mentions without a colour, matching as multisets) over all mentioned objects; 0 if nothing is mentioned.
+    """
+    if isinstance(predictions, str) or not isinstance(predictions, Sequence):
+        raise ValueError(f"predictions must be a list of str, got {type(predictions).__name__}.")
+    if isinstance(objects, str) or not isinstance(objects, Sequence):
+        raise ValueError(f"objects must be a list with one entry per prediction, got {type(objects).__name__}.")
+    if len(predictions) != len(objects):
+        raise ValueError(
+            f"predictions and objects must have the same length, got {len(predictions)} and {len(objects)}."
+        )
+    if not predictions:
+        raise ValueError("predictions must not be empty.")
+    for index, prediction in enumerate(predictions):
+        if not isinstance(prediction, str):
+            raise ValueError(f"predictions[{index}] must be a str, got {type(prediction).__name__}.")
+
+    totals = Counter()
+    for index, (prediction, truth) in enumerate(zip(predictions, objects, strict=True)):
+        truth = _ground_truth(index, truth)
+        parsed = parse_caption(prediction)
+        true_pairs = Counter((obj["colour"], obj["shape"]) for obj in truth)
+        true_triples = Counter((obj.get("size"), obj["colour"], obj["shape"]) for obj in truth)
+        named_pairs, named_triples, bare_shapes = Counter(), Counter(), Counter()
+        for mention in parsed.mentions:
+            if mention.colour is None:
+                bare_shapes[mention.shape] += mention.count
+            else:
+                named_pairs[(mention.colour, mention.shape)] += mention.count
+                if mention.size is not None:
+                    named_triples[(mention.size, mention.colour, mention.shape)] += mention.count
+        num_mentions = sum(named_pairs.values()) + sum(bare_shapes.values())
+
+        matched = _overlap(true_pairs, named_pairs)
+        # Colourless mentions can only explain objects that no coloured mention already matched.
+        unmatched_shapes = Counter(shape for _, shape in (true_pairs - named_pairs).elements())
+        explained = matched + _overlap(unmatched_shapes, bare_shapes)
+        named_shapes = Counter(shape for _, shape in named_pairs.elements()) + bare_shapes
+        named_colours = Counter(colour for colour, _ in named_pairs.elements())
+
+        totals["objects"] += len(truth)
+        totals["object_hits"] += matched
+        totals["shape_hits"] += _overlap(Counter(obj["shape"] for obj in truth), named_shapes)
+        totals["colour_hits"] += _overlap(Counter(obj["colour"] for obj in truth), named_colours)
+        totals["size_hits"] += _overlap(true_triples, named_triples)
+        totals["count_hits"] += parsed.count == len(truth)
+        totals["exact_hits"] += matched == len(truth) and num_mentions == len(truth)
+        totals["mentions"] += num_mentions
+        totals["hallucinations"] += num_mentions - explained
+
+    num_objects = max(totals["objects"], 1)
+    return {
+        "object_accuracy": totals["object_hits"] / num_objects,
+        "shape_accuracy": totals["shape_hits"] / num_objects,
+        "colour_accuracy": totals["colour_hits"] / num_objects,
+        "size_accuracy": totals["size_hits"] / num_objects,
+        "count_accuracy": totals["count_hits"] / len(predictions),
+        "exact_match": totals["exact_hits"] / len(predictions),
+        "hallucination_rate": totals["hallucinations"] / totals["mentions"] if totals["mentions"] else 0.0,
+    }

@@ -1,0 +1,315 @@
+"""CLIP-DiffusionLM denoiser: a BERT-family encoder that restores caption word embeddings from noise, given CLIP.
+
+This file imports only its configuration, torch and transformers so that it also works as Hub remote code
+(`AutoModel.from_pretrained(path, trust_remote_code=True)`). The noise schedule lives with the diffusers scheduler,
+not here: the model sees `x_t` and `t` and returns its prediction (and the paper's loss when given the targets).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
+
+
+@dataclass
+class CLIPDiffusionLMOutput(ModelOutput):
+    """
+    Output of [`CLIPDiffusionLMModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            `L'_simple + λ·L_R`.
+        restoring_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean squared error between the prediction at `t` and its target.
+        x1_restoring_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The same at `t = 1`; zero when `config.x1_restoring_loss` is off.
+        rounding_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `L_R = -log softmax(prediction · Eᵀ)[labels]`, averaged over positions.
+        rounding_weight (`torch.FloatTensor` of shape `()`, *optional*):
+            The `λ` used for this batch (constant, or dynamic without gradient).
+        prediction (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
+            The predicted `x0` (or `x_{t-n}` when `config.prediction_type == "previous_sample"`), in the scaled
+            embedding space.
+        logits (`torch.FloatTensor` of shape `(batch_size, caption_length, vocab_size)`):
+            `prediction · Eᵀ`: the frozen, tied word embeddings used as the language-model head.
+    """
+
+    loss: torch.FloatTensor | None = None
+    restoring_loss: torch.FloatTensor | None = None
+    x1_restoring_loss: torch.FloatTensor | None = None
+    rounding_loss: torch.FloatTensor | None = None
+    rounding_weight: torch.FloatTensor | None = None
+    prediction: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class SinusoidalTimestepEmbedding(nn.Module):
+    """`t` → `[sin(t·ω_k), cos(t·ω_k)]` with geometric frequencies, then a two-layer MLP (as in DDPM)."""
+
+    def __init__(self, hidden_size: int, hidden_act: str, max_period: float = 10000.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.max_period = max_period
+        self.linear_1 = nn.Linear(hidden_size, hidden_size)
+        self.act = ACT2FN[hidden_act]
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.hidden_size // 2
+        exponent = -math.log(self.max_period) * torch.arange(half, device=timesteps.device) / half
+        angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]  # (batch, half)
+        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+        if self.hidden_size % 2:
+            features = F.pad(features, (0, 1))
+        features = features.to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(features)))  # (batch, hidden)
+
+
+class ConditionProjection(nn.Module):
+    """The paper's MLP that maps a CLIP feature (`condition_dim`) into the word-embedding space (`hidden_size`)."""
+
+    def __init__(self, condition_dim: int, hidden_size: int, hidden_act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(condition_dim, hidden_size)
+        self.act = ACT2FN[hidden_act]
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(condition)))
+
+
+class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
+    config_class = CLIPDiffusionLMConfig
+    base_model_prefix = "clip_diffusionlm"
+    main_input_name = "noisy_embeds"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, CLIPDiffusionLMModel):
+            init.normal_(module.null_condition, mean=0.0, std=0.02)
+            # Zero-initialised so that a self-conditioned model starts out identical to a plain one.
+            if module.self_condition_projection is not None:
+                init.zeros_(module.self_condition_projection.weight)
+                init.zeros_(module.self_condition_projection.bias)
+
+
+class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
+    """
+    The denoiser `f(x_t, t, c)`. Input tokens are the noisy caption embeddings plus timestep embedding (and the
+    self-conditioning estimate); the CLIP conditioning is fused by concatenation (extra tokens with a segment
+    embedding) or addition. A BERT-family encoder (DistilBERT by default) transforms the sequence and a linear head
+    reads out the prediction for the caption positions. The backbone's own word embeddings `E` are frozen: they
+    define `x0 = E[ids]·scale` and, tied, the rounding head `logits = x̂0 · Eᵀ / scale`.
+    """
+
+    def __init__(self, config: CLIPDiffusionLMConfig):
+        super().__init__(config)
+        self.backbone = AutoModel.from_config(config.get_backbone_config())
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # unused; would leave parameters without gradient under DDP
+        hidden_size = self.backbone.config.hidden_size
+        act = config.condition_hidden_act
+
+        self.image_projection = ConditionProjection(config.condition_dim, hidden_size, act)
+        self.text_projection = (
+            ConditionProjection(config.condition_dim, hidden_size, act) if config.use_text_condition else None
+        )
+        num_condition_slots = 2 if config.use_text_condition else 1
+        # One learned "∅" per conditioning slot, in the projected space: used for classifier-free guidance.
+        self.null_condition = nn.Parameter(torch.zeros(num_condition_slots, hidden_size))
+        self.segment_embedding = nn.Embedding(2, hidden_size) if config.fusion == "concat" else None
+        self.timestep_embedding = (
+            SinusoidalTimestepEmbedding(hidden_size, act) if config.timestep_conditioning else None
+        )
+        self.self_condition_projection = nn.Linear(hidden_size, hidden_size) if config.self_conditioning else None
+        self.output_projection = nn.Linear(hidden_size, hidden_size)
+
+        self.post_init()
+        self.get_input_embeddings().weight.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    @classmethod
+    def from_text_backbone(cls, text_backbone_name_or_path: str, **config_kwargs) -> CLIPDiffusionLMModel:
+        """
+        Builds a denoiser whose transformer layers and (frozen) word embeddings are those of a pretrained text model,
+        as the paper intends (DistilBERT-base-uncased there; any BERT-family encoder works).
+
+        Args:
+            text_backbone_name_or_path (`str`):
+                Hub id or local directory of a transformers text encoder with safetensors weights.
+            config_kwargs:
+                Any other [`CLIPDiffusionLMConfig`] argument.
+        """
+        pretrained = AutoModel.from_pretrained(text_backbone_name_or_path, use_safetensors=True)
+        config = CLIPDiffusionLMConfig(
+            backbone_config=pretrained.config.to_dict(),
+            text_backbone_name_or_path=str(text_backbone_name_or_path),
+            **config_kwargs,
+        )
+        model = cls(config)
+        result = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
+        if result.missing_keys:
+            raise ValueError(
+                f"The pretrained text model at {text_backbone_name_or_path!r} lacks backbone weights: "
+                f"{result.missing_keys[:5]}."
+            )
+        model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
+    def embed_captions(self, input_ids: torch.LongTensor) -> torch.FloatTensor:
+        """`x0 = E[ids] · scale`, shape `(batch, caption_length, hidden)`."""
+        return self.get_input_embeddings()(input_ids) * self.config.embedding_scale
+
+    def round_to_logits(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
+        """The tied, frozen lm_head: `(embeds / scale) · Eᵀ`, shape `(..., vocab_size)`."""
+        return F.linear(embeds / self.config.embedding_scale, self.get_input_embeddings().weight)
+
+    def nearest_word_embeddings(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
+        """Clamps each position to the embedding of its most likely word (Diffusion-LM's clamping trick)."""
+        return self.embed_captions(self.round_to_logits(embeds).argmax(dim=-1))
+
+    def _condition_tokens(
+        self,
+        image_embeds: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None,
+        drop_condition: torch.BoolTensor | None,
+    ) -> torch.FloatTensor:
+        """Projected conditioning, one token per slot (image, then text), shape `(batch, slots, hidden)`."""
+        batch_size = image_embeds.shape[0]
+        tokens = [self.image_projection(image_embeds)]
+        if self.text_projection is not None:
+            if text_embeds is None:
+                tokens.append(self.null_condition[1].expand(batch_size, -1))
+            else:
+                tokens.append(self.text_projection(text_embeds))
+        tokens = torch.stack(tokens, dim=1)
+        if drop_condition is not None:
+            null = self.null_condition[None].to(tokens.dtype)
+            tokens = torch.where(drop_condition[:, None, None], null, tokens)
+        return tokens
+
+    def denoise(
+        self,
+        noisy_embeds: torch.FloatTensor,
+        timesteps: torch.LongTensor,
+        image_embeds: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None = None,
+        self_conditioning_embeds: torch.FloatTensor | None = None,
+        drop_condition: torch.BoolTensor | None = None,
+    ) -> torch.FloatTensor:
+        """`f(x_t, t, c)`: the prediction only, shape `(batch, caption_length, hidden)`. See [`forward`]."""
+        batch_size, caption_length, _ = noisy_embeds.shape
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch_size)
+
+        hidden = noisy_embeds
+        if self.self_condition_projection is not None:
+            if self_conditioning_embeds is None:
+                self_conditioning_embeds = torch.zeros_like(noisy_embeds)
+            hidden = hidden + self.self_condition_projection(self_conditioning_embeds)
+        if self.timestep_embedding is not None:
+            hidden = hidden + self.timestep_embedding(timesteps)[:, None, :]
+
+        condition = self._condition_tokens(image_embeds, text_embeds, drop_condition)  # (batch, slots, hidden)
+        if self.segment_embedding is not None:
+            hidden = torch.cat(
+                [hidden + self.segment_embedding.weight[0], condition + self.segment_embedding.weight[1]], dim=1
+            )
+        else:
+            hidden = hidden + condition.sum(dim=1, keepdim=True)
+
+        sequence = self.backbone(inputs_embeds=hidden).last_hidden_state  # (batch, caption_length + k, hidden)
+        return self.output_projection(sequence[:, :caption_length])
+
+    def forward(
+        self,
+        noisy_embeds: torch.FloatTensor,
+        timesteps: torch.LongTensor,
+        image_embeds: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None = None,
+        self_conditioning_embeds: torch.FloatTensor | None = None,
+        drop_condition: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        target_embeds: torch.FloatTensor | None = None,
+        x1_noisy_embeds: torch.FloatTensor | None = None,
+        return_dict: bool = True,
+    ) -> CLIPDiffusionLMOutput | tuple:
+        r"""
+        Args:
+            noisy_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
+                `x_t`, noisy caption embeddings in the scaled embedding space.
+            timesteps (`torch.LongTensor` of shape `(batch_size,)` or `()`):
+                `t` of each sample, in `[0, num_train_timesteps)`.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`):
+                Frozen CLIP image embeddings.
+            text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
+                Frozen CLIP text embeddings; only read when `config.use_text_condition`. `None` uses the null
+                condition for the text slot.
+            self_conditioning_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
+                The previous estimate of `x0` (self-conditioning); `None` means zeros.
+            drop_condition (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+                `True` replaces that sample's conditioning by the learned null condition (`f(x|∅)`).
+            labels (`torch.LongTensor` of shape `(batch_size, caption_length)`, *optional*):
+                Token ids of the clean caption, padding included (the model learns [PAD] to end captions). When
+                given, the loss is computed.
+            target_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
+                Restoring target; defaults to `x0 = E[labels]·scale`. Pass the posterior mean of `x_{t-n}` for the
+                `"previous_sample"` objective.
+            x1_noisy_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
+                `x_1`, needed for the `t = 1` restoring term when `config.x1_restoring_loss`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`CLIPDiffusionLMOutput`] instead of a tuple.
+        """
+        denoise_kwargs = {
+            "image_embeds": image_embeds,
+            "text_embeds": text_embeds,
+            "drop_condition": drop_condition,
+        }
+        prediction = self.denoise(
+            noisy_embeds, timesteps, self_conditioning_embeds=self_conditioning_embeds, **denoise_kwargs
+        )
+        logits = self.round_to_logits(prediction)
+        output = CLIPDiffusionLMOutput(prediction=prediction, logits=logits)
+
+        if labels is not None:
+            clean_embeds = self.embed_captions(labels)
+            target = clean_embeds if target_embeds is None else target_embeds
+            # Mean over every element (Diffusion-LM's mean_flat): λ is balanced against this scale.
+            output.restoring_loss = F.mse_loss(prediction, target)
+
+            output.x1_restoring_loss = torch.zeros_like(output.restoring_loss)
+            if self.config.x1_restoring_loss:
+                if x1_noisy_embeds is None:
+                    raise ValueError("`x1_noisy_embeds` is required when `config.x1_restoring_loss` is on.")
+                ones = torch.ones_like(timesteps if timesteps.ndim else timesteps.expand(labels.shape[0]))
+                x1_prediction = self.denoise(x1_noisy_embeds, ones, **denoise_kwargs)
+                # For both objectives the target one step from the data is x0 itself.
+                output.x1_restoring_loss = F.mse_loss(x1_prediction, clean_embeds)
+            simple_loss = output.restoring_loss + output.x1_restoring_loss
+
+            output.rounding_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            if self.config.dynamic_rounding_constant is not None:
+                with torch.no_grad():
+                    rounding_weight = self.config.dynamic_rounding_constant * simple_loss / output.rounding_loss
+            else:
+                rounding_weight = torch.tensor(self.config.rounding_weight, device=simple_loss.device)
+            output.rounding_weight = rounding_weight
+            output.loss = simple_loss + rounding_weight * output.rounding_loss
+
+        return output if return_dict else output.to_tuple()

@@ -1,0 +1,320 @@
+"""`CLIPDiffusionCaptionPipeline`: images → CLIP embeddings → a few denoising steps in word-embedding space → text."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+
+from .clip_features import ImageInput, encode_images
+from .diffusion import predicted_original_sample
+from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("str", "token_ids", "latent")
+# Saved beside model_index.json so that the generic `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`
+# finds the class; it only re-exports this installed package.
+PIPELINE_MODULE_NAME = "pipeline_clip_diffusion_caption"
+PIPELINE_MODULE_SOURCE = (
+    '"""Loads CLIPDiffusionCaptionPipeline from the installed `clip-diffusionlm` package."""\n\n'
+    "from clip_diffusionlm import CLIPDiffusionCaptionPipeline  # noqa: F401\n"
+)
+_REPEATED_WORD = re.compile(r"\b(\w+)(\s+\1\b)+", flags=re.IGNORECASE)
+
+
+def collapse_repeated_words(caption: str) -> str:
+    """"a a red red circle" → "a red circle": one caption at a time (the original code collapsed across the batch)."""
+    return _REPEATED_WORD.sub(r"\1", caption)
+
+
+def decode_captions(tokenizer: PreTrainedTokenizerBase, token_ids: torch.LongTensor) -> list[str]:
+    """Token ids `(batch, caption_length)` → clean captions: special tokens dropped, repeats collapsed."""
+    texts = tokenizer.batch_decode(token_ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [collapse_repeated_words(" ".join(text.split())) for text in texts]
+
+
+@dataclass
+class CLIPDiffusionCaptionPipelineOutput(BaseOutput):
+    """
+    Output of [`CLIPDiffusionCaptionPipeline`].
+
+    Args:
+        captions (`list[str]`, `torch.LongTensor` or `torch.FloatTensor`):
+            `batch_size · num_captions_per_image` results, image-major (the captions of image 0 first). With
+            `output_type="str"` the caption strings; `"token_ids"` a tensor `(batch, caption_length)` of rounded ids;
+            `"latent"` the final `x̂0` embeddings `(batch, caption_length, hidden_size)`.
+    """
+
+    captions: list[str] | torch.Tensor
+
+
+class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
+    r"""
+    Image captioning with CLIP-DiffusionLM.
+
+    Args:
+        denoiser ([`CLIPDiffusionLMModel`]):
+            Predicts clean caption embeddings from noisy ones, conditioned on CLIP embeddings.
+        scheduler ([`SchedulerMixin`]):
+            A diffusers scheduler configured with `prediction_type="sample"` (DDIM by default; DDPM and others work).
+        image_encoder ([`CLIPVisionModelWithProjection`]):
+            The frozen CLIP image tower the denoiser was trained on.
+        image_processor ([`CLIPImageProcessor`]):
+            Resizes and normalises images for `image_encoder`.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            The denoiser's word-piece tokenizer, used to turn rounded ids into text.
+    """
+
+    model_cpu_offload_seq = "image_encoder->denoiser"
+
+    def __init__(
+        self,
+        denoiser: CLIPDiffusionLMModel,
+        scheduler: SchedulerMixin,
+        image_encoder: CLIPVisionModelWithProjection,
+        image_processor: CLIPImageProcessor,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.register_modules(
+            denoiser=denoiser,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIPDiffusionCaptionPipeline:
+        """
+        Loads a saved pipeline from a local directory or a Hub repository id (resolved through the Hugging Face cache,
+        so `HF_HUB_OFFLINE=1` works once it is cached). Weights are read from safetensors only, unless
+        `allow_pickle=True` is passed explicitly.
+        """
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            # diffusers refuses components from libraries it does not know on the Hub path; the files are the
+            # same as a local save, so resolve the repository to its cached snapshot and load that.
+            folder = snapshot_download(
+                folder,
+                revision=kwargs.pop("revision", None),
+                cache_dir=kwargs.get("cache_dir"),
+                token=kwargs.pop("token", None),
+            )
+        _check_pipeline_folder(folder, allow_pickle=allow_pickle)
+        # The module file written by `save_pretrained` imports this very package; any other content is not ours to
+        # run without the user's say-so.
+        module_path = os.path.join(folder, f"{PIPELINE_MODULE_NAME}.py")
+        if os.path.isfile(module_path):
+            with open(module_path, encoding="utf-8") as file:
+                if file.read() == PIPELINE_MODULE_SOURCE:
+                    kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(folder, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Saves every component (weights as safetensors) plus `model_index.json` and the pipeline module file."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        with open(os.path.join(save_directory, f"{PIPELINE_MODULE_NAME}.py"), "w", encoding="utf-8") as file:
+            file.write(PIPELINE_MODULE_SOURCE)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as file:
+            index = json.load(file)
+        index["_class_name"] = [PIPELINE_MODULE_NAME, type(self).__name__]
+        with open(index_path, "w", encoding="utf-8") as file:
+            json.dump(index, file, indent=2, sort_keys=True)
+
+    def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
+        """L2-normalised CLIP image embeddings `(batch, condition_dim)` of PIL/numpy/torch images."""
+        return encode_images(self.image_encoder, self.image_processor, images)
+
+    def _guided_prediction(
+        self,
+        noisy_embeds: torch.FloatTensor,
+        timestep: torch.Tensor,
+        image_embeds: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None,
+        self_conditioning_embeds: torch.FloatTensor | None,
+        guidance_scale: float,
+    ) -> torch.FloatTensor:
+        """`x̂0 = f(x|∅) + w·(f(x|c) − f(x|∅))`, both halves in one batch; `w = 1` runs the conditional pass only."""
+        batch_size = noisy_embeds.shape[0]
+        timesteps = timestep.to(noisy_embeds.device).expand(batch_size)
+        if guidance_scale == 1.0:
+            prediction = self.denoiser.denoise(
+                noisy_embeds, timesteps, image_embeds, text_embeds, self_conditioning_embeds
+            )
+        else:
+            double = lambda tensor: None if tensor is None else torch.cat([tensor, tensor])  # noqa: E731
+            drop_condition = torch.arange(2 * batch_size, device=noisy_embeds.device) >= batch_size
+            both = self.denoiser.denoise(
+                double(noisy_embeds),
+                double(timesteps),
+                double(image_embeds),
+                double(text_embeds),
+                double(self_conditioning_embeds),
+                drop_condition,
+            )
+            conditional, unconditional = both.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        return predicted_original_sample(
+            self.denoiser.config, self.scheduler.alphas_cumprod, prediction, noisy_embeds, timesteps
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        text_embeds: torch.FloatTensor | None = None,
+        num_inference_steps: int = 5,
+        guidance_scale: float = 1.0,
+        num_captions_per_image: int = 1,
+        num_refinement_steps: int = 0,
+        clamp_to_vocabulary: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "str",
+        return_dict: bool = True,
+    ) -> CLIPDiffusionCaptionPipelineOutput | tuple:
+        r"""
+        Captions images.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                Images of any size and mode (RGB, grayscale, RGBA, ...). Arrays are `(H, W[, C])` or `(C, H, W)`,
+                uint8 or float in [0, 1]; a 4-D array or tensor is a batch. Give either `images` or `image_embeds`.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
+                Precomputed L2-normalised CLIP image embeddings (e.g. from a feature cache).
+            text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
+                CLIP text embeddings for a denoiser trained with `use_text_condition`; the learned null condition
+                is used when omitted.
+            num_inference_steps (`int`, *optional*, defaults to 5):
+                Denoising steps; an `x0`-predicting model converges in fewer than 5.
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance weight `w`: 1 is the conditional model alone, larger values push further
+                from the unconditional prediction. Needs a model trained with `condition_drop_prob > 0`.
+            num_captions_per_image (`int`, *optional*, defaults to 1):
+                Independent samples per image.
+            num_refinement_steps (`int`, *optional*, defaults to 0):
+                The paper's refinement: after sampling, feed `x̂0` back through the denoiser at `t = 0` this many times.
+            clamp_to_vocabulary (`bool`, *optional*, defaults to `False`):
+                Replace `x̂0` by the nearest word embeddings at every step (Diffusion-LM's clamping trick).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes sampling deterministic.
+            output_type (`str`, *optional*, defaults to `"str"`):
+                `"str"`, `"token_ids"` or `"latent"`; see [`CLIPDiffusionCaptionPipelineOutput`].
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`CLIPDiffusionCaptionPipelineOutput`] instead of a tuple.
+        """
+        if (images is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of `images` or `image_embeds`.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not isinstance(num_captions_per_image, int) or num_captions_per_image < 1:
+            raise ValueError(f"`num_captions_per_image` must be a positive integer, got {num_captions_per_image!r}.")
+        if not isinstance(num_refinement_steps, int) or num_refinement_steps < 0:
+            raise ValueError(f"`num_refinement_steps` must be a non-negative integer, got {num_refinement_steps!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        config = self.denoiser.config
+        if guidance_scale != 1.0 and config.condition_drop_prob == 0:
+            logger.warning(
+                "guidance_scale != 1 on a denoiser trained without condition dropout: its null condition was never "
+                "trained, so guidance will not help."
+            )
+
+        device, dtype = self._execution_device, self.denoiser.dtype
+        if image_embeds is None:
+            image_embeds = self.encode_images(images)
+        if image_embeds.ndim != 2 or image_embeds.shape[-1] != config.condition_dim or image_embeds.shape[0] == 0:
+            raise ValueError(
+                f"`image_embeds` must have shape (batch_size >= 1, {config.condition_dim}), got "
+                f"{tuple(image_embeds.shape)}."
+            )
+        if text_embeds is not None and text_embeds.shape != image_embeds.shape:
+            raise ValueError(
+                f"`text_embeds` must match `image_embeds` in shape {tuple(image_embeds.shape)}, got "
+                f"{tuple(text_embeds.shape)}."
+            )
+        image_embeds = image_embeds.to(device, dtype).repeat_interleave(num_captions_per_image, dim=0)
+        if text_embeds is not None:
+            text_embeds = text_embeds.to(device, dtype).repeat_interleave(num_captions_per_image, dim=0)
+        batch_size = image_embeds.shape[0]
+
+        shape = (batch_size, config.caption_length, self.denoiser.hidden_size)
+        noisy_embeds = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        noisy_embeds = noisy_embeds * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        original_estimate = None
+        for timestep in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(noisy_embeds, timestep)
+            original_estimate = self._guided_prediction(
+                model_input, timestep, image_embeds, text_embeds, original_estimate, guidance_scale
+            )
+            if clamp_to_vocabulary:
+                original_estimate = self.denoiser.nearest_word_embeddings(original_estimate)
+            noisy_embeds = self.scheduler.step(
+                original_estimate, timestep, noisy_embeds, generator=generator
+            ).prev_sample
+
+        final_timestep = torch.zeros((), dtype=torch.long, device=device)
+        for _ in range(num_refinement_steps):
+            original_estimate = self._guided_prediction(
+                original_estimate, final_timestep, image_embeds, text_embeds, original_estimate, guidance_scale
+            )
+
+        if output_type == "latent":
+            result = original_estimate
+        else:
+            token_ids = self.denoiser.round_to_logits(original_estimate).argmax(dim=-1)
+            result = token_ids if output_type == "token_ids" else decode_captions(self.tokenizer, token_ids)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return CLIPDiffusionCaptionPipelineOutput(captions=result)
+
+
+def _check_pipeline_folder(folder: str, allow_pickle: bool) -> None:
+    """Clear errors for a saved pipeline with missing pieces, before diffusers reports them obliquely."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"{folder!r} is not a saved pipeline: it has no model_index.json.")
+    with open(index_path, encoding="utf-8") as file:
+        index = json.load(file)
+    missing = []
+    for component in ("denoiser", "scheduler", "image_encoder", "image_processor", "tokenizer"):
+        if component not in index:
+            missing.append(f"model_index.json entry {component!r}")
+        elif not os.path.isdir(os.path.join(folder, component)):
+            missing.append(f"folder {component}/")
+    for component in ("denoiser", "image_encoder"):
+        component_dir = os.path.join(folder, component)
+        if not os.path.isdir(component_dir):
+            continue
+        files = os.listdir(component_dir)
+        if not any(name.endswith(".safetensors") for name in files):
+            if allow_pickle and any(name.endswith(".bin") for name in files):
+                continue
+            hint = " (pickle weights exist; pass allow_pickle=True to load them)" if any(
+                name.endswith(".bin") for name in files
+            ) else ""
+            missing.append(f"{component}/ safetensors weights{hint}")
+    if missing:
+        raise FileNotFoundError(f"The pipeline at {folder!r} is incomplete: missing {', '.join(missing)}.")
