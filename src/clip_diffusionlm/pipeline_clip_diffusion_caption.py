@@ -14,6 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 
 from .clip_features import ImageInput, encode_images
@@ -108,12 +109,17 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         if not os.path.isdir(folder):
             # diffusers refuses components from libraries it does not know on the Hub path; the files are the
             # same as a local save, so resolve the repository to its cached snapshot and load that.
-            folder = snapshot_download(
-                folder,
-                revision=kwargs.pop("revision", None),
-                cache_dir=kwargs.get("cache_dir"),
-                token=kwargs.pop("token", None),
-            )
+            try:
+                folder = snapshot_download(
+                    folder,
+                    revision=kwargs.pop("revision", None),
+                    cache_dir=kwargs.get("cache_dir"),
+                    token=kwargs.pop("token", None),
+                )
+            except HFValidationError as error:
+                raise FileNotFoundError(
+                    f"{folder!r} is neither a directory with a saved pipeline nor a Hub repository id ('user/repo')."
+                ) from error
         _check_pipeline_folder(folder, allow_pickle=allow_pickle)
         # The module file written by `save_pretrained` imports this very package; any other content is not ours to
         # run without the user's say-so.

@@ -60,8 +60,7 @@ def handle_bad_items(problems: Sequence[tuple[str, str]], what: str, on_bad_inpu
         listed = "\n".join(f"  {item}: {reason}" for item, reason in problems[:max_report])
         more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
         raise ValueError(
-            f"Found {len(problems)} bad {what}:\n{listed}{more}\n"
-            "Fix them, or pass on_bad_input='skip' to drop them."
+            f"Found {len(problems)} bad {what}:\n{listed}{more}\nFix them, or pass on_bad_input='skip' to drop them."
         )
     logger.warning("Skipped %d bad %s (first: %s: %s).", len(problems), what, *problems[0])
 
@@ -142,13 +141,14 @@ def validate_images(
     for split, dataset in dataset_dict.items():
         if "image_path" not in dataset.column_names:
             raise ValueError(f"Split {split!r} has no 'image_path' column (columns: {dataset.column_names}).")
-        paths_by_split[split] = dataset["image_path"]
+        # Slicing reads the column in one batch; iterating a `Column` decodes row by row, ~5x slower.
+        paths_by_split[split] = dataset["image_path"][:]
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         problems_by_split = {split: list(pool.map(_image_problem, paths)) for split, paths in paths_by_split.items()}
     problems = [
         (path, problem)
         for split, paths in paths_by_split.items()
-        for path, problem in zip(paths, problems_by_split[split])
+        for path, problem in zip(paths, problems_by_split[split], strict=True)
         if problem is not None
     ]
     handle_bad_items(problems, "images", on_bad_input, max_report)

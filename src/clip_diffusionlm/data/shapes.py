@@ -21,9 +21,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import datasets
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
@@ -77,7 +80,7 @@ SHAPES_WORLD_VERSION = 1
 
 _GRID = 3
 # Object extents as a fraction of the image side; a large object still fits inside one grid cell (1/3).
-_SIZE_FRACTION = {"small": 0.19, "large": 0.31}
+_SIZE_FRACTION = {"small": 0.18, "large": 0.29}
 _BACKGROUND_LEVEL = 245
 _MAX_BACKGROUND_TINT = 40
 # Drawing at a multiple of the final size and box-filtering down anti-aliases the polygon edges.
@@ -211,7 +214,8 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
             (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a),
         ]  # fmt: skip
     if shape == "star":
-        # A fat inner radius keeps the points visible on small stars.
+        # A fat inner radius keeps the points visible on small stars; the lower points reach only 0.81 r, so the
+        # star is shifted down by 0.1 r to sit centred in its box.
         points = []
         for k in range(10):
             radius = r if k % 2 == 0 else 0.48 * r
@@ -275,7 +279,9 @@ def _region(cell: tuple[int, int]) -> str:
     return f"in the {_ROW_WORDS[row]} {_COLUMN_WORDS[column]}"
 
 
-def _relations(a: dict[str, Any], b: dict[str, Any], cells: dict[int, tuple[int, int]]) -> list[tuple[dict, str, dict]]:
+def _relations(
+    a: dict[str, Any], b: dict[str, Any], cells: dict[int, tuple[int, int]]
+) -> list[tuple[dict, str, dict]]:
     """True `(subject, relation, object)` statements; objects in different grid columns/rows never overlap in x/y."""
     (row_a, col_a), (row_b, col_b) = cells[id(a)], cells[id(b)]
     statements = []
@@ -340,7 +346,9 @@ def _caption_templates(
         a, b = rng.choice(pairs)
         subject, relation, other = rng.choice(_relations(a, b, cells))
         (third,) = [obj for obj in objects if obj is not subject and obj is not other]
-        return f"{_phrase(subject, rng, False)} {relation} {_phrase(other, rng, False)}, and {_phrase(third, rng, False)}"
+        return (
+            f"{_phrase(subject, rng, False)} {relation} {_phrase(other, rng, False)}, and {_phrase(third, rng, False)}"
+        )
 
     # Three-object captions name sizes less often to stay within 24 word pieces.
     templates = [
@@ -395,8 +403,13 @@ def _generate_example(config: ShapesWorldConfig, rng: random.Random, holdout: bo
             high = math.floor(start + cell_size - half_extent)
             return rng.randint(low, high) if low <= high else round(start + cell_size / 2)
 
-        obj = {"shape": shape, "colour": colour, "size": size, "x": centre(column * cell_size)}
-        obj["y"] = centre(row * cell_size)
+        obj = {
+            "shape": shape,
+            "colour": colour,
+            "size": size,
+            "x": centre(column * cell_size),
+            "y": centre(row * cell_size),
+        }
         objects.append(obj)
         cells[id(obj)] = (row, column)
 
@@ -541,7 +554,7 @@ def build_shapes_world(
     return output_dir
 
 
-def shapes_world_dataset(output_dir: str | os.PathLike):
+def shapes_world_dataset(output_dir: str | os.PathLike) -> datasets.DatasetDict:
     """
     Loads a world written by [`build_shapes_world`] as a `datasets.DatasetDict`.
 
@@ -554,14 +567,15 @@ def shapes_world_dataset(output_dir: str | os.PathLike):
         `image_id` (`str`, the file stem, e.g. "train-000000"), `image_path` (`str`, absolute), `captions`
         (`list[str]`) and `objects` (`str`, the JSON list of object dicts).
     """
-    import datasets
-
     output_dir = Path(output_dir).resolve()
     if _read_world(output_dir) is None:
         raise ValueError(
             f"output_dir={str(output_dir)!r} holds no complete shapes world (world.json is missing); "
             "call build_shapes_world first."
         )
+    # Imported lazily: `datasets` takes about a second to import and only this loader needs it.
+    import datasets
+
     columns: dict[str, dict[str, list]] = {
         split: {"image_id": [], "image_path": [], "captions": [], "objects": []} for split in SPLITS
     }

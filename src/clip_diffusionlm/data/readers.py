@@ -1,0 +1,798 @@
+"""Readers for image-caption datasets that all return the same `datasets.DatasetDict` schema.
+
+Every reader returns the splits `"train"`, `"validation"` and `"test"` (possibly empty), each with one row per image
+and the columns:
+
+- `image_id` (`str`): `"<dataset name>/<file name>"`, unique across the whole `DatasetDict` and across datasets
+  with different names, so that :func:`combine_datasets` can merge e.g. Flickr8k and Flickr30k.
+- `image_path` (`str`): absolute path of the image file.
+- `captions` (`list[str]`): one or more stripped, non-empty captions.
+
+Splits are always by image, so no image has captions in two splits: the Karpathy splits where the format has them,
+otherwise a seeded :func:`split_by_image`. Bad input (missing or corrupt images, images without captions, files that
+are not UTF-8) is handled by one policy, `on_bad_input`: `"error"` raises a `ValueError` while loading, before any
+training starts, and `"skip"` drops it and logs a count on the `clip_diffusionlm.data` logger.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
+
+from .images import BadInputPolicy, check_bad_input_policy, handle_bad_items, validate_images
+
+__all__ = [
+    "DEFAULT_SEED",
+    "DEFAULT_TEST_FRACTION",
+    "DEFAULT_VALIDATION_FRACTION",
+    "KARPATHY_SPLITS",
+    "SCHEMA_FEATURES",
+    "SPLITS",
+    "combine_datasets",
+    "load_caption_dataset",
+    "load_coco_captions_json",
+    "load_flickr8k_captions_txt",
+    "load_flickr8k_token_txt",
+    "load_image_folder",
+    "load_karpathy_json",
+    "split_by_image",
+]
+
+logger = logging.getLogger("clip_diffusionlm.data")
+
+PathLike = str | os.PathLike
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+SCHEMA_FEATURES = Features(
+    {"image_id": Value("string"), "image_path": Value("string"), "captions": List(Value("string"))}
+)
+# "restval" holds the COCO val2014 images outside Karpathy's 5k val / 5k test images; standard practice trains on them.
+KARPATHY_SPLITS: dict[str, str] = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
+_SPLIT_NAMES: dict[str, str] = {**KARPATHY_SPLITS, "validation": "validation"}
+
+DEFAULT_VALIDATION_FRACTION = 0.1
+DEFAULT_TEST_FRACTION = 0.1
+DEFAULT_SEED = 42
+
+_METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_SUPPORTED_FORMATS = (
+    "a Karpathy split JSON (dataset_flickr8k.json, dataset_flickr30k.json, dataset_coco.json)",
+    "a COCO captions JSON (captions_train2014.json, captions_val2014.json)",
+    "a Kaggle Flickr8k captions.txt CSV with the header 'image,caption'",
+    "a Flickr8k.token.txt or Flickr30k results_20130124.token file",
+    f"a folder with {' or '.join(_METADATA_FILES)}",
+)
+
+
+@dataclass(frozen=True)
+class _LoadOptions:
+    """Options shared by all readers, validated before any file is read so that typos fail fast."""
+
+    check_images: bool
+    on_bad_input: BadInputPolicy
+    max_report: int
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        check_bad_input_policy(self.on_bad_input, self.max_report)
+        _check_fractions(self.validation_fraction, self.test_fraction)
+
+    def check_images_dir(self, images_dir: PathLike, name: str) -> None:
+        # Without this every image would be reported missing, hiding the actual mistake.
+        if self.check_images and not os.path.isdir(images_dir):
+            raise ValueError(f"{name} {str(images_dir)!r} is not a directory.")
+
+
+@dataclass
+class _ImageEntry:
+    image_path: str
+    captions: list[str]
+    split: str | None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class _ImageTable:
+    """Groups the captions of a source file by image, keeping the order in which images first appear."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _ImageEntry] = {}
+
+    def add(
+        self,
+        image_id: str,
+        image_path: str,
+        captions: Sequence[str],
+        where: str,
+        split: str | None = None,
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        extras = extras or {}
+        entry = self.entries.get(image_id)
+        if entry is None:
+            self.entries[image_id] = _ImageEntry(image_path, list(captions), split, extras)
+            return
+        if split != entry.split:
+            raise ValueError(f"{where}: image {image_id!r} is in split {split!r} here but in {entry.split!r} earlier.")
+        if extras != entry.extras:
+            raise ValueError(f"{where}: image {image_id!r} has metadata {extras} here but {entry.extras} earlier.")
+        entry.captions.extend(captions)
+
+
+def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
+    for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, got {value!r}.")
+    if validation_fraction + test_fraction > 1:
+        raise ValueError(
+            f"validation_fraction + test_fraction must be at most 1, got {validation_fraction} + {test_fraction}."
+        )
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_text(path: PathLike, on_bad_input: BadInputPolicy) -> str:
+    """Reads a UTF-8 text file, applying the bad-input policy to undecodable bytes."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{str(path)!r} does not exist or is not a file.")
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        if on_bad_input == "error":
+            raise ValueError(
+                f"{path} is not valid UTF-8: byte {data[err.start]:#04x} at offset {err.start} (line {line}). "
+                "Re-encode it as UTF-8, or pass on_bad_input='skip' to replace undecodable bytes."
+            ) from err
+        bad_lines = sum(not _is_utf8(raw) for raw in data.splitlines())
+        logger.warning("Replaced undecodable bytes on %d line(s) of %s, which is not valid UTF-8.", bad_lines, path)
+        text = data.decode("utf-8", errors="replace")
+    # Files saved by Windows tools often start with a byte order mark, which would end up in the first field.
+    return text.removeprefix("\ufeff")
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """Yields `(line number, line)`, splitting only on line breaks (`str.splitlines` also splits on e.g. U+2028)."""
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        yield number, line.rstrip("\n")
+
+
+def _read_json(path: PathLike, on_bad_input: BadInputPolicy) -> Any:
+    try:
+        return json.loads(_read_text(path, on_bad_input))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}.") from err
+
+
+def _read_jsonl(path: PathLike, on_bad_input: BadInputPolicy) -> list[tuple[str, dict[str, Any]]]:
+    """Returns `(location, object)` for each non-blank line of a JSON Lines file."""
+    rows = []
+    for number, line in _lines(_read_text(path, on_bad_input)):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err}).") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+        rows.append((where, row))
+    return rows
+
+
+def _read_csv(
+    path: PathLike, required: Sequence[str], on_bad_input: BadInputPolicy
+) -> list[tuple[str, dict[str, Any]]]:
+    """Returns `(location, row)` for each row of a CSV file with a header containing the `required` columns."""
+    reader = csv.DictReader(io.StringIO(_read_text(path, on_bad_input), newline=""))
+    header = reader.fieldnames or []
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise ValueError(f"{path}: expected a CSV header with the columns {list(required)}, got {header}.")
+    rows = []
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:
+            raise ValueError(f"{where}: more fields than the header {header}; quote values that contain commas.")
+        rows.append((where, row))
+    return rows
+
+
+def _field(record: Any, key: str, expected: type, where: str) -> Any:
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"{where}: expected an object with a {key!r} field, got {str(record)[:100]}.")
+    value = record[key]
+    if not isinstance(value, expected):
+        raise ValueError(f"{where}: expected {key!r} to be a {expected.__name__}, got {value!r:.100}.")
+    return value
+
+
+def _file_name(record: Any, key: str, where: str) -> str:
+    name = _field(record, key, str, where).strip()
+    if not name:
+        raise ValueError(f"{where}: {key!r} is empty, expected an image file name.")
+    return name
+
+
+def _split_name(value: Any, where: str) -> str:
+    if value not in _SPLIT_NAMES:
+        raise ValueError(f"{where}: unknown split {value!r}, expected one of {list(_SPLIT_NAMES)}.")
+    return _SPLIT_NAMES[value]
+
+
+def _keys_or_type(value: Any) -> str:
+    """Describes a value expected to be a mapping of splits, for error messages."""
+    return repr(list(value)) if isinstance(value, Mapping) else type(value).__name__
+
+
+def _check_split_keys(mapping: Any, name: str) -> None:
+    if not isinstance(mapping, Mapping) or not mapping or not set(mapping) <= set(SPLITS):
+        raise ValueError(f"{name} must map split names from {SPLITS} to files, got {_keys_or_type(mapping)}.")
+
+
+def _image_path(images_dir: PathLike, *parts: str) -> str:
+    return os.path.abspath(os.path.join(images_dir, *parts))
+
+
+def split_by_image(
+    dataset: Dataset,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
+) -> DatasetDict:
+    """Randomly splits a dataset with one row per image into train, validation and test.
+
+    The split depends only on the set of `image_id`s and the seed, not on the row order, so re-listing a folder or
+    re-exporting a file in another order gives the same split. Rows keep their order within each split.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            Dataset with a unique `image_id` per row.
+        validation_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images (rounded to the nearest count) in the validation split.
+        test_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images (rounded to the nearest count) in the test split.
+        seed (`int`, *optional*, defaults to 42):
+            Seed of the shuffle.
+
+    Returns:
+        `datasets.DatasetDict`: The splits `"train"`, `"validation"` and `"test"`.
+    """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
+    _check_fractions(validation_fraction, test_fraction)
+    if "image_id" not in dataset.column_names:
+        raise ValueError(f"dataset must have an 'image_id' column, got {dataset.column_names}.")
+    image_ids = dataset["image_id"][:]
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("dataset has duplicate image_ids; split_by_image expects one row per image.")
+    by_id = sorted(range(len(image_ids)), key=image_ids.__getitem__)
+    shuffled = np.random.default_rng(seed).permutation(by_id).tolist()
+    num_validation = round(len(shuffled) * validation_fraction)
+    num_test = min(round(len(shuffled) * test_fraction), len(shuffled) - num_validation)
+    indices = {
+        "validation": shuffled[:num_validation],
+        "test": shuffled[num_validation : num_validation + num_test],
+        "train": shuffled[num_validation + num_test :],
+    }
+    return DatasetDict({split: dataset.select(sorted(indices[split])) for split in SPLITS})
+
+
+def _no_usable_images(source: PathLike) -> ValueError:
+    return ValueError(f"No usable images left in {source} after skipping bad input.")
+
+
+def _to_dataset_dict(table: _ImageTable, source: PathLike, options: _LoadOptions) -> DatasetDict:
+    """Cleans captions, builds the splits and validates the images: the steps shared by all readers."""
+    if not table.entries:
+        raise ValueError(f"No images with captions found in {source}.")
+    num_dropped = 0
+    uncaptioned = []
+    for image_id, entry in table.entries.items():
+        captions = [caption.strip() for caption in entry.captions if caption.strip()]
+        num_dropped += len(entry.captions) - len(captions)
+        entry.captions = captions
+        if not captions:
+            uncaptioned.append((image_id, "no non-empty caption"))
+    if num_dropped:
+        logger.warning("Dropped %d empty caption(s) in %s.", num_dropped, source)
+    handle_bad_items(uncaptioned, "images without captions", options.on_bad_input, options.max_report)
+    entries = {image_id: entry for image_id, entry in table.entries.items() if entry.captions}
+    if not entries:
+        raise _no_usable_images(source)
+
+    extra_columns = list(dict.fromkeys(name for entry in entries.values() for name in entry.extras))
+    columns = {
+        "image_id": list(entries),
+        "image_path": [entry.image_path for entry in entries.values()],
+        "captions": [entry.captions for entry in entries.values()],
+        **{name: [entry.extras.get(name) for entry in entries.values()] for name in extra_columns},
+    }
+    dataset = Dataset.from_dict(columns)
+    splits = [entry.split for entry in entries.values()]
+    if all(split is None for split in splits):
+        dataset_dict = split_by_image(dataset, options.validation_fraction, options.test_fraction, options.seed)
+    else:
+        dataset_dict = DatasetDict(
+            {name: dataset.select([i for i, split in enumerate(splits) if split == name]) for name in SPLITS}
+        )
+    if options.check_images:
+        dataset_dict = validate_images(dataset_dict, options.on_bad_input, options.max_report)
+
+    sizes = {split: dataset_dict[split].num_rows for split in SPLITS}
+    if not sum(sizes.values()):
+        raise _no_usable_images(source)
+    logger.info("Loaded %s: %s images.", source, ", ".join(f"{split} {size}" for split, size in sizes.items()))
+    return dataset_dict
+
+
+def load_karpathy_json(
+    json_path: PathLike,
+    images_dir: PathLike,
+    *,
+    dataset_name: str | None = None,
+    check_images: bool = True,
+    on_bad_input: BadInputPolicy = "error",
+    max_report: int = 10,
+) -> DatasetDict:
+    """Loads a Karpathy split file (`dataset_flickr8k.json`, `dataset_flickr30k.json` or `dataset_coco.json`).
+
+    The `"train"` and `"restval"` images form the train split, `"val"` the validation split and `"test"` the test
+    split. The `"raw"` sentences are the captions.
+
+    Args:
+        json_path (`str` or `os.PathLike`):
+            Path of the Karpathy JSON file.
+        images_dir (`str` or `os.PathLike`):
+            Folder of the images. For COCO, the folder that contains `train2014/` and `val2014/` (the `"filepath"` of
+            each image).
+        dataset_name (`str`, *optional*):
+            Prefix of the image ids. Defaults to the `"dataset"` field of the file, e.g. `"flickr8k"`.
+        check_images (`bool`, *optional*, defaults to `True`):
+            Whether to check that every image exists and decodes, see :func:`validate_images`.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in an error message.
+
+    Returns:
+        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+    """
+    options = _LoadOptions(check_images, on_bad_input, max_report)
+    options.check_images_dir(images_dir, "images_dir")
+    data = _read_json(json_path, on_bad_input)
+    images = _field(data, "images", list, str(json_path))
+    if dataset_name is None:
+        if not isinstance(data.get("dataset"), str):
+            raise ValueError(f"{json_path} has no 'dataset' name; pass dataset_name to name its image ids.")
+        dataset_name = data["dataset"]
+    table = _ImageTable()
+    for index, image in enumerate(images):
+        where = f"{json_path}: images[{index}]"
+        filename = _file_name(image, "filename", where)
+        # COCO images live in train2014/ or val2014/, named by "filepath"; Flickr images share one folder.
+        filepath = _field(image, "filepath", str, where) if "filepath" in image else ""
+        sentences = _field(image, "sentences", list, where)
+        captions = [_field(sentence, "raw", str, f"{where}.sentences[{i}]") for i, sentence in enumerate(sentences)]
+        split = _field(image, "split", str, where)
+        if split not in KARPATHY_SPLITS:
+            raise ValueError(f"{where}: unknown split {split!r}, expected one of {list(KARPATHY_SPLITS)}.")
+        table.add(
+            f"{dataset_name}/{filename}",
+            _image_path(images_dir, filepath, filename),
+            captions,
+            where,
+            split=KARPATHY_SPLITS[split],
+        )
+    return _to_dataset_dict(table, json_path, options)
+
+
+def load_flickr8k_captions_txt(
+    captions_txt: PathLike,
+    images_dir: PathLike,
+    *,
+    dataset_name: str = "flickr8k",
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
+    check_images: bool = True,
+    on_bad_input: BadInputPolicy = "error",
+    max_report: int = 10,
+) -> DatasetDict:
+    """Loads the Kaggle Flickr8k `captions.txt`: a CSV with the header `image,caption` and one row per caption.
+
+    The format has no splits, so the images are split with :func:`split_by_image`.
+
+    Args:
+        captions_txt (`str` or `os.PathLike`):
+            Path of `captions.txt`.
+        images_dir (`str` or `os.PathLike`):
+            Folder of the images (`Images/` in the Kaggle download).
+        dataset_name (`str`, *optional*, defaults to `"flickr8k"`):
+            Prefix of the image ids.
+        validation_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the validation split.
+        test_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the test split.
+        seed (`int`, *optional*, defaults to 42):
+            Seed of the split.
+        check_images (`bool`, *optional*, defaults to `True`):
+            Whether to check that every image exists and decodes, see :func:`validate_images`.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in an error message.
+
+    Returns:
+        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+    """
+    options = _LoadOptions(check_images, on_bad_input, max_report, validation_fraction, test_fraction, seed)
+    options.check_images_dir(images_dir, "images_dir")
+    table = _ImageTable()
+    for where, row in _read_csv(captions_txt, ("image", "caption"), on_bad_input):
+        filename = _file_name(row, "image", where)
+        caption = _field(row, "caption", str, where)
+        table.add(f"{dataset_name}/{filename}", _image_path(images_dir, filename), [caption], where)
+    return _to_dataset_dict(table, captions_txt, options)
+
+
+def _read_split_files(split_files: Mapping[str, PathLike], on_bad_input: BadInputPolicy) -> dict[str, str]:
+    """Maps each image file name listed in the split files to its split."""
+    _check_split_keys(split_files, "split_files")
+    split_of: dict[str, str] = {}
+    for split, path in split_files.items():
+        for _, line in _lines(_read_text(path, on_bad_input)):
+            filename = line.strip()
+            if filename and split_of.setdefault(filename, split) != split:
+                raise ValueError(f"{path}: {filename!r} is also listed in the {split_of[filename]!r} split file.")
+    return split_of
+
+
+def load_flickr8k_token_txt(
+    token_txt: PathLike,
+    images_dir: PathLike,
+    split_files: Mapping[str, PathLike] | None = None,
+    *,
+    dataset_name: str = "flickr8k",
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
+    check_images: bool = True,
+    on_bad_input: BadInputPolicy = "error",
+    max_report: int = 10,
+) -> DatasetDict:
+    """Loads the original `Flickr8k.token.txt` (also Flickr30k's `results_20130124.token`).
+
+    Each line is `<file name>#<caption index>\\t<caption>`.
+
+    Args:
+        token_txt (`str` or `os.PathLike`):
+            Path of the token file.
+        images_dir (`str` or `os.PathLike`):
+            Folder of the images (`Flicker8k_Dataset/` in the original download).
+        split_files (`Mapping[str, str or os.PathLike]`, *optional*):
+            Maps `"train"`, `"validation"` and `"test"` to files listing one image file name per line, e.g.
+            `Flickr_8k.trainImages.txt`, `Flickr_8k.devImages.txt` and `Flickr_8k.testImages.txt`. Images in none of
+            them are dropped with a logged count. Without split files the images are split with
+            :func:`split_by_image`.
+        dataset_name (`str`, *optional*, defaults to `"flickr8k"`):
+            Prefix of the image ids.
+        validation_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the validation split when there are no split files.
+        test_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the test split when there are no split files.
+        seed (`int`, *optional*, defaults to 42):
+            Seed of the split when there are no split files.
+        check_images (`bool`, *optional*, defaults to `True`):
+            Whether to check that every image exists and decodes, see :func:`validate_images`.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in an error message.
+
+    Returns:
+        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+    """
+    options = _LoadOptions(check_images, on_bad_input, max_report, validation_fraction, test_fraction, seed)
+    options.check_images_dir(images_dir, "images_dir")
+    split_of = None if split_files is None else _read_split_files(split_files, on_bad_input)
+    table = _ImageTable()
+    unlisted = set()
+    for number, line in _lines(_read_text(token_txt, on_bad_input)):
+        if not line.strip():
+            continue
+        where = f"{token_txt}:{number}"
+        key, tab, caption = line.partition("\t")
+        filename, hash_sign, _ = key.rpartition("#")
+        if not tab or not hash_sign or not filename.strip():
+            raise ValueError(f"{where}: expected '<image file>#<index>\\t<caption>', got {line!r:.100}.")
+        filename = filename.strip()
+        split = None
+        if split_of is not None:
+            split = split_of.get(filename)
+            if split is None:
+                unlisted.add(filename)
+                continue
+        table.add(f"{dataset_name}/{filename}", _image_path(images_dir, filename), [caption], where, split=split)
+    if unlisted:
+        logger.warning("Dropped %d image(s) of %s that are in none of the split files.", len(unlisted), token_txt)
+    return _to_dataset_dict(table, token_txt, options)
+
+
+def load_coco_captions_json(
+    annotation_files: Mapping[str, PathLike],
+    images_dirs: Mapping[str, PathLike],
+    *,
+    dataset_name: str = "coco",
+    check_images: bool = True,
+    on_bad_input: BadInputPolicy = "error",
+    max_report: int = 10,
+) -> DatasetDict:
+    """Loads official COCO caption annotations (`captions_train2014.json`, `captions_val2014.json`, ...).
+
+    Args:
+        annotation_files (`Mapping[str, str or os.PathLike]`):
+            Maps split names (`"train"`, `"validation"`, `"test"`) to annotation files, e.g.
+            `{"train": "captions_train2014.json", "validation": "captions_val2014.json"}`. Missing splits are empty.
+        images_dirs (`Mapping[str, str or os.PathLike]`):
+            Maps the same split names to the image folders, e.g. `{"train": "train2014", "validation": "val2014"}`.
+        dataset_name (`str`, *optional*, defaults to `"coco"`):
+            Prefix of the image ids.
+        check_images (`bool`, *optional*, defaults to `True`):
+            Whether to check that every image exists and decodes, see :func:`validate_images`.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in an error message.
+
+    Returns:
+        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+    """
+    options = _LoadOptions(check_images, on_bad_input, max_report)
+    _check_split_keys(annotation_files, "annotation_files")
+    if not isinstance(images_dirs, Mapping) or set(images_dirs) != set(annotation_files):
+        raise ValueError(
+            f"images_dirs must have the splits of annotation_files {list(annotation_files)}, "
+            f"got {_keys_or_type(images_dirs)}."
+        )
+    table = _ImageTable()
+    for split, path in annotation_files.items():
+        options.check_images_dir(images_dirs[split], f"images_dirs[{split!r}]")
+        data = _read_json(path, on_bad_input)
+        file_names: dict[int, str] = {}
+        for index, image in enumerate(_field(data, "images", list, str(path))):
+            where = f"{path}: images[{index}]"
+            file_names[_field(image, "id", int, where)] = _file_name(image, "file_name", where)
+        captions: dict[int, list[str]] = {coco_id: [] for coco_id in file_names}
+        for index, annotation in enumerate(_field(data, "annotations", list, str(path))):
+            where = f"{path}: annotations[{index}]"
+            coco_id = _field(annotation, "image_id", int, where)
+            if coco_id not in captions:
+                raise ValueError(f"{where}: image_id {coco_id} is not in 'images'.")
+            captions[coco_id].append(_field(annotation, "caption", str, where))
+        for coco_id, file_name in file_names.items():
+            image_path = _image_path(images_dirs[split], file_name)
+            table.add(f"{dataset_name}/{file_name}", image_path, captions[coco_id], f"{path}: image {coco_id}", split)
+    return _to_dataset_dict(table, ", ".join(str(path) for path in annotation_files.values()), options)
+
+
+def _row_captions(row: dict[str, Any], where: str) -> list[str]:
+    """Pops the caption(s) of a metadata row: either a `caption` string or a `captions` list of strings."""
+    if ("caption" in row) == ("captions" in row):
+        raise ValueError(f"{where}: expected exactly one of the fields 'caption' (a string) or 'captions' (a list).")
+    if "caption" in row:
+        caption = _field(row, "caption", str, where)
+        del row["caption"]
+        return [caption]
+    captions = _field(row, "captions", list, where)
+    del row["captions"]
+    if not all(isinstance(caption, str) for caption in captions):
+        raise ValueError(f"{where}: expected 'captions' to be a list of strings, got {captions!r:.100}.")
+    return captions
+
+
+def load_image_folder(
+    folder: PathLike,
+    *,
+    dataset_name: str | None = None,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
+    check_images: bool = True,
+    on_bad_input: BadInputPolicy = "error",
+    max_report: int = 10,
+) -> DatasetDict:
+    """Loads a folder of images described by a `metadata.jsonl` or `metadata.csv` file.
+
+    Each metadata row has a `file_name` relative to the folder and either a `caption` string or a `captions` list
+    (JSON Lines only); several rows may describe the same file. An optional `split` column (`"train"`,
+    `"validation"`/`"val"`, `"test"`, `"restval"`) assigns the splits, otherwise :func:`split_by_image` does. Other
+    columns are kept as dataset columns, e.g. a JSON string of the objects drawn in a synthetic image, and must agree
+    between rows of the same file.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            Folder with the metadata file and the images.
+        dataset_name (`str`, *optional*):
+            Prefix of the image ids. Defaults to the folder name.
+        validation_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the validation split when there is no `split` column.
+        test_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the test split when there is no `split` column.
+        seed (`int`, *optional*, defaults to 42):
+            Seed of the split when there is no `split` column.
+        check_images (`bool`, *optional*, defaults to `True`):
+            Whether to check that every image exists and decodes, see :func:`validate_images`.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in an error message.
+
+    Returns:
+        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema, plus the extra metadata
+        columns.
+    """
+    options = _LoadOptions(check_images, on_bad_input, max_report, validation_fraction, test_fraction, seed)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r} is not a directory.")
+    found = [folder / name for name in _METADATA_FILES if (folder / name).is_file()]
+    if len(found) != 1:
+        raise ValueError(f"{folder} must contain exactly one of {_METADATA_FILES}, found {[p.name for p in found]}.")
+    metadata = found[0]
+    if metadata.suffix == ".jsonl":
+        rows = _read_jsonl(metadata, on_bad_input)
+    else:
+        rows = _read_csv(metadata, ("file_name",), on_bad_input)
+    has_split = any("split" in row for _, row in rows)
+    dataset_name = dataset_name or folder.resolve().name
+    table = _ImageTable()
+    for where, row in rows:
+        extras = dict(row)
+        file_name = _file_name(extras, "file_name", where)
+        del extras["file_name"]
+        split = _split_name(extras.pop("split", None), where) if has_split else None
+        captions = _row_captions(extras, where)
+        reserved = [name for name in SCHEMA_FEATURES if name in extras]
+        if reserved:
+            raise ValueError(f"{where}: the metadata columns {reserved} are reserved for the dataset schema.")
+        table.add(f"{dataset_name}/{file_name}", _image_path(folder, file_name), captions, where, split, extras)
+    return _to_dataset_dict(table, metadata, options)
+
+
+def _check_schema(dataset_dict: Any, name: str) -> None:
+    if not isinstance(dataset_dict, DatasetDict) or set(dataset_dict) != set(SPLITS):
+        raise ValueError(f"{name} must be a DatasetDict with the splits {SPLITS}, got {_keys_or_type(dataset_dict)}.")
+    for split, dataset in dataset_dict.items():
+        missing = [column for column in SCHEMA_FEATURES if column not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{name}[{split!r}] lacks the columns {missing}.")
+
+
+def combine_datasets(*dataset_dicts: DatasetDict) -> DatasetDict:
+    """Concatenates caption datasets split by split, e.g. Flickr8k and Flickr30k.
+
+    Extra columns missing from some datasets are filled with `None`.
+
+    Args:
+        *dataset_dicts (`datasets.DatasetDict`):
+            Caption datasets returned by the readers.
+
+    Returns:
+        `datasets.DatasetDict`: The concatenated splits.
+    """
+    if not dataset_dicts:
+        raise ValueError("combine_datasets needs at least one DatasetDict.")
+    features: dict[str, Any] = {}
+    seen: set[str] = set()
+    collisions = []
+    for index, dataset_dict in enumerate(dataset_dicts):
+        _check_schema(dataset_dict, f"dataset_dicts[{index}]")
+        for split, dataset in dataset_dict.items():
+            for name, feature in dataset.features.items():
+                if features.setdefault(name, feature) != feature:
+                    raise ValueError(
+                        f"Column {name!r} is {features[name]} in one dataset but {feature} in dataset_dicts[{index}]"
+                        f"[{split!r}]."
+                    )
+            for image_id in dataset["image_id"][:]:
+                if image_id in seen:
+                    collisions.append(image_id)
+                seen.add(image_id)
+    if collisions:
+        raise ValueError(
+            f"{len(collisions)} image_id(s) occur in more than one dataset, e.g. {collisions[:10]}; load the datasets "
+            "with different dataset_name values, or drop the duplicates."
+        )
+
+    def with_all_columns(dataset: Dataset) -> Dataset:
+        for name, feature in features.items():
+            if name not in dataset.column_names:
+                dataset = dataset.add_column(name, [None] * dataset.num_rows, feature=feature)
+        return dataset
+
+    return DatasetDict(
+        {
+            split: concatenate_datasets([with_all_columns(dataset_dict[split]) for dataset_dict in dataset_dicts])
+            for split in SPLITS
+        }
+    )
+
+
+def _is_kaggle_captions_csv(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as file:
+        header = file.readline()
+    return header.removeprefix("\ufeff").strip().replace(" ", "").lower() == "image,caption"
+
+
+def _coco_split(path: Path) -> str:
+    for word, split in (("train", "train"), ("val", "validation"), ("test", "test")):
+        if word in path.name.lower():
+            return split
+    raise ValueError(f"Cannot tell the split of {path} from its name; pass split='train', 'validation' or 'test'.")
+
+
+def load_caption_dataset(name_or_path: PathLike, **kwargs: Any) -> DatasetDict:
+    """Loads a caption dataset in any supported format, detected from the path.
+
+    - A folder (or its `metadata.jsonl` / `metadata.csv`): :func:`load_image_folder`.
+    - A `.json` file with `"images"` that have `"sentences"`: :func:`load_karpathy_json`.
+    - A `.json` file with `"annotations"`: :func:`load_coco_captions_json`, with `images_dir` and `split` keyword
+      arguments instead of the mappings; `split` defaults to the one in the file name (`captions_val2014.json` is
+      `"validation"`).
+    - A `.token.txt` / `.token` file: :func:`load_flickr8k_token_txt`.
+    - A `.txt` / `.csv` file with the header `image,caption`: :func:`load_flickr8k_captions_txt`.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`):
+            Path of the dataset file or folder.
+        **kwargs:
+            Keyword arguments of the detected reader, e.g. `images_dir` or `on_bad_input`.
+
+    Returns:
+        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and any((path / name).is_file() for name in _METADATA_FILES):
+        return load_image_folder(path, **kwargs)
+    if path.is_file():
+        if path.name in _METADATA_FILES:
+            return load_image_folder(path.parent, **kwargs)
+        if path.name.endswith((".token.txt", ".token")):
+            return load_flickr8k_token_txt(path, **kwargs)
+        if path.suffix in (".txt", ".csv") and _is_kaggle_captions_csv(path):
+            return load_flickr8k_captions_txt(path, **kwargs)
+        if path.suffix == ".json":
+            data = _read_json(path, kwargs.get("on_bad_input", "error"))
+            images = data.get("images") if isinstance(data, dict) else None
+            if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+                return load_karpathy_json(path, **kwargs)
+            if isinstance(data, dict) and "annotations" in data:
+                if "images_dir" not in kwargs:
+                    raise ValueError(f"{path} is a COCO captions file; pass images_dir, the folder of its images.")
+                images_dir = kwargs.pop("images_dir")
+                split = kwargs.pop("split", None) or _coco_split(path)
+                return load_coco_captions_json({split: path}, {split: images_dir}, **kwargs)
+    formats = "\n".join(f"  - {description}" for description in _SUPPORTED_FORMATS)
+    raise ValueError(
+        f"Cannot detect the caption dataset format of {str(name_or_path)!r}. Supported formats:\n{formats}"
+    )

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import json
+
+import PIL.Image
+
+from clip_diffusionlm.cli import main
+
+
+def test_caption_command(pipeline, tmp_path, capsys):
+    pipeline.save_pretrained(tmp_path / "pipe")
+    image_path = tmp_path / "red.png"
+    PIL.Image.new("RGB", (32, 32), (255, 0, 0)).save(image_path)
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--steps", "3"]) == 0
+    path, caption = capsys.readouterr().out.strip().split("\t")
+    assert path == str(image_path)
+    expected = pipeline(PIL.Image.open(image_path), num_inference_steps=3,
+                        generator=__import__("torch").Generator().manual_seed(0)).captions[0]
+    assert caption == expected
+
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--json", "--num-captions", "2"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["image"] == str(image_path) and len(record["captions"]) == 2
+
+
+def test_caption_command_reports_bad_input(pipeline, tmp_path, capsys):
+    pipeline.save_pretrained(tmp_path / "pipe")
+    assert main(["caption", str(tmp_path / "missing.png"), "--model", str(tmp_path / "pipe")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["caption", str(broken), "--model", str(tmp_path / "pipe")]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    image_path = tmp_path / "ok.png"
+    PIL.Image.new("RGB", (8, 8)).save(image_path)
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "no-pipeline")]) == 2
+    assert "no-pipeline" in capsys.readouterr().err
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--steps", "0"]) == 2
+    assert "num_inference_steps" in capsys.readouterr().err

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import CONDITION_DIM, IMAGE_SIZE, tiny_pipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
+
+from clip_diffusionlm import CLIPDiffusionCaptionPipeline
+from clip_diffusionlm.pipeline_clip_diffusion_caption import collapse_repeated_words, decode_captions
+
+
+def _images():
+    return [
+        PIL.Image.new("RGB", (40, 30), (255, 0, 0)),
+        PIL.Image.new("L", (20, 20), 128),
+        PIL.Image.new("RGBA", (24, 24), (0, 0, 255, 100)),
+    ]
+
+
+def _run(pipe, images=None, seed=0, **kwargs):
+    return pipe(images if images is not None else _images(), generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_captions_per_image_and_types(pipeline):
+    captions = _run(pipeline, num_captions_per_image=2).captions
+    assert len(captions) == 6 and all(isinstance(caption, str) for caption in captions)
+    token_ids = _run(pipeline, output_type="token_ids").captions
+    assert token_ids.shape == (3, pipeline.denoiser.config.caption_length) and token_ids.dtype == torch.long
+    latent = _run(pipeline, output_type="latent").captions
+    assert latent.shape == (3, pipeline.denoiser.config.caption_length, 32)
+    assert _run(pipeline, return_dict=False)[0] == _run(pipeline).captions
+
+
+def test_accepts_numpy_tensor_and_grayscale_inputs(pipeline):
+    rgb = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 200, dtype=np.uint8)
+    as_pil = _run(pipeline, [PIL.Image.fromarray(rgb)], output_type="latent").captions
+    for same in (rgb, rgb.astype(np.float32) / 255.0, torch.from_numpy(rgb).permute(2, 0, 1), rgb[None]):
+        torch.testing.assert_close(_run(pipeline, same, output_type="latent").captions, as_pil)
+    gray = np.full((IMAGE_SIZE, IMAGE_SIZE), 200, dtype=np.uint8)
+    torch.testing.assert_close(_run(pipeline, gray, output_type="latent").captions, as_pil)
+    batch = torch.rand(4, 3, 16, 16)
+    assert len(_run(pipeline, batch).captions) == 4
+
+
+def test_image_embeds_path_matches_images(pipeline):
+    embeds = pipeline.encode_images(_images())
+    assert embeds.shape == (3, CONDITION_DIM)
+    torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(3))
+    from_embeds = pipeline(image_embeds=embeds, generator=torch.Generator().manual_seed(0)).captions
+    assert from_embeds == _run(pipeline).captions
+
+
+def test_deterministic_with_generator(pipeline):
+    first = _run(pipeline, seed=3, output_type="latent").captions
+    torch.testing.assert_close(_run(pipeline, seed=3, output_type="latent").captions, first)
+    assert not torch.allclose(_run(pipeline, seed=4, output_type="latent").captions, first)
+
+
+def test_guidance_scale(tokenizer):
+    pipe = tiny_pipeline(tokenizer, condition_drop_prob=0.2)
+    pipe.set_progress_bar_config(disable=True)
+    noisy, t = torch.randn(2, 8, 32), torch.tensor(999)
+    image = torch.randn(2, CONDITION_DIM)
+    conditional = pipe.denoiser.denoise(noisy, t.expand(2), image)
+    unconditional = pipe.denoiser.denoise(noisy, t.expand(2), image, drop_condition=torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(pipe._guided_prediction(noisy, t, image, None, None, 1.0), conditional)
+    torch.testing.assert_close(
+        pipe._guided_prediction(noisy, t, image, None, None, 3.0), unconditional + 3.0 * (conditional - unconditional)
+    )
+    at_one = _run(pipe, output_type="latent", guidance_scale=1.0).captions
+    assert not torch.allclose(_run(pipe, output_type="latent", guidance_scale=3.0).captions, at_one)
+
+
+def test_scheduler_swap_refinement_and_clamping(pipeline):
+    pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    assert len(_run(pipeline, num_inference_steps=10).captions) == 3
+    refined = _run(pipeline, output_type="latent", num_refinement_steps=2).captions
+    assert not torch.allclose(refined, _run(pipeline, output_type="latent").captions)
+    clamped = _run(pipeline, output_type="latent", clamp_to_vocabulary=True).captions
+    vocabulary = pipeline.denoiser.get_input_embeddings().weight
+    distances = torch.cdist(clamped.reshape(-1, 32), vocabulary).min(dim=-1).values
+    assert distances.max() < 1e-4
+
+
+def test_previous_sample_model_samples(tokenizer):
+    pipe = tiny_pipeline(tokenizer, prediction_type="previous_sample")
+    pipe.set_progress_bar_config(disable=True)
+    assert len(_run(pipe).captions) == 3
+
+
+def test_decode_strips_special_tokens_and_collapses_per_caption(tokenizer):
+    ids = tokenizer(["a a red red circle", "red circle"], padding="max_length", max_length=8, return_tensors="pt")
+    assert decode_captions(tokenizer, ids.input_ids) == ["a red circle", "red circle"]
+    assert collapse_repeated_words("a star star and a star") == "a star and a star"
+
+
+def test_save_and_reload_through_both_loaders(pipeline, tmp_path):
+    expected = _run(pipeline).captions
+    pipeline.save_pretrained(tmp_path / "pipe")
+    saved = sorted(os.listdir(tmp_path / "pipe" / "denoiser"))
+    assert "model.safetensors" in saved and not any(name.endswith(".bin") for name in saved)
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["denoiser"][1] == "CLIPDiffusionLMModel"
+
+    reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    assert _run(reloaded).captions == expected
+
+    generic = DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True)
+    assert isinstance(generic, CLIPDiffusionCaptionPipeline)
+    generic.set_progress_bar_config(disable=True)
+    assert _run(generic).captions == expected
+
+
+def test_loading_by_hub_id_offline(pipeline, tmp_path):
+    """A Hub repository in the Hugging Face cache layout, loaded by id with the network switched off."""
+    expected = _run(pipeline).captions
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "hf" / "hub" / "models--someone--shapes-captioner"
+    pipeline.save_pretrained(repo_cache / "snapshots" / revision)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(revision)
+    script = textwrap.dedent(
+        """
+        import json, sys, torch, PIL.Image
+        from clip_diffusionlm import CLIPDiffusionCaptionPipeline
+        pipe = CLIPDiffusionCaptionPipeline.from_pretrained("someone/shapes-captioner")
+        pipe.set_progress_bar_config(disable=True)
+        images = [PIL.Image.new("RGB", (40, 30), (255, 0, 0)), PIL.Image.new("L", (20, 20), 128),
+                  PIL.Image.new("RGBA", (24, 24), (0, 0, 255, 100))]
+        print(json.dumps(pipe(images, generator=torch.Generator().manual_seed(0)).captions))
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_bad_inputs_are_named(pipeline):
+    with pytest.raises(ValueError, match="exactly one"):
+        pipeline()
+    with pytest.raises(ValueError, match="empty"):
+        pipeline([])
+    with pytest.raises(TypeError, match=r"images\[1\]"):
+        pipeline([PIL.Image.new("RGB", (8, 8)), "not-an-image.png"])
+    with pytest.raises(TypeError, match="images"):
+        pipeline("photo.jpg")
+    with pytest.raises(ValueError, match=r"images\[0\].*shape"):
+        pipeline(np.zeros((8, 8, 5), dtype=np.uint8))
+    with pytest.raises(ValueError, match="outside"):
+        pipeline(np.full((8, 8, 3), 3.0, dtype=np.float32))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        _run(pipeline, num_inference_steps=0)
+    with pytest.raises(ValueError, match="image_embeds"):
+        pipeline(image_embeds=torch.zeros(2, CONDITION_DIM + 1))
+    with pytest.raises(ValueError, match="image_embeds"):
+        pipeline(image_embeds=torch.zeros(0, CONDITION_DIM))
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipeline, output_type="pil")
+    with pytest.raises(ValueError, match="guidance_scale"):
+        _run(pipeline, guidance_scale=-1.0)
+
+
+def test_incomplete_or_pickled_checkpoints_are_refused(pipeline, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path)
+    pipeline.save_pretrained(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
+
+    pipeline.save_pretrained(tmp_path / "pickled")
+    denoiser_dir = tmp_path / "pickled" / "denoiser"
+    (denoiser_dir / "model.safetensors").unlink()
+    torch.save(pipeline.denoiser.state_dict(), denoiser_dir / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="allow_pickle"):
+        CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pickled")
+    loaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pickled", allow_pickle=True)
+    assert isinstance(loaded, CLIPDiffusionCaptionPipeline)
