@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,7 +40,11 @@ PREDICTIONS = [
 REFERENCES = [
     ["A brown dog running across a grassy field.", "A dog runs on the grass.", "The dog is playing outside."],
     ["Two cats are asleep on a couch.", "A pair of cats sleeping on a red sofa.", "Cats lying on a couch."],
-    ["A bicycle parked against a brick wall.", "A man's bike leaning on the wall next to a door.", "A bike near a door."],
+    [
+        "A bicycle parked against a brick wall.",
+        "A man's bike leaning on the wall next to a door.",
+        "A bike near a door.",
+    ],
     ["A plate with broccoli, rice and chicken.", "Food on a white plate.", "A dinner plate of rice and vegetables."],
     ["A bird sitting on a branch.", "A small bird perched on a tree branch."],
 ]
@@ -157,6 +162,22 @@ def test_meteor_jvm_is_stopped_after_the_call(scored):
     assert all(meteor.meteor_p.poll() is not None for meteor in scored["meteors"])
 
 
+def test_close_meteor_frees_a_lock_left_held_by_a_failed_scoring():
+    stand_in = Meteor.__new__(Meteor)
+    stand_in.meteor_p = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stand_in.lock = threading.Lock()
+    stand_in.lock.acquire()
+    caption_metrics._close_meteor(stand_in)
+    assert stand_in.meteor_p.poll() is not None
+    assert not stand_in.lock.locked()
+    del stand_in  # pycocoevalcap's `__del__` must now run without blocking
+
+
 def test_spice_is_reported_unavailable(scored):
     assert scored["package"]["SPICE"] is None
     assert "download" in scored["package"]["skipped"]["SPICE"]
@@ -191,6 +212,7 @@ def test_special_tokens_casing_and_spaces_do_not_change_scores(scored):
 
 
 def test_evaluate_load_offline_matches_function(scored, evaluate_run):
+    assert Path(CAPTION_METRIC_PATH, "caption_scores.py").is_file()
     process, outputs = evaluate_run
     log, _ = process.communicate(timeout=120)
     assert process.returncode == 0, log
@@ -229,9 +251,10 @@ def test_unwritable_ptb_directory_falls_back(scored, monkeypatch):
 
 
 def test_simple_ptb_tokenize_rules():
-    assert simple_ptb_tokenize('Don\'t "quote" (it), the dog\'s e-mail -- 3.5 1,000 ... ok!') == (
+    assert simple_ptb_tokenize("Don't \"quote\" (it), the dog's e-mail -- 3.5 1,000 ... ok!") == (
         "do n't quote -lrb- it -rrb- the dog 's e-mail 3.5 1,000 ok"
     )
+    assert simple_ptb_tokenize("The U.S. team wins 20% more.") == "the u.s. team wins 20 % more"
     assert simple_ptb_tokenize("...") == ""
 
 

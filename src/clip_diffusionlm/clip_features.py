@@ -13,24 +13,9 @@ import PIL.Image
 import torch
 from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
+from .data.images import to_rgb
+
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """8-bit RGB from any PIL mode: transparency composited on white, 16/32-bit scaled (not clipped), CMYK converted."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        image = PIL.Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _array_to_pil(array: np.ndarray, index: int) -> PIL.Image.Image:

@@ -60,36 +60,42 @@ def handle_bad_items(problems: Sequence[tuple[str, str]], what: str, on_bad_inpu
         listed = "\n".join(f"  {item}: {reason}" for item, reason in problems[:max_report])
         more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
         raise ValueError(
-            f"Found {len(problems)} bad {what}:\n{listed}{more}\nFix them, or pass on_bad_input='skip' to drop them."
+            f"Bad {what} ({len(problems)} in total):\n{listed}{more}\n"
+            "Fix them, or pass on_bad_input='skip' to drop them."
         )
-    logger.warning("Skipped %d bad %s (first: %s: %s).", len(problems), what, *problems[0])
+    logger.warning("Skipped bad %s (%d in total; the first is %s: %s).", what, len(problems), *problems[0])
 
 
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Loads an image of any common mode as an 8-bit RGB image.
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts a loaded image of any common mode to 8-bit RGB.
 
     Transparent images (RGBA, LA, palette with transparency) are composited on white rather than having their alpha
     dropped, which would reveal arbitrary colors stored under fully transparent pixels. 16-bit images are rescaled
     from 0..65535 to 0..255 instead of being clipped, which would turn most of them white.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64) / _UINT16_TO_UINT8
+        gray = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Loads an image file of any common mode as an 8-bit RGB image (see [`to_rgb`]) that no longer references the
+    file.
 
     Args:
         path (`str` or `os.PathLike`):
             Path of the image file.
-
-    Returns:
-        `PIL.Image.Image`: An RGB image that no longer references the file.
     """
     with Image.open(path) as image:
         image.load()
-        if image.mode in _SIXTEEN_BIT_MODES:
-            pixels = np.asarray(image, dtype=np.float64) / _UINT16_TO_UINT8
-            gray = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
-            return gray.convert("RGB")
-        if image.mode in _ALPHA_MODES or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
+        rgb = to_rgb(image)
+        return rgb.copy() if rgb is image else rgb
 
 
 def _image_problem(path: str) -> str | None:

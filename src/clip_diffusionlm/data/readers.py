@@ -219,7 +219,7 @@ def _read_csv(
 
 def _field(record: Any, key: str, expected: type, where: str) -> Any:
     if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: expected an object with a {key!r} field, got {str(record)[:100]}.")
+        raise ValueError(f"{where}: expected an object with the field {key!r}, got {str(record)[:100]}.")
     value = record[key]
     if not isinstance(value, expected):
         raise ValueError(f"{where}: expected {key!r} to be a {expected.__name__}, got {value!r:.100}.")
@@ -772,6 +772,8 @@ def load_caption_dataset(name_or_path: PathLike, **kwargs: Any) -> DatasetDict:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
     path = Path(name_or_path)
+    if not path.exists():
+        raise ValueError(f"{str(name_or_path)!r} does not exist.")
     if path.is_dir() and any((path / name).is_file() for name in _METADATA_FILES):
         return load_image_folder(path, **kwargs)
     if path.is_file():

@@ -69,8 +69,8 @@ SIZE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "large": ("large", "big"),
 }
 
-MIN_IMAGE_SIZE = 64 // 2
-MAX_IMAGE_SIZE = 64 * 2
+MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 128
 MAX_OBJECTS = 3
 # Equal to the smallest caption-template pool (see `_caption_templates`), so captions of one image are always distinct.
 MAX_CAPTIONS_PER_IMAGE = 8
@@ -387,6 +387,7 @@ def _generate_example(config: ShapesWorldConfig, rng: random.Random, holdout: bo
     else:
         combinations = rng.sample(config.allowed_combinations(), num_objects)
     grid_cells = sorted(rng.sample(range(_GRID * _GRID), num_objects))
+    # Otherwise a held-out object would always take the first cell in reading order.
     rng.shuffle(combinations)
 
     cell_size = config.image_size / _GRID

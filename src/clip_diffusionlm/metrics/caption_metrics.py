@@ -9,6 +9,7 @@ on first use, and nothing here downloads at run time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -47,6 +48,8 @@ _REMOVED_PUNCTUATION_RE = re.compile(r"\.\.\.|--+|[\"`?!;]|(?<!\d)[,:]|[,:](?!\d
 _CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
 _CLITIC_RE = re.compile(r"(?<=[a-z0-9])(" + "|".join(re.escape(clitic) for clitic in _CLITICS) + r")(?![a-z0-9])")
 _WORD_EDGE_PUNCTUATION = ".'-"
+# PTB keeps the final period of dotted abbreviations such as "u.s." or "p.m.".
+_DOTTED_ABBREVIATION_RE = re.compile(r"(?:[a-z]\.){2,}")
 
 
 def normalize_caption(caption: str) -> str:
@@ -71,11 +74,12 @@ def simple_ptb_tokenize(caption: str) -> str:
     """
     Java-free stand-in for pycocoevalcap's `PTBTokenizer`: lowercases, splits clitics the PTB way (`dog's` ->
     `dog 's`, `don't` -> `do n't`), turns brackets into `-lrb-`/`-rrb-`/`-lsb-`/`-rsb-`/`-lcb-`/`-rcb-` (as
-    pycocoevalcap leaves them), and removes the punctuation pycocoevalcap removes (`. , ? ! : ; - -- ... ' "` and
-    backquotes), keeping `.`, `-` and `'` inside words (`3.5`, `e-mail`, `o'clock`) and `,`/`:` inside numbers.
+    pycocoevalcap leaves them), splits off `%`, and removes the punctuation pycocoevalcap removes
+    (`. , ? ! : ; - -- ... ' "` and backquotes), keeping `.`, `-` and `'` inside words (`3.5`, `e-mail`, `o'clock`),
+    `,`/`:` inside numbers (`1,000`, `10:30`) and the final period of dotted abbreviations (`u.s.`, `p.m.`).
 
-    It agrees with the PTB tokenizer on ordinary captions; it differs on abbreviations (`u.s.` becomes `u.s`) and
-    other corner cases of the Stanford rules.
+    It agrees with the PTB tokenizer on ordinary captions; it differs on other abbreviations (PTB keeps `mr.`, this
+    gives `mr`) and on rarer Stanford rules (`'n'`).
 
     Args:
         caption (`str`):
@@ -88,10 +92,11 @@ def simple_ptb_tokenize(caption: str) -> str:
         raise TypeError(f"`caption` must be a str, got {type(caption).__name__}.")
     text = _BRACKETS_RE.sub(lambda match: f" {_BRACKET_TOKENS[match.group()]} ", caption.lower())
     text = _REMOVED_PUNCTUATION_RE.sub(" ", text)
-    text = _CLITIC_RE.sub(r" \1", text)
+    text = _CLITIC_RE.sub(r" \1", text).replace("%", " % ")
     words = []
     for word in text.split():
-        if word not in _CLITICS and word not in _BRACKET_TOKENS.values():
+        is_kept_whole = word in _CLITICS or word in _BRACKET_TOKENS.values() or _DOTTED_ABBREVIATION_RE.fullmatch(word)
+        if not is_kept_whole:
             word = word.strip(_WORD_EDGE_PUNCTUATION)
         if word:
             words.append(word)
@@ -127,7 +132,9 @@ def validate_caption_lists(value: Any, name: str) -> None:
 
 def _validate_inputs(predictions: Any, references: Any) -> None:
     if isinstance(predictions, str) or not isinstance(predictions, Sequence):
-        raise TypeError(f"`predictions` must be a list of str (one caption per image), got {type(predictions).__name__}.")
+        raise TypeError(
+            f"`predictions` must be a list of str (one caption per image), got {type(predictions).__name__}."
+        )
     if len(predictions) == 0:
         raise ValueError("`predictions` must contain at least one caption, got an empty list.")
     for index, prediction in enumerate(predictions):
@@ -152,7 +159,9 @@ def _resolve_metrics(metrics: Sequence[str] | None) -> list[str]:
     resolved = set()
     for metric in metrics:
         if not isinstance(metric, str) or metric.lower() not in canonical_names:
-            raise ValueError(f"`metrics` contains unknown metric {metric!r}; expected names from {list(AVAILABLE_METRICS)}.")
+            raise ValueError(
+                f"`metrics` contains unknown metric {metric!r}; expected names from {list(AVAILABLE_METRICS)}."
+            )
         resolved.add(canonical_names[metric.lower()])
     return [name for name in AVAILABLE_METRICS if name in resolved]
 
@@ -163,8 +172,10 @@ def _tokenize(
     """Returns `(res, gts)` in pycocoevalcap's format: image index -> list of tokenised captions."""
     if use_ptb:
         # One JVM launch for predictions and references together: the prediction is caption 0 of each image.
-        captions = {index: [{"caption": hypothesis}] + [{"caption": reference} for reference in refs]
-                    for index, (hypothesis, refs) in enumerate(zip(hypotheses, references, strict=True))}
+        captions = {
+            index: [{"caption": hypothesis}] + [{"caption": reference} for reference in refs]
+            for index, (hypothesis, refs) in enumerate(zip(hypotheses, references, strict=True))
+        }
         try:
             tokenized = PTBTokenizer().tokenize(captions)
         except OSError as error:
@@ -174,7 +185,9 @@ def _tokenize(
                 "was used, so BLEU, ROUGE-L and CIDEr may differ slightly from the official values."
             )
         else:
-            return {i: tokens[:1] for i, tokens in tokenized.items()}, {i: tokens[1:] for i, tokens in tokenized.items()}
+            res = {index: tokens[:1] for index, tokens in tokenized.items()}
+            gts = {index: tokens[1:] for index, tokens in tokenized.items()}
+            return res, gts
     else:
         skipped["PTBTokenizer"] = NO_JAVA_TOKENIZER_REASON
     res = {index: [simple_ptb_tokenize(hypothesis)] for index, hypothesis in enumerate(hypotheses)}
@@ -183,14 +196,17 @@ def _tokenize(
 
 
 def _close_meteor(meteor: Meteor) -> None:
-    # pycocoevalcap only stops the METEOR JVM in `__del__`, which can run late; stop it now and close its pipes so no
-    # Java process or open file outlives the call. The later `__del__` then finds everything closed and is harmless.
+    # pycocoevalcap stops the METEOR JVM only in `__del__`, which can run late, and leaves `meteor.lock` held when
+    # scoring raises, which would make that `__del__` hang. Stop the JVM and close its pipes here, and free the lock.
     process = meteor.meteor_p
-    with meteor.lock:
-        for stream in (process.stdin, process.stdout, process.stderr):
+    process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        # A JVM that died mid-request leaves unflushed input whose flush on close fails; the process is gone anyway.
+        with contextlib.suppress(OSError):
             stream.close()
-        process.kill()
-        process.wait()
+    if meteor.lock.locked():
+        meteor.lock.release()
 
 
 def compute_caption_metrics(
@@ -210,12 +226,12 @@ def compute_caption_metrics(
     - ROUGE-L: mean over images of the sentence ROUGE-L F-score (beta 1.2) against the best references, in [0, 1].
     - CIDEr: CIDEr-D as implemented by pycocoevalcap's `Cider` (document frequencies from the references of
       `references`, Gaussian length penalty, no clipping to 1), on pycocoevalcap's scale of 10 x the mean cosine
-      similarity, so typically 0..~3 and at most about 10. With a single image every n-gram has zero idf and CIDEr
+      similarity, so typically 0..~3 and at most 10. With a single image every n-gram has zero idf and CIDEr
       is 0 by construction: score a whole test set at once.
     - SPICE: never computed (it needs a download), reported as `None` and listed in `"skipped"`.
 
-    An empty prediction (or one that is empty after normalization) is legal: it has no words and scores 0 on every
-    metric.
+    An empty prediction (or one that is empty after normalization) is legal: it has no words, matches nothing and
+    scores 0 for its image; a corpus of only empty predictions scores exactly 0 on every metric.
 
     Args:
         predictions (`list[str]`):

@@ -60,7 +60,9 @@ def sentence_bleu(hypothesis: list[str], references: list[list[str]], max_order:
             return 0.0
         log_precision_sum += math.log(clipped_matches / sum(hypothesis_counts.values()))
     reference_length = min((abs(len(reference) - len(hypothesis)), len(reference)) for reference in references)[1]
-    brevity_penalty = 1.0 if len(hypothesis) >= reference_length else math.exp(1.0 - reference_length / len(hypothesis))
+    brevity_penalty = (
+        1.0 if len(hypothesis) >= reference_length else math.exp(1.0 - reference_length / len(hypothesis))
+    )
     return brevity_penalty * math.exp(log_precision_sum / orders)
 
 
@@ -92,8 +94,10 @@ def compute_diversity(captions_per_image: Sequence[Sequence[str]]) -> dict[str, 
         - `"length_min"`, `"length_max"` (`int`): shortest and longest caption length in words.
     """
     validate_caption_lists(captions_per_image, "captions_per_image")
-    tokenized = [[simple_ptb_tokenize(normalize_caption(caption)).split() for caption in captions]
-                 for captions in captions_per_image]
+    tokenized = [
+        [simple_ptb_tokenize(normalize_caption(caption)).split() for caption in captions]
+        for captions in captions_per_image
+    ]
 
     image_self_bleus = []
     for captions in tokenized:

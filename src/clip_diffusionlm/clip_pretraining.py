@@ -1,0 +1,213 @@
+"""Contrastive pre-training of a small CLIP, for machines where no pretrained CLIP can be downloaded.
+
+The result is a standard transformers `CLIPModel` checkpoint (with image processor and tokenizer) that
+`CLIPVisionModelWithProjection.from_pretrained` loads exactly like `openai/clip-vit-base-patch32`: the recipe of
+the paper at toy scale. The text tower reuses a BERT WordPiece tokenizer; CLIP's text model pools at
+`eos_token_id`, which is therefore set to [SEP].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from .clip_features import encode_images, encode_texts
+from .data.images import load_rgb_image
+
+logger = logging.getLogger("clip_diffusionlm.clip_pretraining")
+
+
+@dataclass
+class CLIPPretrainingConfig:
+    """
+    Size and optimisation of the toy CLIP.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 64):
+            Input resolution of the vision tower.
+        patch_size (`int`, *optional*, defaults to 8):
+            ViT patch size.
+        hidden_size (`int`, *optional*, defaults to 128):
+            Width of both towers.
+        num_layers (`int`, *optional*, defaults to 3):
+            Transformer layers of each tower.
+        projection_dim (`int`, *optional*, defaults to 128):
+            Size of the joint embedding (`image_embeds`), i.e. the denoiser's `condition_dim`.
+        max_text_length (`int`, *optional*, defaults to 32):
+            Token positions of the text tower.
+        epochs (`int`, *optional*, defaults to 6):
+            Passes over the training images (a random reference caption each time).
+        batch_size (`int`, *optional*, defaults to 256):
+            Image-caption pairs per contrastive batch.
+        learning_rate (`float`, *optional*, defaults to 1e-3):
+            Peak AdamW learning rate, cosine-decayed after a short warm-up.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of initialisation and caption sampling.
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 3
+    projection_dim: int = 128
+    max_text_length: int = 32
+    epochs: int = 6
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
+def build_clip(config: CLIPPretrainingConfig, tokenizer) -> CLIPModel:
+    """A randomly initialised `CLIPModel` of the given size whose text tower speaks `tokenizer`'s vocabulary."""
+    tower = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": 4 * config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": max(1, config.hidden_size // 32),
+    }
+    clip_config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": tokenizer.vocab_size,
+            "max_position_embeddings": config.max_text_length,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={**tower, "image_size": config.image_size, "patch_size": config.patch_size},
+        projection_dim=config.projection_dim,
+    )
+    torch.manual_seed(config.seed)
+    return CLIPModel(clip_config)
+
+
+def _pixel_values(image_processor: CLIPImageProcessor, paths: list[str]) -> torch.FloatTensor:
+    images = [load_rgb_image(path) for path in paths]
+    return image_processor(images=images, return_tensors="pt").pixel_values
+
+
+def pretrain_clip(
+    train_split: Dataset,
+    output_dir: str | os.PathLike,
+    tokenizer_name_or_path: str,
+    config: CLIPPretrainingConfig | None = None,
+) -> Path:
+    """
+    Trains a CLIP on a caption split (the shapes world by default) and saves model, image processor and tokenizer.
+
+    Pixel values are computed once and kept in memory (the toy images are small), so each step is just the two
+    towers. Skips training when `output_dir` already holds a checkpoint trained with the same configuration.
+
+    Args:
+        train_split (`datasets.Dataset`):
+            Rows with `image_path` and `captions`.
+        output_dir (`str` or `os.PathLike`):
+            Where the CLIP checkpoint is written.
+        tokenizer_name_or_path (`str`):
+            A BERT WordPiece tokenizer for the text tower.
+        config (`CLIPPretrainingConfig`, *optional*):
+            Model size and optimisation.
+    """
+    config = config or CLIPPretrainingConfig()
+    output_dir = Path(output_dir)
+    marker = output_dir / "pretraining_config.json"
+    recipe = {**asdict(config), "num_images": len(train_split), "tokenizer": str(tokenizer_name_or_path)}
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+        logger.info("Reusing the CLIP in %s.", output_dir)
+        return output_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": config.image_size},
+        crop_size={"height": config.image_size, "width": config.image_size},
+    )
+    model = build_clip(config, tokenizer)
+    paths, captions = train_split["image_path"], train_split["captions"]
+    pixel_values = torch.cat(
+        [_pixel_values(image_processor, paths[i : i + 512]) for i in range(0, len(paths), 512)]
+    )  # (num_images, 3, image_size, image_size)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = max(1, len(paths) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.1)
+    warmup = max(1, total_steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup)
+        * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / total_steps)).item()),
+    )
+    model.train()
+    progress = tqdm(total=total_steps, desc="CLIP pre-training")
+    for _ in range(config.epochs):
+        order = torch.randperm(len(paths), generator=generator)
+        for step in range(steps_per_epoch):
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            texts = [
+                captions[i][torch.randint(len(captions[i]), (), generator=generator).item()] for i in batch.tolist()
+            ]
+            tokens = tokenizer(
+                texts, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt"
+            )
+            loss = model(
+                input_ids=tokens.input_ids,
+                attention_mask=tokens.attention_mask,
+                pixel_values=pixel_values[batch],
+                return_loss=True,
+            ).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+
+    model.eval()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    image_processor.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    marker.write_text(json.dumps(recipe, indent=2))  # last: its presence means the checkpoint is complete
+    return output_dir
+
+
+@torch.no_grad()
+def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size: int = 256) -> dict[str, float]:
+    """
+    Image→text retrieval among the split's first reference captions: recall@1 and @5, where retrieving a caption
+    identical to one of the image's own references counts as a hit (the toy world repeats short captions).
+    """
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(clip_dir).eval()
+    image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    paths, references = split["image_path"], split["captions"]
+    candidates = [captions[0] for captions in references]
+    image_embeds = torch.cat([
+        encode_images(image_encoder, image_processor, [load_rgb_image(p) for p in paths[i : i + batch_size]])
+        for i in range(0, len(paths), batch_size)
+    ])
+    text_embeds = torch.cat([
+        encode_texts(text_encoder, tokenizer, candidates[i : i + batch_size])
+        for i in range(0, len(candidates), batch_size)
+    ])
+    ranking = (image_embeds @ text_embeds.T).topk(k=min(5, len(candidates)), dim=-1).indices
+    hits_at_1 = hits_at_5 = 0
+    for image, ranked in enumerate(ranking.tolist()):
+        own = set(references[image])
+        matches = [candidates[j] in own for j in ranked]
+        hits_at_1 += matches[0]
+        hits_at_5 += any(matches)
+    return {"recall@1": hits_at_1 / len(paths), "recall@5": hits_at_5 / len(paths), "num_images": len(paths)}

@@ -1,0 +1,154 @@
+"""Evaluating a caption pipeline on a dataset split: predictions, the field's metrics, and a table.
+
+[`evaluate_pipeline`] sweeps `num_inference_steps` × `guidance_scale` in one run and writes `predictions.jsonl`
+(image id, caption(s), references), `metrics.json` and `metrics.md` into an output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .data.shapes import content_accuracy
+from .metrics import compute_caption_metrics, compute_diversity
+from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+
+TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accuracy", "exact_match", "self_bleu_4")
+
+
+def caption_embeddings(
+    pipe: CLIPDiffusionCaptionPipeline,
+    image_embeds: torch.FloatTensor,
+    num_inference_steps: int = 5,
+    guidance_scale: float = 1.0,
+    num_captions_per_image: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> list[list[str]]:
+    """Captions for precomputed image embeddings, `num_captions_per_image` per image, reproducible for a `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    captions: list[list[str]] = []
+    starts = range(0, len(image_embeds), batch_size)
+    for start in tqdm(starts, desc="captioning", disable=not show_progress):
+        flat = pipe(
+            image_embeds=image_embeds[start : start + batch_size],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_captions_per_image=num_captions_per_image,
+            generator=generator,
+        ).captions
+        captions.extend(flat[i : i + num_captions_per_image] for i in range(0, len(flat), num_captions_per_image))
+    return captions
+
+
+def score_split(captions: Sequence[Sequence[str]], split: Dataset) -> dict[str, Any]:
+    """
+    COCO caption metrics of the first caption of each image against the split's references; diversity when there
+    are several captions per image; content accuracy when the split knows its objects (the shapes world).
+    """
+    first = [image_captions[0] for image_captions in captions]
+    metrics = compute_caption_metrics(first, split["captions"])
+    if any(len(image_captions) > 1 for image_captions in captions):
+        metrics.update(compute_diversity(captions))
+    if "objects" in split.column_names:
+        metrics.update(content_accuracy(first, split["objects"]))
+    return metrics
+
+
+def metrics_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table, one row per (steps, guidance) setting, with the columns each row has."""
+    columns = [column for column in TABLE_COLUMNS if any(row.get(column) is not None for row in rows)]
+    lines = [
+        "| steps | guidance | " + " | ".join(columns) + " |",
+        "|---:|---:|" + "---:|" * len(columns),
+    ]
+    for row in rows:
+        cells = [f"{row[column]:.4f}" if isinstance(row.get(column), float) else "–" for column in columns]
+        lines.append(f"| {row['num_inference_steps']} | {row['guidance_scale']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_pipeline(
+    pipe: CLIPDiffusionCaptionPipeline,
+    split: Dataset,
+    output_dir: str | os.PathLike,
+    image_embeds: torch.FloatTensor | None = None,
+    num_inference_steps: Sequence[int] = (5,),
+    guidance_scales: Sequence[float] = (1.0,),
+    num_captions_per_image: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """
+    Captions every image of `split` for each setting and writes the results.
+
+    Args:
+        pipe (`CLIPDiffusionCaptionPipeline`):
+            The pipeline to evaluate.
+        split (`datasets.Dataset`):
+            Rows with `image_id`, `image_path`, `captions` (and `objects` for the shapes world).
+        output_dir (`str` or `os.PathLike`):
+            Receives `predictions.jsonl`, `metrics.json` and `metrics.md`.
+        image_embeds (`torch.FloatTensor` of shape `(len(split), condition_dim)`, *optional*):
+            Cached CLIP features of the split's images; computed with the pipeline's encoder when omitted.
+        num_inference_steps (`Sequence[int]`, *optional*, defaults to `(5,)`):
+            Step counts to sweep.
+        guidance_scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`):
+            Guidance weights to sweep.
+        num_captions_per_image (`int`, *optional*, defaults to 1):
+            Samples per image; more than one adds the diversity measures.
+        batch_size (`int`, *optional*, defaults to 64):
+            Images per pipeline call.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of every setting's sampling.
+
+    Returns:
+        `list[dict]`: One metrics row per setting, as in `metrics.json`.
+    """
+    if len(split) == 0:
+        raise ValueError("The evaluation split is empty.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if image_embeds is None:
+        image_embeds = torch.cat(
+            [pipe.encode_images(_open_images(split["image_path"][start : start + batch_size]))
+             for start in range(0, len(split), batch_size)]
+        )
+    if len(image_embeds) != len(split):
+        raise ValueError(f"`image_embeds` has {len(image_embeds)} rows but the split has {len(split)} images.")
+
+    rows, predictions = [], []
+    for steps in num_inference_steps:
+        for guidance in guidance_scales:
+            captions = caption_embeddings(
+                pipe, image_embeds, steps, guidance, num_captions_per_image, batch_size, seed, show_progress=True
+            )
+            rows.append({"num_inference_steps": steps, "guidance_scale": guidance, **score_split(captions, split)})
+            for image_id, image_captions, references in zip(split["image_id"], captions, split["captions"]):
+                predictions.append({
+                    "image_id": image_id,
+                    "num_inference_steps": steps,
+                    "guidance_scale": guidance,
+                    "captions": image_captions,
+                    "references": references,
+                })
+
+    with (output_dir / "predictions.jsonl").open("w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in predictions)
+    (output_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
+    (output_dir / "metrics.md").write_text(metrics_table(rows))
+    return rows
+
+
+def _open_images(paths: Sequence[str]):
+    from .data.images import load_rgb_image
+
+    return [load_rgb_image(path) for path in paths]
