@@ -75,3 +75,63 @@ def pipeline(tokenizer) -> CLIPDiffusionCaptionPipeline:
     pipe = tiny_pipeline(tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def training_assets(tmp_path_factory):
+    """A tiny shapes world, a WordPiece tokenizer covering it, a tiny BERT backbone and a tiny (untrained) CLIP,
+    all saved to disk the way real checkpoints are."""
+    import re
+
+    from transformers import BertModel
+
+    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
+    from clip_diffusionlm.data import build_shapes_world, shapes_world_dataset
+    from clip_diffusionlm.data.shapes import ShapesWorldConfig
+
+    root = tmp_path_factory.mktemp("assets")
+    world_dir = build_shapes_world(
+        root / "shapes", num_train=24, num_validation=6, num_test=6, num_holdout=4, seed=0,
+        config=ShapesWorldConfig(image_size=32),
+    )
+    words = set()
+    for split in shapes_world_dataset(world_dir).values():
+        for captions in split["captions"]:
+            for caption in captions:
+                words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
+    vocab_file = root / "vocab.txt"
+    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
+    tokenizer = BertTokenizer(str(vocab_file))
+
+    backbone_dir = root / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(**tiny_backbone_config(tokenizer))).save_pretrained(backbone_dir)
+    tokenizer.save_pretrained(backbone_dir)
+
+    clip_config = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16)
+    clip_dir = root / "clip"
+    build_clip(clip_config, tokenizer).save_pretrained(clip_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    return {"world": world_dir, "backbone": backbone_dir, "clip": clip_dir, "clip_config": clip_config}
+
+
+def tiny_training_config(assets, output_dir, **overrides):
+    from clip_diffusionlm.training import TrainingConfig
+
+    values = {
+        "output_dir": str(output_dir),
+        "datasets": [str(assets["world"])],
+        "clip_model": str(assets["clip"]),
+        "text_backbone": str(assets["backbone"]),
+        "model_config": {"caption_length": 12},
+        "batch_size": 8,
+        "max_steps": 6,
+        "learning_rate": 1e-3,
+        "validation_steps": 0,
+        "checkpointing_steps": 3,
+        "report_to": "none",
+        "validation_images": 4,
+    }
+    values.update(overrides)
+    return TrainingConfig(**values)

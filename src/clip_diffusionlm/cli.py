@@ -47,6 +47,26 @@ def caption_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    from .training import train, training_config_from_args
+
+    train(training_config_from_args(args.training_args))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_main
+
+    return evaluate_main(args.evaluate_args)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-diffusionlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help="One JSON object per image instead of TSV lines.")
     caption.add_argument("--allow-pickle", action="store_true", help="Also load .bin (pickle) weights.")
     caption.set_defaults(handler=caption_command)
+
+    train = commands.add_parser("train", help="Train (same flags as examples/train.py).", add_help=False)
+    train.add_argument("training_args", nargs=argparse.REMAINDER)
+    train.set_defaults(handler=train_command)
+
+    evaluate = commands.add_parser("evaluate", help="Evaluate (same flags as examples/evaluate.py).", add_help=False)
+    evaluate.add_argument("evaluate_args", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(handler=evaluate_command)
+
+    demo = commands.add_parser("demo", help="The offline end-to-end demo on the shapes world.")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.set_defaults(handler=demo_command)
     return parser
 
 

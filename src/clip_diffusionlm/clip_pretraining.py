@@ -72,6 +72,8 @@ def build_clip(config: CLIPPretrainingConfig, tokenizer) -> CLIPModel:
         "intermediate_size": 4 * config.hidden_size,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": max(1, config.hidden_size // 32),
+        # Repeated per tower so that CLIP{Vision,Text}ModelWithProjection.from_pretrained sizes its projection right.
+        "projection_dim": config.projection_dim,
     }
     clip_config = CLIPConfig(
         text_config={

@@ -62,6 +62,10 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         backbone_config (`dict` or `PretrainedConfig`, *optional*):
             Configuration of the BERT-family transformer encoder (any model whose `AutoModel` accepts
             `inputs_embeds`: DistilBERT, BERT, RoBERTa, ...). Defaults to DistilBERT-base-uncased's shape.
+        rounding_vocabulary (`list[int]`, *optional*):
+            Token ids that rounding may produce (training loss and decoding), e.g. the words of a closed-domain
+            dataset plus the special tokens. Cuts the lm_head cost from `vocab_size` to `len(rounding_vocabulary)`
+            per position. `None` rounds over the whole vocabulary, as the paper does.
         text_backbone_name_or_path (`str`, *optional*, defaults to `"distilbert-base-uncased"`):
             Where the word embeddings, tokenizer and initial transformer weights come from; recorded for provenance
             and used by [`CLIPDiffusionLMModel.from_text_backbone`].
@@ -88,6 +92,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         num_train_timesteps: int = 1000,
         condition_hidden_act: str = "gelu",
         backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        rounding_vocabulary: list[int] | None = None,
         text_backbone_name_or_path: str = "distilbert-base-uncased",
         **kwargs,
     ):
@@ -118,6 +123,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         self.num_train_timesteps = num_train_timesteps
         self.condition_hidden_act = condition_hidden_act
         self.backbone_config = backbone_config
+        self.rounding_vocabulary = None if rounding_vocabulary is None else sorted({int(i) for i in rounding_vocabulary})
         self.text_backbone_name_or_path = text_backbone_name_or_path
         super().__init__(**kwargs)
         self.validate()
@@ -149,6 +155,16 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
             raise ValueError(
                 f"`dynamic_rounding_constant` (C) must be positive or None, got {self.dynamic_rounding_constant}."
             )
+        if self.rounding_vocabulary is not None:
+            vocab_size = self.backbone_config.get("vocab_size")
+            if len(self.rounding_vocabulary) < 2 or self.rounding_vocabulary[0] < 0 or (
+                vocab_size is not None and self.rounding_vocabulary[-1] >= vocab_size
+            ):
+                raise ValueError(
+                    f"`rounding_vocabulary` must hold at least 2 token ids in [0, vocab_size={vocab_size}), got "
+                    f"{len(self.rounding_vocabulary)} ids ranging {self.rounding_vocabulary[:1]}..."
+                    f"{self.rounding_vocabulary[-1:]}."
+                )
         if self.embedding_scale <= 0:
             raise ValueError(f"`embedding_scale` must be positive, got {self.embedding_scale}.")
 

@@ -152,3 +152,45 @@ def _open_images(paths: Sequence[str]):
     from .data.images import load_rgb_image
 
     return [load_rgb_image(path) for path in paths]
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """`examples/evaluate.py` / `clip-diffusionlm evaluate`: pipeline + dataset split → predictions and metrics."""
+    import argparse
+
+    from .data import load_datasets
+    from .feature_cache import CLIPFeatureCache
+
+    parser = argparse.ArgumentParser(prog="evaluate", description=evaluate_main.__doc__)
+    parser.add_argument("--model", required=True, help="Pipeline directory or Hub repository id.")
+    parser.add_argument("--datasets", nargs="+", required=True, help="Dataset paths (combined split-wise).")
+    parser.add_argument("--split", default="test", help="Split to evaluate (default test).")
+    parser.add_argument("--images_dir", default=None)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_inference_steps", type=int, nargs="+", default=[5])
+    parser.add_argument("--guidance_scale", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--num_captions_per_image", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_images", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature_cache_dir", default=None, help="Reuse cached CLIP features (e.g. training's).")
+    args = parser.parse_args(argv)
+
+    dataset = load_datasets(args.datasets, args.images_dir)
+    if args.split not in dataset:
+        raise ValueError(f"Split {args.split!r} not found; the dataset has {sorted(dataset)}.")
+    split = dataset[args.split]
+    if args.max_images is not None:
+        split = split.select(range(min(args.max_images, len(split))))
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    image_embeds = None
+    if args.feature_cache_dir:
+        cache = CLIPFeatureCache(args.feature_cache_dir, pipe.image_encoder, pipe.image_processor)
+        image_embeds = cache.image_features(split["image_path"])
+    rows = evaluate_pipeline(
+        pipe, split, args.output_dir, image_embeds, args.num_inference_steps, args.guidance_scale,
+        args.num_captions_per_image, args.batch_size, args.seed,
+    )
+    print(metrics_table(rows))
+    return 0

@@ -30,7 +30,7 @@ class CLIPDiffusionLMOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             `L'_simple + λ·L_R`.
         restoring_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Mean squared error between the prediction at `t` and its target.
+            `‖prediction − target‖²` at `t` (summed over the embedding dimension, averaged over positions).
         x1_restoring_loss (`torch.FloatTensor` of shape `()`, *optional*):
             The same at `t = 1`; zero when `config.x1_restoring_loss` is off.
         rounding_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -40,8 +40,9 @@ class CLIPDiffusionLMOutput(ModelOutput):
         prediction (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
             The predicted `x0` (or `x_{t-n}` when `config.prediction_type == "previous_sample"`), in the scaled
             embedding space.
-        logits (`torch.FloatTensor` of shape `(batch_size, caption_length, vocab_size)`):
-            `prediction · Eᵀ`: the frozen, tied word embeddings used as the language-model head.
+        logits (`torch.FloatTensor` of shape `(batch_size, caption_length, rounding_vocab_size)`):
+            `prediction · Eᵀ`: the frozen, tied word embeddings used as the language-model head, over the whole
+            vocabulary or `config.rounding_vocabulary`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -51,6 +52,13 @@ class CLIPDiffusionLMOutput(ModelOutput):
     rounding_weight: torch.FloatTensor | None = None
     prediction: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The paper's `‖x̂ − x‖²`: summed over the embedding dimension, averaged over positions and samples. The sum (not
+    a per-element mean) keeps it on the scale of the rounding cross-entropy, which is what λ = 0.3 was tuned against.
+    """
+    return (prediction - target).pow(2).sum(dim=-1).mean()
 
 
 class SinusoidalTimestepEmbedding(nn.Module):
@@ -134,6 +142,10 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         self.self_condition_projection = nn.Linear(hidden_size, hidden_size) if config.self_conditioning else None
         self.output_projection = nn.Linear(hidden_size, hidden_size)
 
+        # Persistent, so that loading (which materialises buffers from the checkpoint) restores it exactly.
+        rounding_token_ids = config.rounding_vocabulary if config.rounding_vocabulary is not None else []
+        self.register_buffer("rounding_token_ids", torch.tensor(rounding_token_ids, dtype=torch.long))
+
         self.post_init()
         self.get_input_embeddings().weight.requires_grad_(False)
 
@@ -145,7 +157,9 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         return self.backbone.config.hidden_size
 
     @classmethod
-    def from_text_backbone(cls, text_backbone_name_or_path: str, **config_kwargs) -> CLIPDiffusionLMModel:
+    def from_text_backbone(
+        cls, text_backbone_name_or_path: str, num_backbone_layers: int | None = None, **config_kwargs
+    ) -> CLIPDiffusionLMModel:
         """
         Builds a denoiser whose transformer layers and (frozen) word embeddings are those of a pretrained text model,
         as the paper intends (DistilBERT-base-uncased there; any BERT-family encoder works).
@@ -153,12 +167,22 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         Args:
             text_backbone_name_or_path (`str`):
                 Hub id or local directory of a transformers text encoder with safetensors weights.
+            num_backbone_layers (`int`, *optional*):
+                Keep only the first this many transformer layers (a cheaper denoiser); all of them by default.
             config_kwargs:
                 Any other [`CLIPDiffusionLMConfig`] argument.
         """
         pretrained = AutoModel.from_pretrained(text_backbone_name_or_path, use_safetensors=True)
+        backbone_config = pretrained.config.to_dict()
+        if num_backbone_layers is not None:
+            layer_key = "n_layers" if "n_layers" in backbone_config else "num_hidden_layers"
+            if not 1 <= num_backbone_layers <= backbone_config[layer_key]:
+                raise ValueError(
+                    f"`num_backbone_layers` must be in [1, {backbone_config[layer_key]}], got {num_backbone_layers}."
+                )
+            backbone_config[layer_key] = num_backbone_layers
         config = CLIPDiffusionLMConfig(
-            backbone_config=pretrained.config.to_dict(),
+            backbone_config=backbone_config,
             text_backbone_name_or_path=str(text_backbone_name_or_path),
             **config_kwargs,
         )
@@ -177,12 +201,27 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         return self.get_input_embeddings()(input_ids) * self.config.embedding_scale
 
     def round_to_logits(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
-        """The tied, frozen lm_head: `(embeds / scale) · Eᵀ`, shape `(..., vocab_size)`."""
-        return F.linear(embeds / self.config.embedding_scale, self.get_input_embeddings().weight)
+        """The tied, frozen lm_head: `(embeds / scale) · Eᵀ`, shape `(..., rounding_vocab_size)`."""
+        weight = self.get_input_embeddings().weight
+        if self.rounding_token_ids.numel():
+            weight = weight[self.rounding_token_ids]
+        return F.linear(embeds / self.config.embedding_scale, weight)
+
+    def round_to_token_ids(self, embeds: torch.FloatTensor) -> torch.LongTensor:
+        """Rounding: the most likely token id at each position, shape `embeds.shape[:-1]`."""
+        best = self.round_to_logits(embeds).argmax(dim=-1)
+        return self.rounding_token_ids[best] if self.rounding_token_ids.numel() else best
+
+    def rounding_targets(self, token_ids: torch.LongTensor) -> torch.LongTensor:
+        """Token ids → class indices of the rounding head, `-1` where a token is outside `rounding_vocabulary`."""
+        if not self.rounding_token_ids.numel():
+            return token_ids
+        index = torch.searchsorted(self.rounding_token_ids, token_ids).clamp(max=len(self.rounding_token_ids) - 1)
+        return torch.where(self.rounding_token_ids[index] == token_ids, index, -1)
 
     def nearest_word_embeddings(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
         """Clamps each position to the embedding of its most likely word (Diffusion-LM's clamping trick)."""
-        return self.embed_captions(self.round_to_logits(embeds).argmax(dim=-1))
+        return self.embed_captions(self.round_to_token_ids(embeds))
 
     def _condition_tokens(
         self,
@@ -290,8 +329,7 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         if labels is not None:
             clean_embeds = self.embed_captions(labels)
             target = clean_embeds if target_embeds is None else target_embeds
-            # Mean over every element (Diffusion-LM's mean_flat): λ is balanced against this scale.
-            output.restoring_loss = F.mse_loss(prediction, target)
+            output.restoring_loss = squared_error(prediction, target)
 
             output.x1_restoring_loss = torch.zeros_like(output.restoring_loss)
             if self.config.x1_restoring_loss:
@@ -300,10 +338,13 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
                 ones = torch.ones_like(timesteps if timesteps.ndim else timesteps.expand(labels.shape[0]))
                 x1_prediction = self.denoise(x1_noisy_embeds, ones, **denoise_kwargs)
                 # For both objectives the target one step from the data is x0 itself.
-                output.x1_restoring_loss = F.mse_loss(x1_prediction, clean_embeds)
+                output.x1_restoring_loss = squared_error(x1_prediction, clean_embeds)
             simple_loss = output.restoring_loss + output.x1_restoring_loss
 
-            output.rounding_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            rounding_targets = self.rounding_targets(labels)
+            if (rounding_targets < 0).any():
+                raise ValueError("`labels` hold token ids outside `config.rounding_vocabulary`.")
+            output.rounding_loss = F.cross_entropy(logits.flatten(0, 1), rounding_targets.flatten())
             if self.config.dynamic_rounding_constant is not None:
                 with torch.no_grad():
                     rounding_weight = self.config.dynamic_rounding_constant * simple_loss / output.rounding_loss

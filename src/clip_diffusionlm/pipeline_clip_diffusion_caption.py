@@ -288,7 +288,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         if output_type == "latent":
             result = original_estimate
         else:
-            token_ids = self.denoiser.round_to_logits(original_estimate).argmax(dim=-1)
+            token_ids = self.denoiser.round_to_token_ids(original_estimate)
             result = token_ids if output_type == "token_ids" else decode_captions(self.tokenizer, token_ids)
 
         self.maybe_free_model_hooks()

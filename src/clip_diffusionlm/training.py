@@ -30,9 +30,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
-from .data.features import CLIPFeatureCache
-from .data.readers import combine_datasets, load_caption_dataset
-from .data.shapes import shapes_world_dataset
+from .data import load_datasets
+from .feature_cache import CLIPFeatureCache
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
 from .hub import write_model_card
@@ -57,7 +56,9 @@ class TrainingConfig:
     them and logs counts), `feature_cache_dir`.
     Models: `clip_model` (a CLIP checkpoint; its image tower is frozen), `text_backbone` (a BERT-family encoder for
     word embeddings, tokenizer and initial layers), `init_backbone_weights` (False keeps only the embeddings
-    pretrained, as the original code did), `model_config` (any `CLIPDiffusionLMConfig` argument).
+    pretrained, as the original code did), `text_backbone_layers` (keep only the first k layers),
+    `restrict_rounding_vocabulary` (round only to tokens of the training captions; a closed-domain speed-up),
+    `model_config` (any `CLIPDiffusionLMConfig` argument).
     Optimisation: AdamW at `learning_rate`; `lr_schedule` one of constant, linear (to `lr_end`), log (fast then
     slow decay to `lr_end`), cosine (to `lr_end`), cosine_restarts (every `lr_restart_epochs` epochs); linear
     `warmup_steps`; `timesteps_per_caption` independent `t` per caption per step (the paper samples 100 of 1000).
@@ -72,6 +73,8 @@ class TrainingConfig:
     clip_model: str = "openai/clip-vit-base-patch32"
     text_backbone: str = "distilbert-base-uncased"
     init_backbone_weights: bool = True
+    text_backbone_layers: int | None = None
+    restrict_rounding_vocabulary: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)
 
     seed: int = 0
@@ -128,13 +131,14 @@ class TrainingDivergedError(RuntimeError):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation per epoch drawn from `(seed, epoch)` alone, so the data order survives a resume."""
+    """
+    A permutation per epoch drawn from `(seed, epoch)` alone, so the data order survives a resume. The training loop
+    sets `epoch` itself; there is deliberately no `set_epoch`, which Accelerate would call with its own count of
+    iterations (zero again after a resume).
+    """
 
     def __init__(self, num_items: int, seed: int):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
@@ -182,20 +186,6 @@ def lr_factor(config: TrainingConfig, step: int, total_steps: int, steps_per_epo
     if config.lr_schedule != "constant":
         shape = floor + (1.0 - floor) * shape
     return warmup * shape
-
-
-def load_training_datasets(config: TrainingConfig) -> DatasetDict:
-    """Every dataset of `config.datasets` in the common schema, combined split-wise."""
-    loaded = []
-    for path in config.datasets:
-        if (Path(path) / "world.json").is_file():
-            loaded.append(shapes_world_dataset(path))
-        else:
-            kwargs = {"on_bad_input": config.on_bad_input}
-            if config.images_dir:
-                kwargs["images_dir"] = config.images_dir
-            loaded.append(load_caption_dataset(path, **kwargs))
-    return loaded[0] if len(loaded) == 1 else combine_datasets(*loaded)
 
 
 def tokenize_captions(tokenizer, captions: list[str], caption_length: int) -> torch.LongTensor:
@@ -265,12 +255,16 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def build_denoiser(config: TrainingConfig, condition_dim: int) -> CLIPDiffusionLMModel:
-    model_kwargs = {"condition_dim": condition_dim, **config.model_config}
+def build_denoiser(
+    config: TrainingConfig, condition_dim: int, rounding_vocabulary: list[int] | None = None
+) -> CLIPDiffusionLMModel:
+    model_kwargs = {"condition_dim": condition_dim, "rounding_vocabulary": rounding_vocabulary, **config.model_config}
+    pretrained = CLIPDiffusionLMModel.from_text_backbone(
+        config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
+    )
     if config.init_backbone_weights:
-        return CLIPDiffusionLMModel.from_text_backbone(config.text_backbone, **model_kwargs)
+        return pretrained
     # The original code's set-up: pretrained (frozen) word embeddings, randomly initialised transformer layers.
-    pretrained = CLIPDiffusionLMModel.from_text_backbone(config.text_backbone, **model_kwargs)
     model = CLIPDiffusionLMModel(pretrained.config)
     model.get_input_embeddings().weight.data.copy_(pretrained.get_input_embeddings().weight)
     return model
@@ -294,7 +288,7 @@ def train(config: TrainingConfig) -> Path:
         (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     # Data and frozen CLIP features: computed once by the main process, read from the cache by the others.
-    dataset = load_training_datasets(config)
+    dataset = load_datasets(config.datasets, config.images_dir, config.on_bad_input)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
     image_processor = CLIPImageProcessor.from_pretrained(config.clip_model)
     model_config = CLIPDiffusionLMConfig(**config.model_config)
@@ -315,11 +309,20 @@ def train(config: TrainingConfig) -> Path:
         train_text_embeds = cache.text_features(train_captions) if text_encoder is not None else None
 
     tokenizer = AutoTokenizer.from_pretrained(config.text_backbone)
-    denoiser = build_denoiser(config, condition_dim=train_image_embeds.shape[-1])
-    train_ids = tokenize_captions(tokenizer, train_captions, denoiser.config.caption_length)
+    caption_length = model_config.caption_length
+    train_ids = tokenize_captions(tokenizer, train_captions, caption_length)
+    rounding_vocabulary = None
+    if config.restrict_rounding_vocabulary:
+        rounding_vocabulary = sorted(set(train_ids.unique().tolist()) | set(tokenizer.all_special_ids))
+    denoiser = build_denoiser(config, train_image_embeds.shape[-1], rounding_vocabulary)
     tensors = [train_ids, train_image_index] + ([train_text_embeds] if train_text_embeds is not None else [])
     sampler = EpochShuffleSampler(len(train_ids), config.seed)
-    dataloader = DataLoader(TensorDataset(*tensors), batch_size=config.batch_size, sampler=sampler, drop_last=False)
+    # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the global RNG
+    # instead would shift every random draw after a resume.
+    dataloader = DataLoader(
+        TensorDataset(*tensors), batch_size=config.batch_size, sampler=sampler,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
 
     optimizer = torch.optim.AdamW(
         [p for p in denoiser.parameters() if p.requires_grad], lr=config.learning_rate,
@@ -398,6 +401,8 @@ def train(config: TrainingConfig) -> Path:
             torch.manual_seed(config.seed)
             ids = tokenize_captions(tokenizer, [c[0] for c in validation_split["captions"]],
                                     model.config.caption_length).to(accelerator.device)
+            # Words never seen in training count as [UNK].
+            ids = torch.where(model.rounding_targets(ids) < 0, tokenizer.unk_token_id, ids)
             loss = diffusion_loss(model, noise_scheduler, ids, validation_image_embeds.to(accelerator.device)).loss
             captions = caption_embeddings(
                 pipeline_for_validation(), validation_image_embeds, config.validation_inference_steps
@@ -415,7 +420,7 @@ def train(config: TrainingConfig) -> Path:
     stop_reason = None
     with _StopRequest() as stop_request:
         while stop_reason is None and state.global_step < total_steps:
-            sampler.set_epoch(state.epoch)
+            sampler.epoch = state.epoch
             batches = dataloader
             if state.batches_done_in_epoch:
                 batches = accelerator.skip_first_batches(dataloader, state.batches_done_in_epoch)
@@ -520,3 +525,47 @@ def _validate_and_maybe_stop(accelerator, config: TrainingConfig, state: Trainin
                 stop += 1
     stop = accelerator.reduce(stop, reduction="sum")
     return "early stopping" if stop.item() > 0 else None
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def training_config_from_args(argv: list[str] | None = None) -> TrainingConfig:
+    """
+    `--config FILE.json` (fields of [`TrainingConfig`]) then one `--field value` flag per field, flags winning.
+    Lists take several values (`--datasets a b`), dicts a JSON string (`--model_config '{"fusion": "add"}'`).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train CLIP-DiffusionLM.", prog="train")
+    parser.add_argument("--config", help="JSON file of TrainingConfig fields (see examples/configs/).")
+    for spec in dataclasses.fields(TrainingConfig):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        kind = spec.type if isinstance(spec.type, str) else str(spec.type)
+        if kind.startswith("list"):
+            parser.add_argument(f"--{spec.name}", nargs="+", default=argparse.SUPPRESS)
+        elif kind.startswith("dict"):
+            parser.add_argument(f"--{spec.name}", type=json.loads, default=argparse.SUPPRESS)
+        elif kind.startswith("bool"):
+            parser.add_argument(f"--{spec.name}", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) or kind.startswith(("int", "float")):
+            number = float if "float" in kind else int
+            parser.add_argument(f"--{spec.name}", type=number, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{spec.name}", default=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        values.update(json.loads(Path(config_file).read_text()))
+        values.pop("description", None)
+    values.update(args)
+    unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainingConfig)}
+    if unknown:
+        raise ValueError(f"Unknown training options in {config_file}: {sorted(unknown)}.")
+    return TrainingConfig(**values)

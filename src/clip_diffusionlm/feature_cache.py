@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..clip_features import encode_images, encode_texts
-from .images import load_rgb_image
+from .clip_features import encode_images, encode_texts
+from .data.images import load_rgb_image
 
 logger = logging.getLogger("clip_diffusionlm.data")
 
