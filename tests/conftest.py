@@ -135,3 +135,11 @@ def tiny_training_config(assets, output_dir, **overrides):
     }
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def pipeline_from_assets(training_assets, tmp_path_factory):
+    """A pipeline trained for two steps on the tiny shapes world (CLIP and tokenizer from `training_assets`)."""
+    from clip_diffusionlm.training import train
+
+    return train(tiny_training_config(training_assets, tmp_path_factory.mktemp("trained"), max_steps=2))

@@ -295,9 +295,21 @@ def test_image_folder_rejects_conflicting_rows(tmp_path):
     ]
     with pytest.raises(ValueError, match="is in split 'test' here but in 'train' earlier"):
         load_image_folder(write_folder(tmp_path / "f", rows, "metadata.csv"))
-    rows = [{"file_name": "0.png", "caption": "a", "split": "training"}]
-    with pytest.raises(ValueError, match="unknown split 'training'"):
+    rows = [{"file_name": "0.png", "caption": "a", "split": ""}]
+    with pytest.raises(ValueError, match="split must be a non-empty string"):
         load_image_folder(write_folder(tmp_path / "g", rows, "metadata.csv"))
+
+
+def test_image_folder_keeps_extra_splits(tmp_path):
+    """A held-out split (as the shapes world writes) becomes a split of its own beside train/validation/test."""
+    rows = [
+        {"file_name": "0.png", "caption": "a", "split": "train"},
+        {"file_name": "1.png", "caption": "b", "split": "val"},
+        {"file_name": "2.png", "caption": "c", "split": "holdout"},
+    ]
+    dataset_dict = load_image_folder(write_folder(tmp_path / "f", rows, "metadata.csv"))
+    assert list(dataset_dict) == ["train", "validation", "test", "holdout"]
+    assert dataset_dict["holdout"]["captions"] == [["c"]] and dataset_dict["validation"]["captions"] == [["b"]]
 
 
 # --- splits and combining ------------------------------------------------------------------------------------------

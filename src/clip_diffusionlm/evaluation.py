@@ -165,7 +165,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="Pipeline directory or Hub repository id.")
     parser.add_argument("--datasets", nargs="+", required=True, help="Dataset paths (combined split-wise).")
     parser.add_argument("--split", default="test", help="Split to evaluate (default test).")
-    parser.add_argument("--images_dir", default=None)
+    parser.add_argument("--images_dirs", nargs="+", default=[], help="Image folder(s), one for all or one each.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_inference_steps", type=int, nargs="+", default=[5])
     parser.add_argument("--guidance_scale", type=float, nargs="+", default=[1.0])
@@ -176,7 +176,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--feature_cache_dir", default=None, help="Reuse cached CLIP features (e.g. training's).")
     args = parser.parse_args(argv)
 
-    dataset = load_datasets(args.datasets, args.images_dir)
+    dataset = load_datasets(args.datasets, args.images_dirs)
     if args.split not in dataset:
         raise ValueError(f"Split {args.split!r} not found; the dataset has {sorted(dataset)}.")
     split = dataset[args.split]

@@ -52,7 +52,7 @@ class TrainingConfig:
     (see `examples/configs/`) gives defaults that flags override.
 
     Data: `datasets` (paths in any format of `clip_diffusionlm.data`, combined split-wise; a shapes world folder
-    works too), `images_dir`, `on_bad_input` ("error" stops before training and lists offending files, "skip" drops
+    works too), `images_dirs` (one for all datasets or one each), `on_bad_input` ("error" stops before training and lists offending files, "skip" drops
     them and logs counts), `feature_cache_dir`.
     Models: `clip_model` (a CLIP checkpoint; its image tower is frozen), `text_backbone` (a BERT-family encoder for
     word embeddings, tokenizer and initial layers), `init_backbone_weights` (False keeps only the embeddings
@@ -66,7 +66,7 @@ class TrainingConfig:
 
     output_dir: str = "outputs/clip-diffusionlm"
     datasets: list[str] = field(default_factory=list)
-    images_dir: str | None = None
+    images_dirs: list[str] = field(default_factory=list)
     on_bad_input: str = "error"
     feature_cache_dir: str | None = None
 
@@ -96,6 +96,7 @@ class TrainingConfig:
     validation_steps: int = 500
     validation_images: int = 256
     validation_inference_steps: int = 5
+    validation_guidance_scale: float = 1.0
     early_stopping_metric: str = "CIDEr"
     early_stopping_patience: int | None = None
 
@@ -288,7 +289,7 @@ def train(config: TrainingConfig) -> Path:
         (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     # Data and frozen CLIP features: computed once by the main process, read from the cache by the others.
-    dataset = load_datasets(config.datasets, config.images_dir, config.on_bad_input)
+    dataset = load_datasets(config.datasets, config.images_dirs, config.on_bad_input)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
     image_processor = CLIPImageProcessor.from_pretrained(config.clip_model)
     model_config = CLIPDiffusionLMConfig(**config.model_config)
@@ -405,7 +406,8 @@ def train(config: TrainingConfig) -> Path:
             ids = torch.where(model.rounding_targets(ids) < 0, tokenizer.unk_token_id, ids)
             loss = diffusion_loss(model, noise_scheduler, ids, validation_image_embeds.to(accelerator.device)).loss
             captions = caption_embeddings(
-                pipeline_for_validation(), validation_image_embeds, config.validation_inference_steps
+                pipeline_for_validation(), validation_image_embeds, config.validation_inference_steps,
+                config.validation_guidance_scale,
             )
         metrics = {"validation_loss": loss.item(), **score_split(captions, validation_split)}
         if ema is not None:

@@ -23,14 +23,18 @@ from .shapes import build_shapes_world, content_accuracy, shapes_world_dataset
 
 
 def load_datasets(
-    paths: Sequence[str | os.PathLike], images_dir: str | None = None, on_bad_input: str = "error"
+    paths: Sequence[str | os.PathLike], images_dirs: Sequence[str] = (), on_bad_input: str = "error"
 ) -> DatasetDict:
     """
     Loads each path (any supported format, or a shapes world folder) and combines them split-wise, as the paper's
-    Flickr8k + Flickr30k.
+    Flickr8k + Flickr30k. `images_dirs` gives each dataset's image folder (one for all, or one per path) where the
+    format needs it.
     """
+    if len(images_dirs) not in (0, 1, len(paths)):
+        raise ValueError(f"Give one images_dir for all datasets or one per dataset ({len(paths)}), got {len(images_dirs)}.")
     loaded = []
-    for path in paths:
+    for index, path in enumerate(paths):
+        images_dir = images_dirs[index] if len(images_dirs) == len(paths) else (images_dirs[0] if images_dirs else None)
         if (Path(path) / "world.json").is_file():
             loaded.append(shapes_world_dataset(path))
         else:

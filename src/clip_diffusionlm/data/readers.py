@@ -234,9 +234,10 @@ def _file_name(record: Any, key: str, where: str) -> str:
 
 
 def _split_name(value: Any, where: str) -> str:
-    if value not in _SPLIT_NAMES:
-        raise ValueError(f"{where}: unknown split {value!r}, expected one of {list(_SPLIT_NAMES)}.")
-    return _SPLIT_NAMES[value]
+    """Karpathy/standard names map to train/validation/test; any other name (e.g. a held-out split) is kept."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: the split must be a non-empty string such as {list(_SPLIT_NAMES)}, got {value!r}.")
+    return _SPLIT_NAMES.get(value, value)
 
 
 def _keys_or_type(value: Any) -> str:
@@ -332,13 +333,14 @@ def _to_dataset_dict(table: _ImageTable, source: PathLike, options: _LoadOptions
     if all(split is None for split in splits):
         dataset_dict = split_by_image(dataset, options.validation_fraction, options.test_fraction, options.seed)
     else:
+        names = [*SPLITS, *sorted(set(splits) - set(SPLITS))]
         dataset_dict = DatasetDict(
-            {name: dataset.select([i for i, split in enumerate(splits) if split == name]) for name in SPLITS}
+            {name: dataset.select([i for i, split in enumerate(splits) if split == name]) for name in names}
         )
     if options.check_images:
         dataset_dict = validate_images(dataset_dict, options.on_bad_input, options.max_report)
 
-    sizes = {split: dataset_dict[split].num_rows for split in SPLITS}
+    sizes = {split: dataset.num_rows for split, dataset in dataset_dict.items()}
     if not sum(sizes.values()):
         raise _no_usable_images(source)
     logger.info("Loaded %s: %s images.", source, ", ".join(f"{split} {size}" for split, size in sizes.items()))
@@ -680,7 +682,7 @@ def load_image_folder(
 
 
 def _check_schema(dataset_dict: Any, name: str) -> None:
-    if not isinstance(dataset_dict, DatasetDict) or set(dataset_dict) != set(SPLITS):
+    if not isinstance(dataset_dict, DatasetDict) or not set(SPLITS) <= set(dataset_dict):
         raise ValueError(f"{name} must be a DatasetDict with the splits {SPLITS}, got {_keys_or_type(dataset_dict)}.")
     for split, dataset in dataset_dict.items():
         missing = [column for column in SCHEMA_FEATURES if column not in dataset.column_names]
@@ -732,8 +734,10 @@ def combine_datasets(*dataset_dicts: DatasetDict) -> DatasetDict:
 
     return DatasetDict(
         {
-            split: concatenate_datasets([with_all_columns(dataset_dict[split]) for dataset_dict in dataset_dicts])
-            for split in SPLITS
+            split: concatenate_datasets(
+                [with_all_columns(dataset_dict[split]) for dataset_dict in dataset_dicts if split in dataset_dict]
+            )
+            for split in dict.fromkeys(split for dataset_dict in dataset_dicts for split in dataset_dict)
         }
     )
 

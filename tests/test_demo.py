@@ -1,0 +1,47 @@
+"""The demo's code path end to end at toy size: world → CLIP pre-training → cached features → training → evaluation."""
+
+from __future__ import annotations
+
+import json
+
+from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig
+from clip_diffusionlm.data.shapes import ShapesWorldConfig
+from clip_diffusionlm.demo import DemoConfig, run_demo
+
+
+def _tiny_demo(backbone) -> DemoConfig:
+    return DemoConfig(
+        num_train=24, num_validation=6, num_test=6, num_holdout=4,
+        world=ShapesWorldConfig(image_size=32),
+        clip=CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16,
+                                   epochs=1, batch_size=8),
+        text_backbone=str(backbone),
+        training={"model_config": {"caption_length": 12}, "batch_size": 8, "max_steps": 3, "validation_steps": 0,
+                  "checkpointing_steps": 0, "report_to": "none", "restrict_rounding_vocabulary": True},
+        num_inference_steps=(2,),
+    )
+
+
+def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_path, capsys):
+    results = run_demo(tmp_path, _tiny_demo(training_assets["backbone"]))
+    printed = capsys.readouterr().out
+    assert "| split | steps | BLEU-4 | CIDEr |" in printed and "| holdout | 2 |" in printed
+    assert 0.0 <= results["clip_retrieval"]["recall@1"] <= 1.0
+    for split in ("test", "holdout"):
+        (row,) = results[split]
+        assert 0.0 <= row["object_accuracy"] <= 1.0 and row["CIDEr"] >= 0.0
+    for name in ("captions.png", "loss_curve.png", "results.json", "pipeline/model_index.json",
+                 "evaluation/test/metrics.md", "evaluation/holdout/predictions.jsonl"):
+        assert (tmp_path / name).is_file(), name
+
+    produced = {
+        path: path.stat().st_mtime_ns
+        for pattern in ("clip/model.safetensors", "pipeline/denoiser/model.safetensors", "shapes/images/*.png",
+                        "feature_cache/**/*.safetensors")
+        for path in tmp_path.glob(pattern)
+    }
+    again = run_demo(tmp_path, _tiny_demo(training_assets["backbone"]))
+    assert "Reusing the trained pipeline" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in produced} == produced
+    assert again["test"][0]["CIDEr"] == results["test"][0]["CIDEr"]
+    assert json.loads((tmp_path / "results.json").read_text())["test"][0]["num_inference_steps"] == 2

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from clip_diffusionlm.data import shapes_world_dataset
+from clip_diffusionlm.evaluation import evaluate_main
+from clip_diffusionlm.hub import eval_results_from_metrics
+
+
+def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, pipeline_from_assets, tmp_path):
+    output_dir = tmp_path / "eval"
+    code = evaluate_main([
+        "--model", str(pipeline_from_assets), "--datasets", str(training_assets["world"]), "--split", "test",
+        "--output_dir", str(output_dir), "--num_inference_steps", "1", "3", "--guidance_scale", "1", "2",
+        "--num_captions_per_image", "2", "--batch_size", "4",
+    ])
+    assert code == 0
+    test_split = shapes_world_dataset(training_assets["world"])["test"]
+    records = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * len(test_split)  # 2 step counts × 2 guidance scales
+    assert {(r["num_inference_steps"], r["guidance_scale"]) for r in records} == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    assert all(len(r["captions"]) == 2 and r["references"] for r in records)
+    assert records[0]["image_id"] == test_split[0]["image_id"]
+
+    rows = json.loads((output_dir / "metrics.json").read_text())
+    assert len(rows) == 4
+    for row in rows:
+        assert 0.0 <= row["BLEU-4"] <= 1.0 and row["CIDEr"] >= 0.0 and row["SPICE"] is None
+        assert 0.0 <= row["object_accuracy"] <= 1.0  # the shapes world knows its objects
+        assert "self_bleu_4" in row and "distinct_1" in row  # two captions per image
+    table = (output_dir / "metrics.md").read_text().splitlines()
+    assert table[0].startswith("| steps | guidance |") and len(table) == 2 + 4
+
+
+def test_eval_results_for_the_model_index():
+    metrics = {"BLEU-4": 0.25, "CIDEr": 0.8, "METEOR": None, "SPICE": None, "object_accuracy": 0.9}
+    results = eval_results_from_metrics(metrics, "shapes", "shapes-world", "test")
+    assert {(r.metric_name, r.metric_type, r.metric_value) for r in results} == {
+        ("BLEU-4", "bleu", 0.25), ("CIDEr", "cider", 0.8), ("object_accuracy", "accuracy", 0.9)
+    }
+    assert all(r.task_type == "image-to-text" and r.dataset_split == "test" for r in results)
+    from huggingface_hub import ModelCardData
+
+    card = yaml.safe_load(ModelCardData(model_name="m", eval_results=results).to_yaml())
+    assert card["model-index"][0]["results"][0]["task"]["type"] == "image-to-text"
