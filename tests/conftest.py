@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    BertConfig,
+    BertTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline, CLIPDiffusionLMConfig, CLIPDiffusionLMModel
 from clip_diffusionlm.diffusion import make_noise_scheduler

@@ -17,9 +17,9 @@ import PIL.Image
 import PIL.ImageDraw
 
 from .clip_pretraining import CLIPPretrainingConfig, pretrain_clip, zero_shot_retrieval
-from .feature_cache import CLIPFeatureCache
 from .data.shapes import ShapesWorldConfig, build_shapes_world, shapes_world_dataset
 from .evaluation import evaluate_pipeline
+from .feature_cache import CLIPFeatureCache
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 from .training import TrainingConfig, train
 

@@ -71,6 +71,7 @@ class SinusoidalTimestepEmbedding(nn.Module):
         self.linear_1 = nn.Linear(hidden_size, hidden_size)
         self.act = ACT2FN[hidden_act]
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         half = self.hidden_size // 2
@@ -80,20 +81,24 @@ class SinusoidalTimestepEmbedding(nn.Module):
         if self.hidden_size % 2:
             features = F.pad(features, (0, 1))
         features = features.to(self.linear_1.weight.dtype)
-        return self.linear_2(self.act(self.linear_1(features)))  # (batch, hidden)
+        return self.norm(self.linear_2(self.act(self.linear_1(features))))  # (batch, hidden)
 
 
 class ConditionProjection(nn.Module):
-    """The paper's MLP that maps a CLIP feature (`condition_dim`) into the word-embedding space (`hidden_size`)."""
+    """
+    The paper's MLP that maps a CLIP feature (`condition_dim`) into the word-embedding space (`hidden_size`), ending
+    in a LayerNorm so that the conditioning enters at the same scale as the normalised noisy caption.
+    """
 
     def __init__(self, condition_dim: int, hidden_size: int, hidden_act: str):
         super().__init__()
         self.linear_1 = nn.Linear(condition_dim, hidden_size)
         self.act = ACT2FN[hidden_act]
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(condition)))
+        return self.norm(self.linear_2(self.act(self.linear_1(condition))))
 
 
 class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
@@ -140,6 +145,9 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             SinusoidalTimestepEmbedding(hidden_size, act) if config.timestep_conditioning else None
         )
         self.self_condition_projection = nn.Linear(hidden_size, hidden_size) if config.self_conditioning else None
+        # x_t's norm grows ~20x from t = 0 to t = T; normalising it (like the conditioning and timestep streams)
+        # keeps any one input from drowning the others before the backbone's own embedding LayerNorm.
+        self.input_norm = nn.LayerNorm(hidden_size)
         self.output_projection = nn.Linear(hidden_size, hidden_size)
 
         # Persistent, so that loading (which materialises buffers from the checkpoint) restores it exactly.
@@ -257,7 +265,7 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch_size)
 
-        hidden = noisy_embeds
+        hidden = self.input_norm(noisy_embeds)
         if self.self_condition_projection is not None:
             if self_conditioning_embeds is None:
                 self_conditioning_embeds = torch.zeros_like(noisy_embeds)

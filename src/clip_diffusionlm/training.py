@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -31,9 +31,9 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithPro
 
 from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
 from .data import load_datasets
-from .feature_cache import CLIPFeatureCache
 from .diffusion import diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
+from .feature_cache import CLIPFeatureCache
 from .hub import write_model_card
 from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
@@ -278,6 +278,8 @@ def train(config: TrainingConfig) -> Path:
     """
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
+        # Accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU.
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -462,6 +464,7 @@ def train(config: TrainingConfig) -> Path:
                 progress.update(1)
                 terms = {name: accelerator.reduce(getattr(output, name).detach(), "mean").item() for name in LOSS_TERMS}
                 terms["lr"] = lr_scheduler.get_last_lr()[0]
+                terms["seconds"] = round(time.monotonic() - start_time, 3)
                 progress.set_postfix(loss=f"{terms['loss']:.4f}", rounding=f"{terms['rounding_loss']:.3f}")
                 if accelerator.is_main_process:
                     with history_path.open("a") as history:
