@@ -37,3 +37,21 @@ def test_caption_command_reports_bad_input(pipeline, tmp_path, capsys):
     assert "no-pipeline" in capsys.readouterr().err
     assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--steps", "0"]) == 2
     assert "num_inference_steps" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_commands_forward_their_flags(training_assets, tmp_path, capsys):
+    config = {
+        "datasets": [str(training_assets["world"])], "clip_model": str(training_assets["clip"]),
+        "text_backbone": str(training_assets["backbone"]), "model_config": {"caption_length": 12},
+        "batch_size": 8, "validation_steps": 0, "checkpointing_steps": 0, "report_to": "none",
+    }
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config_file), "--max_steps", "2", "--output_dir", str(run)]) == 0
+    assert (run / "model_index.json").exists()
+    assert main(["evaluate", "--model", str(run), "--datasets", str(training_assets["world"]),
+                 "--output_dir", str(tmp_path / "eval"), "--num_inference_steps", "2"]) == 0
+    assert "| steps | guidance |" in capsys.readouterr().out
+    assert main(["train", "--config", str(config_file), "--lr_schedule", "bogus"]) == 2
+    assert "lr_schedule" in capsys.readouterr().err

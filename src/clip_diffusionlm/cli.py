@@ -47,17 +47,21 @@ def caption_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train_command(argv: list[str]) -> int:
     from .training import train, training_config_from_args
 
-    train(training_config_from_args(args.training_args))
+    train(training_config_from_args(argv))
     return 0
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
+def evaluate_command(argv: list[str]) -> int:
     from .evaluation import evaluate_main
 
-    return evaluate_main(args.evaluate_args)
+    return evaluate_main(argv)
+
+
+# Commands whose flags belong to another parser (shared with examples/train.py and examples/evaluate.py).
+FORWARDED_COMMANDS = {"train": train_command, "evaluate": evaluate_command}
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -82,13 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--allow-pickle", action="store_true", help="Also load .bin (pickle) weights.")
     caption.set_defaults(handler=caption_command)
 
-    train = commands.add_parser("train", help="Train (same flags as examples/train.py).", add_help=False)
-    train.add_argument("training_args", nargs=argparse.REMAINDER)
-    train.set_defaults(handler=train_command)
-
-    evaluate = commands.add_parser("evaluate", help="Evaluate (same flags as examples/evaluate.py).", add_help=False)
-    evaluate.add_argument("evaluate_args", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(handler=evaluate_command)
+    commands.add_parser("train", help="Train; the flags of examples/train.py (`train --help`).")
+    commands.add_parser("evaluate", help="Evaluate; the flags of examples/evaluate.py (`evaluate --help`).")
 
     demo = commands.add_parser("demo", help="The offline end-to-end demo on the shapes world.")
     demo.add_argument("--output-dir", default="outputs/demo")
@@ -97,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in FORWARDED_COMMANDS:
+            return FORWARDED_COMMANDS[argv[0]](argv[1:])
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
