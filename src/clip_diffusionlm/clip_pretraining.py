@@ -43,11 +43,11 @@ class CLIPPretrainingConfig:
             Size of the joint embedding (`image_embeds`), i.e. the denoiser's `condition_dim`.
         max_text_length (`int`, *optional*, defaults to 32):
             Token positions of the text tower.
-        epochs (`int`, *optional*, defaults to 6):
+        epochs (`int`, *optional*, defaults to 12):
             Passes over the training images (a random reference caption each time).
-        batch_size (`int`, *optional*, defaults to 256):
+        batch_size (`int`, *optional*, defaults to 128):
             Image-caption pairs per contrastive batch.
-        learning_rate (`float`, *optional*, defaults to 1e-3):
+        learning_rate (`float`, *optional*, defaults to 2e-3):
             Peak AdamW learning rate, cosine-decayed after a short warm-up.
         seed (`int`, *optional*, defaults to 0):
             Seed of initialisation and caption sampling.
@@ -59,9 +59,9 @@ class CLIPPretrainingConfig:
     num_layers: int = 3
     projection_dim: int = 128
     max_text_length: int = 32
-    epochs: int = 6
-    batch_size: int = 256
-    learning_rate: float = 1e-3
+    epochs: int = 12
+    batch_size: int = 128
+    learning_rate: float = 2e-3
     seed: int = 0
 
 
