@@ -57,7 +57,7 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
     ids = tokenize_captions(tokenizer, captions, 24)
     encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
-    paths = split["image_path"]
+    paths = list(split["image_path"])
     cached = torch.cat([
         encode_images(encoder, processor, [load_rgb_image(p) for p in paths[i : i + 256]])
         for i in range(0, len(paths), 256)
@@ -81,7 +81,7 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
             if mode == "feature_cache":
                 image_embeds = cached[image_index[batch]]
             else:
-                image_embeds = encode_images(encoder, processor, [load_rgb_image(paths[i]) for i in image_index[batch]])
+                image_embeds = encode_images(encoder, processor, [load_rgb_image(paths[i]) for i in image_index[batch].tolist()])
             loss = diffusion_loss(model, scheduler, ids[batch], image_embeds).loss
             loss.backward()
             optimizer.step()

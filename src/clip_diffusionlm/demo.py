@@ -107,6 +107,8 @@ def loss_curve(history_path: Path, path: Path) -> None:
     steps = [record["step"] for record in records]
     figure, axis = plt.subplots(figsize=(7, 4))
     for term in ("loss", "restoring_loss", "x1_restoring_loss", "rounding_loss"):
+        if not any(record[term] > 0 for record in records):
+            continue  # a switched-off term (e.g. x1_restoring_loss) has no place on a log axis
         axis.plot(steps, [record[term] for record in records], label=term, linewidth=1)
     axis.set_yscale("log")
     axis.set_xlabel("optimizer step")
