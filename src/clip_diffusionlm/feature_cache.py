@@ -118,29 +118,28 @@ class CLIPFeatureCache:
 
     def image_features(self, image_paths: Sequence[str]) -> torch.FloatTensor:
         """`(len(image_paths), projection_dim)` embeddings, in the given order."""
-        folder = self.cache_dir / f"clip-{self.image_key}" / _data_fingerprint("image", image_paths, True)
-        self._write_manifest(folder, {"kind": "image", "num_items": len(image_paths)})
-        return _cached_features(
-            folder,
+        return self._features(
             "image",
+            self.image_key,
             list(image_paths),
             lambda paths: encode_images(self.image_encoder, self.image_processor, [load_rgb_image(p) for p in paths]),
-            self.batch_size,
         )
 
     def text_features(self, captions: Sequence[str]) -> torch.FloatTensor:
         """`(len(captions), projection_dim)` embeddings of caption texts, in the given order."""
         if self.text_encoder is None:
             raise ValueError("This cache has no `text_encoder`; pass one to compute text features.")
-        folder = self.cache_dir / f"clip-{self.text_key}" / _data_fingerprint("text", captions, False)
-        self._write_manifest(folder, {"kind": "text", "num_items": len(captions)})
-        return _cached_features(
-            folder,
-            "text",
-            list(captions),
-            lambda texts: encode_texts(self.text_encoder, self.text_tokenizer, texts),
-            self.batch_size,
+        return self._features(
+            "text", self.text_key, list(captions), lambda texts: encode_texts(self.text_encoder, self.text_tokenizer, texts)
         )
+
+    def _features(
+        self, kind: str, model_key: str, items: list[str], encode_batch: Callable[[Sequence[str]], torch.Tensor]
+    ) -> torch.FloatTensor:
+        # Image files are keyed with their size and mtime too, so an edited image is encoded again.
+        folder = self.cache_dir / f"clip-{model_key}" / _data_fingerprint(kind, items, with_file_stats=kind == "image")
+        self._write_manifest(folder, {"kind": kind, "num_items": len(items)})
+        return _cached_features(folder, kind, items, encode_batch, self.batch_size)
 
     @staticmethod
     def _write_manifest(folder: Path, manifest: dict) -> None:
