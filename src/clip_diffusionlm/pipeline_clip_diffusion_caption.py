@@ -164,7 +164,10 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
                 noisy_embeds, timesteps, image_embeds, text_embeds, self_conditioning_embeds
             )
         else:
-            double = lambda tensor: None if tensor is None else torch.cat([tensor, tensor])  # noqa: E731
+
+            def double(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return None if tensor is None else torch.cat([tensor, tensor])
+
             drop_condition = torch.arange(2 * batch_size, device=noisy_embeds.device) >= batch_size
             both = self.denoiser.denoise(
                 double(noisy_embeds),
