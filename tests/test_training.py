@@ -88,6 +88,8 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert list((output_dir / "logs").rglob("events.out.tfevents*"))
+    samples = [json.loads(line) for line in (output_dir / "validation_samples.jsonl").read_text().splitlines()]
+    assert {sample["step"] for sample in samples} == {3, 6} and all("caption" in sample for sample in samples)
     card = (output_dir / "README.md").read_text()
     assert "model-index" in card and "CIDEr" in card and "image-to-text" in card
 

@@ -42,6 +42,7 @@ logger = logging.getLogger("clip_diffusionlm.training")
 
 LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 CHECKPOINT_PREFIX = "checkpoint-"
+VALIDATION_SAMPLES_LOGGED = 8  # captions per validation written to validation_samples.jsonl
 LOSS_TERMS = ("loss", "restoring_loss", "x1_restoring_loss", "rounding_loss", "rounding_weight")
 
 
@@ -412,6 +413,13 @@ def train(config: TrainingConfig) -> Path:
                 config.validation_guidance_scale,
             )
         metrics = {"validation_loss": loss.item(), **score_split(captions, validation_split)}
+        with (output_dir / "validation_samples.jsonl").open("a") as samples:
+            for image_id, generated, references in list(
+                zip(validation_split["image_id"], captions, validation_split["captions"])
+            )[:VALIDATION_SAMPLES_LOGGED]:
+                record = {"step": state.global_step, "image_id": image_id, "caption": generated[0],
+                          "reference": references[0]}
+                samples.write(json.dumps(record) + "\n")
         if ema is not None:
             ema.restore(model.parameters())
         model.train()
