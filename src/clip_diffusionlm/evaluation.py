@@ -16,7 +16,9 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from .data import load_datasets, load_rgb_image
 from .data.shapes import content_accuracy
+from .feature_cache import CLIPFeatureCache
 from .metrics import compute_caption_metrics, compute_diversity
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 
@@ -119,7 +121,7 @@ def evaluate_pipeline(
     output_dir.mkdir(parents=True, exist_ok=True)
     if image_embeds is None:
         image_embeds = torch.cat(
-            [pipe.encode_images(_open_images(split["image_path"][start : start + batch_size]))
+            [pipe.encode_images([load_rgb_image(path) for path in split["image_path"][start : start + batch_size]])
              for start in range(0, len(split), batch_size)]
         )
     if len(image_embeds) != len(split):
@@ -148,18 +150,9 @@ def evaluate_pipeline(
     return rows
 
 
-def _open_images(paths: Sequence[str]):
-    from .data.images import load_rgb_image
-
-    return [load_rgb_image(path) for path in paths]
-
-
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """`examples/evaluate.py` / `clip-diffusionlm evaluate`: pipeline + dataset split → predictions and metrics."""
     import argparse
-
-    from .data import load_datasets
-    from .feature_cache import CLIPFeatureCache
 
     parser = argparse.ArgumentParser(prog="evaluate", description=evaluate_main.__doc__)
     parser.add_argument("--model", required=True, help="Pipeline directory or Hub repository id.")
