@@ -2,13 +2,19 @@
 
     python examples/pretrain_clip.py --world outputs/demo/shapes --output_dir outputs/clip
 
-Saves a standard `CLIPModel` checkpoint (+ image processor + tokenizer) and prints zero-shot retrieval on test.
+Saves a standard `CLIPModel` checkpoint (+ image processor + tokenizer) and prints zero-shot retrieval on test and
+the nearest-neighbour attribute probe (how often the closest training image has the same colours / shapes).
 """
 
 import argparse
 import dataclasses
 
-from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, pretrain_clip, zero_shot_retrieval
+from clip_diffusionlm.clip_pretraining import (
+    CLIPPretrainingConfig,
+    attribute_probe,
+    pretrain_clip,
+    zero_shot_retrieval,
+)
 from clip_diffusionlm.data import build_shapes_world, shapes_world_dataset
 from clip_diffusionlm.demo import default_text_backbone
 
@@ -24,3 +30,4 @@ if __name__ == "__main__":
     config = CLIPPretrainingConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(CLIPPretrainingConfig)})
     clip_dir = pretrain_clip(world["train"], args.output_dir, args.tokenizer or default_text_backbone(), config)
     print(zero_shot_retrieval(clip_dir, world["test"]))
+    print(attribute_probe(clip_dir, world["train"], world["test"]))

@@ -45,3 +45,15 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
     assert {path: path.stat().st_mtime_ns for path in produced} == produced
     assert again["test"][0]["CIDEr"] == results["test"][0]["CIDEr"]
     assert json.loads((tmp_path / "results.json").read_text())["test"][0]["num_inference_steps"] == 2
+
+
+def test_attribute_probe_is_perfect_against_itself(training_assets):
+    from clip_diffusionlm.clip_pretraining import attribute_probe
+    from clip_diffusionlm.data import shapes_world_dataset
+
+    world = shapes_world_dataset(training_assets["world"])
+    assert attribute_probe(training_assets["clip"], world["train"], world["train"]) == {
+        "same_colours": 1.0, "same_shapes": 1.0, "same_objects": 1.0
+    }
+    probe = attribute_probe(training_assets["clip"], world["train"], world["test"])
+    assert all(0.0 <= value <= 1.0 for value in probe.values())

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
 from .clip_features import encode_images, encode_texts
 from .data.images import load_rgb_image
@@ -189,7 +189,7 @@ def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size:
     Image→text retrieval among the split's first reference captions: recall@1 and @5, where retrieving a caption
     identical to one of the image's own references counts as a hit (the toy world repeats short captions).
     """
-    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     text_encoder = CLIPTextModelWithProjection.from_pretrained(clip_dir).eval()
@@ -213,3 +213,34 @@ def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size:
         hits_at_1 += matches[0]
         hits_at_5 += any(matches)
     return {"recall@1": hits_at_1 / len(paths), "recall@5": hits_at_5 / len(paths), "num_images": len(paths)}
+
+
+@torch.no_grad()
+def attribute_probe(
+    clip_dir: str | os.PathLike, reference_split: Dataset, query_split: Dataset, batch_size: int = 256
+) -> dict[str, float]:
+    """
+    How much of the shapes world's content CLIP's image embedding holds: for each query image, the nearest reference
+    image in embedding space, and how often it has the same multiset of colours, of shapes, and of both. A denoiser
+    conditioned on this embedding can hardly name objects better than this.
+    """
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+    image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
+
+    def embed(paths: list[str]) -> torch.FloatTensor:
+        return torch.cat([
+            encode_images(image_encoder, image_processor, [load_rgb_image(p) for p in paths[i : i + batch_size]])
+            for i in range(0, len(paths), batch_size)
+        ])
+
+    nearest = (embed(list(query_split["image_path"])) @ embed(list(reference_split["image_path"])).T).argmax(-1)
+    references = [json.loads(objects) for objects in reference_split["objects"]]
+    queries = [json.loads(objects) for objects in query_split["objects"]]
+    result = {}
+    for name, keys in (("colours", ("colour",)), ("shapes", ("shape",)), ("objects", ("colour", "shape"))):
+        def content(objects, keys=keys):
+            return sorted(tuple(item[key] for key in keys) for item in objects)
+
+        same = [content(queries[i]) == content(references[j]) for i, j in enumerate(nearest.tolist())]
+        result[f"same_{name}"] = sum(same) / len(same)
+    return result

@@ -16,7 +16,7 @@ from typing import Any
 import PIL.Image
 import PIL.ImageDraw
 
-from .clip_pretraining import CLIPPretrainingConfig, pretrain_clip, zero_shot_retrieval
+from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_clip, zero_shot_retrieval
 from .data.shapes import ShapesWorldConfig, build_shapes_world, shapes_world_dataset
 from .evaluation import evaluate_pipeline
 from .feature_cache import CLIPFeatureCache
@@ -149,6 +149,9 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
     retrieval = zero_shot_retrieval(clip_dir, world["test"])
     print(f"CLIP zero-shot image→text retrieval on test: R@1 {retrieval['recall@1']:.3f}, "
           f"R@5 {retrieval['recall@5']:.3f}")
+    probe = attribute_probe(clip_dir, world["train"], world["test"])
+    print("CLIP nearest-neighbour probe (test → train), same " + ", ".join(
+        f"{name.removeprefix('same_')} {value:.3f}" for name, value in probe.items()))
 
     _stage("3/5 CLIP-DiffusionLM training (features cached)")
     pipeline_dir = output_dir / "pipeline"
@@ -173,7 +176,7 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     cache = CLIPFeatureCache(output_dir / "feature_cache", pipe.image_encoder, pipe.image_processor)
-    results: dict[str, Any] = {"clip_retrieval": retrieval}
+    results: dict[str, Any] = {"clip_retrieval": retrieval, "clip_probe": probe}
     for split_name in ("test", "holdout"):
         split = world[split_name]
         rows = evaluate_pipeline(
