@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from clip_diffusionlm import CLIPDiffusionLMModel, diffusion_loss, make_noise_scheduler
-from clip_diffusionlm.clip_features import encode_images
+from clip_diffusionlm.clip_features import encode_image_files, encode_images
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
 from clip_diffusionlm.data import build_shapes_world, load_rgb_image, shapes_world_dataset
 from clip_diffusionlm.demo import default_text_backbone
@@ -58,10 +58,7 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
     encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
     paths = list(split["image_path"])
-    cached = torch.cat([
-        encode_images(encoder, processor, [load_rgb_image(p) for p in paths[i : i + 256]])
-        for i in range(0, len(paths), 256)
-    ])
+    cached = encode_image_files(encoder, processor, paths)
     vocabulary = sorted(set(ids.unique().tolist()) | set(tokenizer.all_special_ids))
 
     results = {}

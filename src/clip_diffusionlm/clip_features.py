@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from .data.images import to_rgb
+from .data.images import load_rgb_image, to_rgb
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -82,6 +82,19 @@ def encode_images(
     pixel_values = pixel_values.to(device=image_encoder.device, dtype=image_encoder.dtype)
     embeds = image_encoder(pixel_values=pixel_values).image_embeds
     return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
+def encode_image_files(
+    image_encoder: CLIPVisionModelWithProjection,
+    image_processor: CLIPImageProcessor,
+    paths: Sequence[str],
+    batch_size: int = 256,
+) -> torch.FloatTensor:
+    """[`encode_images`] of image files (any mode, converted with `load_rgb_image`), `batch_size` at a time."""
+    return torch.cat([
+        encode_images(image_encoder, image_processor, [load_rgb_image(path) for path in paths[start : start + batch_size]])
+        for start in range(0, len(paths), batch_size)
+    ])
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-from .clip_features import encode_images, encode_texts
+from .clip_features import encode_image_files, encode_texts
 from .data.images import load_rgb_image
 
 logger = logging.getLogger("clip_diffusionlm.clip_pretraining")
@@ -197,10 +197,7 @@ def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size:
     tokenizer = AutoTokenizer.from_pretrained(clip_dir)
     paths, references = split["image_path"], split["captions"]
     candidates = [captions[0] for captions in references]
-    image_embeds = torch.cat([
-        encode_images(image_encoder, image_processor, [load_rgb_image(p) for p in paths[i : i + batch_size]])
-        for i in range(0, len(paths), batch_size)
-    ])
+    image_embeds = encode_image_files(image_encoder, image_processor, paths, batch_size)
     text_embeds = torch.cat([
         encode_texts(text_encoder, tokenizer, candidates[i : i + batch_size])
         for i in range(0, len(candidates), batch_size)
@@ -227,13 +224,11 @@ def attribute_probe(
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
 
-    def embed(paths: list[str]) -> torch.FloatTensor:
-        return torch.cat([
-            encode_images(image_encoder, image_processor, [load_rgb_image(p) for p in paths[i : i + batch_size]])
-            for i in range(0, len(paths), batch_size)
-        ])
-
-    nearest = (embed(list(query_split["image_path"])) @ embed(list(reference_split["image_path"])).T).argmax(-1)
+    query_embeds = encode_image_files(image_encoder, image_processor, list(query_split["image_path"]), batch_size)
+    reference_embeds = encode_image_files(
+        image_encoder, image_processor, list(reference_split["image_path"]), batch_size
+    )
+    nearest = (query_embeds @ reference_embeds.T).argmax(-1)
     references = [json.loads(objects) for objects in reference_split["objects"]]
     queries = [json.loads(objects) for objects in query_split["objects"]]
     result = {}

@@ -16,7 +16,8 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .data import load_datasets, load_rgb_image
+from .clip_features import encode_image_files
+from .data import load_datasets
 from .data.shapes import content_accuracy
 from .feature_cache import CLIPFeatureCache
 from .metrics import compute_caption_metrics, compute_diversity
@@ -120,10 +121,7 @@ def evaluate_pipeline(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if image_embeds is None:
-        image_embeds = torch.cat(
-            [pipe.encode_images([load_rgb_image(path) for path in split["image_path"][start : start + batch_size]])
-             for start in range(0, len(split), batch_size)]
-        )
+        image_embeds = encode_image_files(pipe.image_encoder, pipe.image_processor, list(split["image_path"]), batch_size)
     if len(image_embeds) != len(split):
         raise ValueError(f"`image_embeds` has {len(image_embeds)} rows but the split has {len(split)} images.")
 

@@ -19,8 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .clip_features import encode_images, encode_texts
-from .data.images import load_rgb_image
+from .clip_features import encode_image_files, encode_texts
 
 logger = logging.getLogger("clip_diffusionlm.data")
 
@@ -122,7 +121,7 @@ class CLIPFeatureCache:
             "image",
             self.image_key,
             list(image_paths),
-            lambda paths: encode_images(self.image_encoder, self.image_processor, [load_rgb_image(p) for p in paths]),
+            lambda paths: encode_image_files(self.image_encoder, self.image_processor, paths, len(paths)),
         )
 
     def text_features(self, captions: Sequence[str]) -> torch.FloatTensor:

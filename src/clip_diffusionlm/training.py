@@ -470,7 +470,9 @@ def train(config: TrainingConfig) -> Path:
                 if ema is not None:
                     ema.step(accelerator.unwrap_model(denoiser).parameters())
                 progress.update(1)
-                terms = {name: accelerator.reduce(getattr(output, name).detach(), "mean").item() for name in LOSS_TERMS}
+                # One collective for all terms instead of one per term.
+                stacked = torch.stack([getattr(output, name).detach().float() for name in LOSS_TERMS])
+                terms = dict(zip(LOSS_TERMS, accelerator.reduce(stacked, "mean").tolist()))
                 terms["lr"] = lr_scheduler.get_last_lr()[0]
                 terms["seconds"] = round(time.monotonic() - start_time, 3)
                 progress.set_postfix(loss=f"{terms['loss']:.4f}", rounding=f"{terms['rounding_loss']:.3f}")
