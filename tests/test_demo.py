@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig
-from clip_diffusionlm.data.shapes import ShapesWorldConfig
+from clip_diffusionlm.data.shapes import ShapesWorldConfig, contradicting_words
 from clip_diffusionlm.demo import DemoConfig, run_demo
 
 
@@ -14,9 +14,9 @@ def _tiny_demo(backbone) -> DemoConfig:
         num_train=24, num_validation=6, num_test=6, num_holdout=4,
         world=ShapesWorldConfig(image_size=32),
         clip=CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16,
-                                   epochs=1, batch_size=8),
+                                   epochs=1, batch_size=8, hard_negative_swaps=contradicting_words()),
         text_backbone=str(backbone),
-        training={"model_config": {"caption_length": 12}, "batch_size": 8, "max_steps": 3, "validation_steps": 0,
+        training={"captions_per_image": 1, "model_config": {"caption_length": 12}, "batch_size": 8, "max_steps": 3, "validation_steps": 0,
                   "checkpointing_steps": 0, "report_to": "none", "restrict_rounding_vocabulary": True},
         num_inference_steps=(2,),
     )

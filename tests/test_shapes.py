@@ -18,6 +18,7 @@ from clip_diffusionlm.data.shapes import (
     SIZES,
     ShapesWorldConfig,
     build_shapes_world,
+    canonical_caption,
     content_accuracy,
     generate_shapes_world,
     parse_caption,
@@ -73,11 +74,12 @@ def test_images_and_objects_are_well_formed(examples):
     counts = Counter(len(e.objects) for e in examples)
     assert set(counts) == {1, 2, 3}
     for example in examples:
-        assert example.image.mode == "RGB" and example.image.size == (64, 64)
+        size = ShapesWorldConfig().image_size
+        assert example.image.mode == "RGB" and example.image.size == (size, size)
         assert len({(o["colour"], o["shape"]) for o in example.objects}) == len(example.objects)
         for obj in example.objects:
             assert set(obj) == {"shape", "colour", "size", "x", "y"}
-            assert 0 < obj["x"] < 64 and 0 < obj["y"] < 64
+            assert 0 < obj["x"] < size and 0 < obj["y"] < size
             # The object's colour is really drawn at its centre (the centre pixel is inside every shape).
             drawn = example.image.getpixel((obj["x"], obj["y"]))
             assert max(abs(a - b) for a, b in zip(drawn, COLOUR_RGB[obj["colour"]], strict=True)) < 40
@@ -97,6 +99,19 @@ def test_every_reference_caption_is_true_and_captions_are_distinct(examples):
         assert content_accuracy(example.captions, [example.objects] * len(example.captions))["exact_match"] == 1.0
 
 
+def test_first_caption_is_canonical_a_function_of_the_objects_alone(examples):
+    for example in examples:
+        assert example.captions[0] == canonical_caption(example.objects)
+        assert canonical_caption(list(reversed(example.objects))) == example.captions[0]
+    objects = [
+        {"shape": "star", "colour": "black", "size": "large"},
+        {"shape": "square", "colour": "orange", "size": "small"},
+        {"shape": "circle", "colour": "orange", "size": "large"},
+    ]
+    assert canonical_caption(objects) == "an orange circle, an orange square and a black star"
+    assert canonical_caption(objects[:1]) == "a black star"
+
+
 def _mentioned_cell(cells: dict[tuple[str, str], tuple[int, int]], text: str, which: int) -> tuple[int, int]:
     """The (row, column) grid cell of the `which`-th object mentioned in `text`."""
     mention = parse_caption(text).mentions[which]
@@ -108,7 +123,8 @@ def test_spatial_words_are_true(examples):
     relations = {"to the left of": (1, -1), "to the right of": (1, 1), "above": (0, -1), "below": (0, 1)}
     checked = Counter()
     for example in examples:
-        cells = {(o["colour"], o["shape"]): (o["y"] * 3 // 64, o["x"] * 3 // 64) for o in example.objects}
+        size = example.image.size[0]
+        cells = {(o["colour"], o["shape"]): (o["y"] * 3 // size, o["x"] * 3 // size) for o in example.objects}
         cell = functools.partial(_mentioned_cell, cells)
         for caption in example.captions:
             for phrase, (axis, sign) in relations.items():

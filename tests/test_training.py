@@ -17,6 +17,7 @@ from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.training import (
     TrainingConfig,
     TrainingDivergedError,
+    caption_pairs,
     lr_factor,
     train,
     training_config_from_args,
@@ -64,9 +65,24 @@ def test_config_validation_and_cli_parsing(tmp_path):
     )
     assert config.learning_rate == 1e-3 and config.datasets == ["b", "c"] and config.ema_decay == 0.99
     assert config.model_config == {"fusion": "add"}
+    assert training_config_from_args(["--datasets", "a", "--captions_per_image", "1"]).captions_per_image == 1
+    with pytest.raises(ValueError, match="captions_per_image"):
+        TrainingConfig(datasets=["x"], captions_per_image=0)
     config_file.write_text(json.dumps({"datasets": ["a"], "learning_rat": 1}))
     with pytest.raises(ValueError, match="learning_rat"):
         training_config_from_args(["--config", str(config_file)])
+
+
+def test_captions_per_image_keeps_the_first_references_of_each_image():
+    from datasets import Dataset
+
+    split = Dataset.from_dict({"captions": [["a", "b", "c"], ["d", "e"]]})
+    captions, image_index = caption_pairs(split)
+    assert captions == ["a", "b", "c", "d", "e"] and image_index.tolist() == [0, 0, 0, 1, 1]
+    captions, image_index = caption_pairs(split, captions_per_image=1)
+    assert captions == ["a", "d"] and image_index.tolist() == [0, 1]
+    captions, image_index = caption_pairs(split, captions_per_image=2)
+    assert captions == ["a", "b", "d", "e"] and image_index.tolist() == [0, 0, 1, 1]
 
 
 def test_paper_configs_are_valid():

@@ -54,7 +54,8 @@ class TrainingConfig:
 
     Data: `datasets` (paths in any format of `clip_diffusionlm.data`, combined split-wise; a shapes world folder
     works too), `images_dirs` (one for all datasets or one each), `on_bad_input` ("error" stops before training and lists offending files, "skip" drops
-    them and logs counts), `feature_cache_dir`.
+    them and logs counts), `feature_cache_dir`, `captions_per_image` (train on only the first k references of each
+    image, e.g. 1 for the shapes world's canonical caption; evaluation always uses them all).
     Models: `clip_model` (a CLIP checkpoint; its image tower is frozen), `text_backbone` (a BERT-family encoder for
     word embeddings, tokenizer and initial layers), `init_backbone_weights` (False keeps only the embeddings
     pretrained, as the original code did), `text_backbone_layers` (keep only the first k layers),
@@ -70,6 +71,7 @@ class TrainingConfig:
     images_dirs: list[str] = field(default_factory=list)
     on_bad_input: str = "error"
     feature_cache_dir: str | None = None
+    captions_per_image: int | None = None
 
     clip_model: str = "openai/clip-vit-base-patch32"
     text_backbone: str = "distilbert-base-uncased"
@@ -120,8 +122,9 @@ class TrainingConfig:
             raise ValueError(f"`lr_schedule` must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}.")
         if self.on_bad_input not in ("error", "skip"):
             raise ValueError(f"`on_bad_input` must be 'error' or 'skip', got {self.on_bad_input!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "timesteps_per_caption", "num_epochs"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "gradient_accumulation_steps", "timesteps_per_caption", "num_epochs",
+                     "captions_per_image"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
@@ -201,10 +204,12 @@ def tokenize_captions(tokenizer, captions: list[str], caption_length: int) -> to
     ).input_ids
 
 
-def caption_pairs(split: Dataset) -> tuple[list[str], torch.LongTensor]:
-    """Every (image, caption) pair of a split: the captions and the row index of their image."""
+def caption_pairs(split: Dataset, captions_per_image: int | None = None) -> tuple[list[str], torch.LongTensor]:
+    """The (image, caption) pairs of a split, the first `captions_per_image` (all if `None`) of each image: the
+    captions and the row index of their image."""
     captions, image_index = [], []
     for row, image_captions in enumerate(split["captions"]):
+        image_captions = image_captions[:captions_per_image]
         captions.extend(image_captions)
         image_index.extend([row] * len(image_captions))
     return captions, torch.tensor(image_index, dtype=torch.long)
@@ -306,7 +311,7 @@ def train(config: TrainingConfig) -> Path:
     )
     train_split = dataset["train"]
     validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
-    train_captions, train_image_index = caption_pairs(train_split)
+    train_captions, train_image_index = caption_pairs(train_split, config.captions_per_image)
     with accelerator.main_process_first():
         train_image_embeds = cache.image_features(train_split["image_path"])
         validation_image_embeds = cache.image_features(validation_split["image_path"])

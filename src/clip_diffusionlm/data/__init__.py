@@ -19,7 +19,7 @@ from .readers import (
     load_karpathy_json,
     split_by_image,
 )
-from .shapes import build_shapes_world, content_accuracy, shapes_world_dataset
+from .shapes import build_shapes_world, canonical_caption, content_accuracy, shapes_world_dataset
 
 
 def load_datasets(
@@ -47,6 +47,7 @@ def load_datasets(
 
 __all__ = [
     "build_shapes_world",
+    "canonical_caption",
     "combine_datasets",
     "content_accuracy",
     "load_caption_dataset",

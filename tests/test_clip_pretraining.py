@@ -1,0 +1,62 @@
+"""The toy CLIP's training objective: hard-negative captions and the contrastive loss that ranks them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertTokenizer
+
+from clip_diffusionlm.clip_pretraining import build_clip, contrastive_loss, hard_negative
+from clip_diffusionlm.data.shapes import COLOUR_SYNONYMS, SHAPE_SYNONYMS, content_accuracy, contradicting_words
+
+SWAPS = contradicting_words()
+ONE_RED_CIRCLE = [{"shape": "circle", "colour": "red", "size": "small"}]
+RED_CIRCLE_BLUE_STAR = [{"shape": "circle", "colour": "red", "size": "small"},
+                        {"shape": "star", "colour": "blue", "size": "large"}]
+
+
+def test_contradicting_words_cover_every_attribute_word_and_never_a_synonym():
+    for synonyms in (COLOUR_SYNONYMS, SHAPE_SYNONYMS):
+        for name, words in synonyms.items():
+            for word in words:
+                assert set(SWAPS[word]).isdisjoint(words)
+                assert len(SWAPS[word]) == sum(len(w) for other, w in synonyms.items() if other != name)
+    assert SWAPS["boxes"] == ["circles", "discs", "triangles", "stars", "crosses", "diamonds"]
+
+
+def test_a_single_swap_makes_the_caption_false():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        negative = hard_negative("a small red circle, on a light background", SWAPS, generator)
+        assert negative.endswith(", on a light background")  # the comma stays with its position
+        assert content_accuracy([negative], [ONE_RED_CIRCLE])["object_accuracy"] == 0.0
+
+
+def test_two_contradicting_words_trade_places():
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        seen.add(hard_negative("a red circle and a blue star", SWAPS, generator))
+    assert seen == {"a blue circle and a red star", "a red star and a blue circle"}
+    for negative in seen:
+        assert content_accuracy([negative], [RED_CIRCLE_BLUE_STAR])["object_accuracy"] == 0.0
+
+
+def test_no_negative_without_a_swappable_word():
+    assert hard_negative("an empty picture", SWAPS, torch.Generator()) is None
+
+
+def test_contrastive_loss_without_negatives_is_clips_own_loss(tmp_path):
+    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "blue", "circle"]))
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    config = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16)
+    model = build_clip(config, tokenizer).eval()
+    tokens = tokenizer(["a red circle", "a blue circle", "a circle"], padding=True, return_tensors="pt")
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    output = model(**tokens, pixel_values=pixel_values, return_loss=True)
+    torch.testing.assert_close(contrastive_loss(output.logits_per_image, 3), output.loss)
+
+    # A negative identical to image 0's caption is as likely as its positive, so the loss must grow.
+    logits = torch.cat([output.logits_per_image, output.logits_per_image[:, :1]], dim=1)
+    assert contrastive_loss(logits, 3) > output.loss
