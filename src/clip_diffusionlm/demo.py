@@ -70,7 +70,7 @@ class DemoConfig:
                 "x1_restoring_loss": False,
             },
             "batch_size": 64,
-            "learning_rate": 1e-3,
+            "learning_rate": 2e-3,
             "lr_schedule": "cosine",
             "lr_end": 1e-5,
             "warmup_steps": 50,
