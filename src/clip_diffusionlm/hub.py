@@ -82,7 +82,7 @@ def write_model_card(
         if paper.get("bleu4") is not None
         else ""
     )
-    train_captions = sum(len(captions) for captions in dataset["train"]["captions"])
+    train_captions = sum(len(captions[: config.captions_per_image]) for captions in dataset["train"]["captions"])
     body = string.Template(resources.files(__package__).joinpath("templates/model_card.md").read_text()).substitute(
         model_name=repo_id,
         repo_id=repo_id,
