@@ -56,6 +56,8 @@ def test_round_trip(tmp_path):
         ({"prediction_step_offset": 1000}, "prediction_step_offset"),
         ({"embedding_scale": 0}, "embedding_scale"),
         ({"backbone_config": {"hidden_size": 8}}, "backbone_config"),
+        ({"image_condition_tokens": 0}, "image_condition_tokens"),
+        ({"image_condition_tokens": 4, "fusion": "add"}, "image_condition_tokens"),
     ],
 )
 def test_invalid_knobs_are_named(kwargs, message):
@@ -66,3 +68,4 @@ def test_invalid_knobs_are_named(kwargs, message):
 def test_condition_tokens_follow_fusion():
     assert CLIPDiffusionLMConfig(fusion="concat").num_condition_tokens == 1
     assert CLIPDiffusionLMConfig(fusion="concat", use_text_condition=True).num_condition_tokens == 2
+    assert CLIPDiffusionLMConfig(image_condition_tokens=4, use_text_condition=True).num_condition_tokens == 5

@@ -33,6 +33,20 @@ def test_forward_shapes(tokenizer, fusion, use_text_condition):
     assert output.loss is None
 
 
+@pytest.mark.parametrize("use_text_condition", [False, True])
+def test_image_condition_tokens_are_separate_slots(tokenizer, use_text_condition):
+    model = tiny_denoiser(tokenizer, image_condition_tokens=3, use_text_condition=use_text_condition)
+    image = torch.randn(BATCH, CONDITION_DIM)
+    tokens = model._condition_tokens(image, None, None)
+    assert tokens.shape == (BATCH, 3 + use_text_condition, 32)
+    assert not torch.allclose(tokens[:, 0], tokens[:, 1])  # distinct projections, not one token repeated
+    dropped = model._condition_tokens(image, None, torch.tensor([True, False, True]))
+    torch.testing.assert_close(dropped[0], model.null_condition.detach())
+    torch.testing.assert_close(dropped[1], tokens[1])
+    output = model(torch.randn(BATCH, LENGTH, 32), torch.tensor([0, 500, 999]), image)
+    assert output.prediction.shape == (BATCH, LENGTH, 32)
+
+
 def test_conditioning_changes_prediction(tokenizer):
     model = tiny_denoiser(tokenizer)
     noisy, t = torch.randn(BATCH, LENGTH, 32), torch.tensor([10, 10, 10])

@@ -27,6 +27,10 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         fusion (`str`, *optional*, defaults to `"concat"`):
             How the conditioning meets the caption. `"concat"` appends each projected CLIP feature as an extra token
             marked by a segment embedding (the paper's final choice); `"add"` adds it to every caption position.
+        image_condition_tokens (`int`, *optional*, defaults to 1):
+            Number of tokens the image embedding is projected into with concat fusion, like ClipCap's prefix
+            (Mokady et al., 2021): several slots let attention read different objects from different tokens. The
+            paper uses 1; values above 1 need `fusion="concat"`.
         use_text_condition (`bool`, *optional*, defaults to `False`):
             Also condition on the CLIP text embedding of the caption (the paper's guidance experiment). At inference
             the text slot takes user-given `text_embeds` or the learned null condition.
@@ -78,6 +82,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         caption_length: int = 16,
         condition_dim: int = 512,
         fusion: str = "concat",
+        image_condition_tokens: int = 1,
         use_text_condition: bool = False,
         condition_drop_prob: float = 0.0,
         prediction_type: str = "sample",
@@ -109,6 +114,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         self.caption_length = caption_length
         self.condition_dim = condition_dim
         self.fusion = fusion
+        self.image_condition_tokens = image_condition_tokens
         self.use_text_condition = use_text_condition
         self.condition_drop_prob = condition_drop_prob
         self.prediction_type = prediction_type
@@ -136,7 +142,13 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
-        for name in ("caption_length", "condition_dim", "num_train_timesteps", "prediction_step_offset"):
+        if self.image_condition_tokens > 1 and self.fusion != "concat":
+            raise ValueError(
+                f"`image_condition_tokens` = {self.image_condition_tokens} needs fusion='concat' (addition would sum the "
+                "tokens back into one)."
+            )
+        for name in ("caption_length", "condition_dim", "num_train_timesteps", "prediction_step_offset",
+                     "image_condition_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -177,4 +189,4 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         """Tokens appended to the caption by concat fusion (0 for add fusion)."""
         if self.fusion != "concat":
             return 0
-        return 2 if self.use_text_condition else 1
+        return self.image_condition_tokens + (1 if self.use_text_condition else 0)

@@ -90,15 +90,18 @@ class ConditionProjection(nn.Module):
     in a LayerNorm so that the conditioning enters at the same scale as the normalised noisy caption.
     """
 
-    def __init__(self, condition_dim: int, hidden_size: int, hidden_act: str):
+    def __init__(self, condition_dim: int, hidden_size: int, hidden_act: str, num_tokens: int = 1):
         super().__init__()
+        self.num_tokens = num_tokens
         self.linear_1 = nn.Linear(condition_dim, hidden_size)
         self.act = ACT2FN[hidden_act]
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, num_tokens * hidden_size)
         self.norm = nn.LayerNorm(hidden_size)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.linear_2(self.act(self.linear_1(condition))))
+        """`(batch, condition_dim)` → `(batch, num_tokens, hidden_size)`."""
+        tokens = self.linear_2(self.act(self.linear_1(condition)))
+        return self.norm(tokens.view(condition.shape[0], self.num_tokens, -1))
 
 
 class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
@@ -133,11 +136,13 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         hidden_size = self.backbone.config.hidden_size
         act = config.condition_hidden_act
 
-        self.image_projection = ConditionProjection(config.condition_dim, hidden_size, act)
+        self.image_projection = ConditionProjection(
+            config.condition_dim, hidden_size, act, num_tokens=config.image_condition_tokens
+        )
         self.text_projection = (
             ConditionProjection(config.condition_dim, hidden_size, act) if config.use_text_condition else None
         )
-        num_condition_slots = 2 if config.use_text_condition else 1
+        num_condition_slots = config.image_condition_tokens + (1 if config.use_text_condition else 0)
         # One learned "∅" per conditioning slot, in the projected space: used for classifier-free guidance.
         self.null_condition = nn.Parameter(torch.zeros(num_condition_slots, hidden_size))
         self.segment_embedding = nn.Embedding(2, hidden_size) if config.fusion == "concat" else None
@@ -237,15 +242,15 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         text_embeds: torch.FloatTensor | None,
         drop_condition: torch.BoolTensor | None,
     ) -> torch.FloatTensor:
-        """Projected conditioning, one token per slot (image, then text), shape `(batch, slots, hidden)`."""
+        """Projected conditioning, one token per slot (the image's tokens, then text), shape `(batch, slots, hidden)`."""
         batch_size = image_embeds.shape[0]
         tokens = [self.image_projection(image_embeds)]
         if self.text_projection is not None:
             if text_embeds is None:
-                tokens.append(self.null_condition[1].expand(batch_size, -1))
+                tokens.append(self.null_condition[-1:].expand(batch_size, -1, -1))
             else:
                 tokens.append(self.text_projection(text_embeds))
-        tokens = torch.stack(tokens, dim=1)
+        tokens = torch.cat(tokens, dim=1)
         if drop_condition is not None:
             null = self.null_condition[None].to(tokens.dtype)
             tokens = torch.where(drop_condition[:, None, None], null, tokens)
