@@ -51,13 +51,13 @@ class DemoConfig:
     # Hard negatives with a swapped colour or shape word make CLIP encode shapes, not only the colours that already
     # tell most images of a random batch apart.
     clip: CLIPPretrainingConfig = field(
-        default_factory=lambda: CLIPPretrainingConfig(epochs=10, hard_negative_swaps=contradicting_words())
+        default_factory=lambda: CLIPPretrainingConfig(epochs=14, hard_negative_swaps=contradicting_words())
     )
     text_backbone: str | None = None
     # Measured choices for a CPU budget (see the README): training on each image's canonical caption only (a function
     # of its content, where the varied references would ask a few-minute model to learn their distribution), 2 of
-    # MiniLM's 6 layers, rounding restricted to the world's words, addition fusion and self-conditioning, no extra
-    # x_1 pass.
+    # MiniLM's 6 layers, rounding restricted to the world's words, the image embedding as 4 concatenated tokens,
+    # self-conditioning, no extra x_1 pass.
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "captions_per_image": 1,
@@ -65,7 +65,8 @@ class DemoConfig:
             "restrict_rounding_vocabulary": True,
             "model_config": {
                 "caption_length": 16,
-                "fusion": "add",
+                "fusion": "concat",
+                "image_condition_tokens": 4,
                 "self_conditioning": True,
                 "x1_restoring_loss": False,
             },
@@ -74,9 +75,9 @@ class DemoConfig:
             "lr_schedule": "cosine",
             "lr_end": 1e-5,
             "warmup_steps": 50,
-            "max_steps": 900,
-            "validation_steps": 450,
-            "checkpointing_steps": 450,
+            "max_steps": 1300,
+            "validation_steps": 650,
+            "checkpointing_steps": 650,
             "report_to": "tensorboard",
         }
     )
