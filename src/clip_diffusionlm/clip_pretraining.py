@@ -105,7 +105,8 @@ def hard_negative(caption: str, swaps: dict[str, list[str]], generator: torch.Ge
     A false twin of `caption`, or `None` when no word of it is in `swaps`. If two of its words contradict each other
     they trade places ("a red circle and a blue star" → "a red star and a blue circle"), which only an embedding
     that binds attributes to objects can reject; otherwise one word is replaced by a contradicting one. Punctuation
-    attached to a word stays in place.
+    attached to a word stays in place. An exchange between objects that share their other attribute ("a red circle
+    and a red star") says the same thing; such twins are a small fraction and are kept.
     """
     words = caption.split(" ")
     stems = [word.rstrip(",:;.") for word in words]
