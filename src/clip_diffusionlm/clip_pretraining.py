@@ -131,9 +131,7 @@ def hard_negative(caption: str, swaps: dict[str, list[str]], generator: torch.Ge
     return " ".join(words)
 
 
-def contrastive_loss(
-    logits_per_image: torch.FloatTensor, batch_size: int
-) -> torch.FloatTensor:
+def contrastive_loss(logits_per_image: torch.FloatTensor, batch_size: int) -> torch.FloatTensor:
     """
     CLIP's symmetric InfoNCE loss where the text candidates may hold extra hard negatives after the `batch_size`
     positives: `logits_per_image` has shape `(batch_size, batch_size + num_negatives)`; image→text ranks all

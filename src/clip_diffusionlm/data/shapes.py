@@ -307,6 +307,11 @@ def _relations(
     return statements
 
 
+def _series(phrases: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
 def contradicting_words() -> dict[str, list[str]]:
     """
     Every colour and shape word of the captions → the words of the other colours, or of the other shapes in the same
@@ -333,7 +338,7 @@ def canonical_caption(objects: Sequence[Mapping[str, Any]]) -> str:
     """
     ordered = sorted(objects, key=lambda obj: (COLOURS.index(obj["colour"]), SHAPES.index(obj["shape"])))
     phrases = [f"{_article(obj['colour'])} {obj['colour']} {obj['shape']}" for obj in ordered]
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return _series(phrases)
 
 
 def _caption_templates(
@@ -357,11 +362,11 @@ def _caption_templates(
     def listed(with_size: bool | None) -> str:
         order = rng.sample(objects, len(objects))
         phrases = [_phrase(obj, rng, with_size) for obj in order]
-        return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return _series(phrases)
 
     def one_each() -> str:
         phrases = [f"one {_bare_phrase(obj, rng, rng.random() < 0.5)}" for obj in rng.sample(objects, len(objects))]
-        return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return _series(phrases)
 
     if len(objects) == 2:
         a, b = objects
@@ -409,7 +414,7 @@ def _caption_templates(
 
             def along(ordered: list[dict[str, Any]] = ordered, words: str = words) -> str:
                 phrases = [_phrase(obj, rng, False) for obj in ordered]
-                return f"{words}: " + ", ".join(phrases[:-1]) + " and " + phrases[-1]
+                return f"{words}: " + _series(phrases)
 
             templates.append(along)
     return templates
