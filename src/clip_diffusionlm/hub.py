@@ -50,7 +50,14 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def write_model_card(
-    output_dir: str | os.PathLike, config, denoiser, metrics: dict[str, Any], state, dataset, num_processes: int = 1
+    output_dir: str | os.PathLike,
+    config,
+    denoiser,
+    metrics: dict[str, Any],
+    state,
+    dataset,
+    num_train_captions: int,
+    num_processes: int = 1,
 ) -> ModelCard:
     """
     Fills the package's model card template from a finished training run and saves it as `README.md` in `output_dir`.
@@ -68,6 +75,8 @@ def write_model_card(
             Steps and training time.
         dataset (`datasets.DatasetDict`):
             The training data, for its sizes.
+        num_train_captions (`int`):
+            Captions trained on (fewer than the split holds with `config.captions_per_image`).
         num_processes (`int`, *optional*, defaults to 1):
             Data-parallel processes of the run.
     """
@@ -82,7 +91,6 @@ def write_model_card(
         if paper.get("bleu4") is not None
         else ""
     )
-    train_captions = sum(len(captions[: config.captions_per_image]) for captions in dataset["train"]["captions"])
     body = string.Template(resources.files(__package__).joinpath("templates/model_card.md").read_text()).substitute(
         model_name=repo_id,
         repo_id=repo_id,
@@ -102,7 +110,7 @@ def write_model_card(
         trainable_parameters=f"{sum(p.numel() for p in denoiser.parameters() if p.requires_grad):,}",
         datasets=dataset_name,
         num_train_images=len(dataset["train"]),
-        num_train_captions=train_captions,
+        num_train_captions=num_train_captions,
         num_validation_images=len(dataset["validation"]),
         global_step=state.global_step,
         batch_size=config.batch_size,

@@ -516,7 +516,9 @@ def train(config: TrainingConfig) -> Path:
             ema.copy_to(model.parameters())
         pipe = pipeline_for_validation()
         pipe.save_pretrained(output_dir)
-        write_model_card(output_dir, config, model, final_metrics, state, dataset, accelerator.num_processes)
+        write_model_card(
+            output_dir, config, model, final_metrics, state, dataset, len(train_captions), accelerator.num_processes
+        )
         if config.push_to_hub:
             from .hub import push_pipeline_to_hub
 
