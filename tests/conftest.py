@@ -17,6 +17,7 @@ from clip_diffusionlm.diffusion import make_noise_scheduler
 
 WORDS = "a an the small large red green blue yellow circle square triangle star left right of to and two shapes".split()
 CONDITION_DIM = 16
+PATCH_DIM = 32  # the tiny CLIP's vision hidden size
 IMAGE_SIZE = 32
 
 
@@ -49,7 +50,7 @@ def tiny_denoiser(tokenizer, **config_kwargs) -> CLIPDiffusionLMModel:
 
 def tiny_image_encoder() -> CLIPVisionModelWithProjection:
     config = CLIPVisionConfig(
-        hidden_size=32,
+        hidden_size=PATCH_DIM,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,

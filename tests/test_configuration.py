@@ -39,7 +39,6 @@ def test_round_trip(tmp_path):
     }
     assert reloaded.get_backbone_config().to_diff_dict() == config.get_backbone_config().to_diff_dict()
     assert reloaded.get_backbone_config().hidden_size == 64
-    assert reloaded.num_condition_tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -58,14 +57,11 @@ def test_round_trip(tmp_path):
         ({"backbone_config": {"hidden_size": 8}}, "backbone_config"),
         ({"image_condition_tokens": 0}, "image_condition_tokens"),
         ({"image_condition_tokens": 4, "fusion": "add"}, "image_condition_tokens"),
+        ({"image_features": "grid"}, "image_features"),
+        ({"image_features": "patches", "fusion": "add"}, "image_features"),
+        ({"image_features": "patches", "patch_dim": 0}, "patch_dim"),
     ],
 )
 def test_invalid_knobs_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CLIPDiffusionLMConfig(**kwargs)
-
-
-def test_condition_tokens_follow_fusion():
-    assert CLIPDiffusionLMConfig(fusion="concat").num_condition_tokens == 1
-    assert CLIPDiffusionLMConfig(fusion="concat", use_text_condition=True).num_condition_tokens == 2
-    assert CLIPDiffusionLMConfig(image_condition_tokens=4, use_text_condition=True).num_condition_tokens == 5

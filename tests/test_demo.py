@@ -10,14 +10,20 @@ from clip_diffusionlm.demo import DemoConfig, run_demo
 
 
 def _tiny_demo(backbone) -> DemoConfig:
+    demo_training = DemoConfig().training
     return DemoConfig(
         num_train=24, num_validation=6, num_test=6, num_holdout=4,
         world=ShapesWorldConfig(image_size=32),
         clip=CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16,
                                    epochs=1, batch_size=8, hard_negative_swaps=contradicting_words()),
         text_backbone=str(backbone),
-        training={"captions_per_image": 1, "model_config": {"caption_length": 12}, "batch_size": 8, "max_steps": 3, "validation_steps": 0,
-                  "checkpointing_steps": 0, "report_to": "none", "restrict_rounding_vocabulary": True},
+        # The demo's own training choices (patch features, canonical captions, ...) at toy size.
+        training={
+            **demo_training,
+            "model_config": {**demo_training["model_config"], "caption_length": 12},
+            "batch_size": 8, "max_steps": 3, "warmup_steps": 0, "validation_steps": 0, "checkpointing_steps": 0,
+            "report_to": "none",
+        },
         num_inference_steps=(2,),
     )
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -48,3 +49,22 @@ def test_a_different_clip_gets_its_own_cache(training_assets, tmp_path):
     second = CLIPFeatureCache(tmp_path, encoder, processor).image_features(paths)
     torch.testing.assert_close(second, -first)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("clip-")]) == 2
+
+
+def test_patch_features_are_cached_apart_from_pooled_ones(training_assets, tmp_path):
+    paths = shapes_world_dataset(training_assets["world"])["test"]["image_path"]
+    processor = CLIPImageProcessor.from_pretrained(training_assets["clip"])
+    encoder, calls = _encoder_and_counter(training_assets["clip"])
+    cache = CLIPFeatureCache(tmp_path, encoder, processor)
+    pooled = cache.image_features(paths)
+    patches = cache.image_features(paths, "patches")
+    num_patches = (encoder.config.image_size // encoder.config.patch_size) ** 2
+    assert pooled.ndim == 2 and patches.shape[:2] == (len(paths), num_patches + 1)
+    expected = encode_images(encoder, processor, [load_rgb_image(path) for path in paths], "patches")
+    torch.testing.assert_close(patches, expected)
+
+    calls.clear()
+    assert torch.equal(CLIPFeatureCache(tmp_path, encoder, processor).image_features(paths, "patches"), patches)
+    assert calls == []
+    with pytest.raises(ValueError, match="image_features"):
+        cache.image_features(paths, "grid")

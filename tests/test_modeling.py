@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CONDITION_DIM, tiny_backbone_config, tiny_denoiser
+from conftest import CONDITION_DIM, PATCH_DIM, tiny_backbone_config, tiny_denoiser
 from diffusers import DDPMScheduler
 from transformers import AutoModel, BertModel
 
@@ -45,6 +45,31 @@ def test_image_condition_tokens_are_separate_slots(tokenizer, use_text_condition
     torch.testing.assert_close(dropped[1], tokens[1])
     output = model(torch.randn(BATCH, LENGTH, 32), torch.tensor([0, 500, 999]), image)
     assert output.prediction.shape == (BATCH, LENGTH, 32)
+
+
+@pytest.mark.parametrize("use_text_condition", [False, True])
+def test_patch_features_get_their_own_tokens(tokenizer, use_text_condition):
+    model = tiny_denoiser(
+        tokenizer, image_features="patches", patch_dim=PATCH_DIM, image_condition_tokens=2,
+        use_text_condition=use_text_condition, x1_restoring_loss=False,
+    )
+    patches = torch.randn(BATCH, 5, PATCH_DIM)  # [CLS] + 4 patches
+    text = torch.randn(BATCH, CONDITION_DIM) if use_text_condition else None
+    tokens = model._condition_tokens(patches, text, None)
+    assert tokens.shape == (BATCH, 5 * 2 + use_text_condition, 32)
+    dropped = model._condition_tokens(patches, text, torch.tensor([True, False, True]))
+    null = torch.cat([model.null_condition[:2].repeat(5, 1), model.null_condition[2:]]).detach()
+    torch.testing.assert_close(dropped[0], null)
+    torch.testing.assert_close(dropped[1], tokens[1])
+
+    noisy, timesteps = torch.randn(BATCH, LENGTH, 32), torch.tensor([10, 500, 990])
+    prediction = model.denoise(noisy, timesteps, patches, text)
+    one_patch_changed = patches.clone()
+    one_patch_changed[:, 3] += 1.0
+    assert not torch.allclose(model.denoise(noisy, timesteps, one_patch_changed, text), prediction)
+    output = model(noisy, timesteps, patches, text, labels=_ids(tokenizer))
+    torch.testing.assert_close(output.prediction, prediction)
+    assert torch.isfinite(output.loss)
 
 
 def test_conditioning_changes_prediction(tokenizer):

@@ -11,10 +11,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import CONDITION_DIM, IMAGE_SIZE, tiny_pipeline
+from conftest import CONDITION_DIM, IMAGE_SIZE, PATCH_DIM, tiny_pipeline
 from diffusers import DDPMScheduler, DiffusionPipeline
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
+from clip_diffusionlm.clip_features import encode_images
 from clip_diffusionlm.pipeline_clip_diffusion_caption import collapse_repeated_words, decode_captions
 
 
@@ -57,6 +58,28 @@ def test_image_embeds_path_matches_images(pipeline):
     torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(3))
     from_embeds = pipeline(image_embeds=embeds, generator=torch.Generator().manual_seed(0)).captions
     assert from_embeds == _run(pipeline).captions
+
+
+def test_patch_features_pipeline(tokenizer, tmp_path):
+    pipe = tiny_pipeline(tokenizer, image_features="patches", patch_dim=PATCH_DIM)
+    pipe.set_progress_bar_config(disable=True)
+    patches = pipe.encode_images(_images())
+    num_patches = (IMAGE_SIZE // pipe.image_encoder.config.patch_size) ** 2
+    assert patches.shape == (3, num_patches + 1, PATCH_DIM)
+    # [CLS] under CLIP's own projection is the pooled embedding: both kinds come from the same forward pass.
+    projected = pipe.image_encoder.visual_projection(patches[:, 0])
+    pooled = encode_images(pipe.image_encoder, pipe.image_processor, _images())
+    torch.testing.assert_close(projected / projected.norm(dim=-1, keepdim=True), pooled)
+
+    captions = _run(pipe).captions
+    assert pipe(image_embeds=patches, generator=torch.Generator().manual_seed(0)).captions == captions
+    with pytest.raises(ValueError, match=r"image_embeds.*\(batch_size >= 1, num_patches \+ 1, 32\).*'patches'"):
+        pipe(image_embeds=pooled)
+    pipe.save_pretrained(tmp_path / "pipe")
+    reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.denoiser.config.image_features == "patches"
+    assert _run(reloaded).captions == captions
 
 
 def test_deterministic_with_generator(pipeline):

@@ -1,4 +1,4 @@
-"""Frozen CLIP features: turning user images (PIL, numpy, torch; any mode) into L2-normalised CLIP embeddings.
+"""Frozen CLIP features: turning user images (PIL, numpy, torch; any mode) into the CLIP features a denoiser reads.
 
 The pipeline and the training feature cache both encode through these functions, so a cached feature and one
 computed at inference time are the same numbers.
@@ -13,6 +13,7 @@ import PIL.Image
 import torch
 from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
+from .configuration_clip_diffusionlm import IMAGE_FEATURES
 from .data.images import load_rgb_image, to_rgb
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
@@ -71,17 +72,32 @@ def as_rgb_images(images: ImageInput | Sequence[ImageInput]) -> list[PIL.Image.I
     return converted
 
 
+def check_image_features(image_features: str) -> None:
+    if image_features not in IMAGE_FEATURES:
+        raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {image_features!r}.")
+
+
 @torch.no_grad()
 def encode_images(
     image_encoder: CLIPVisionModelWithProjection,
     image_processor: CLIPImageProcessor,
     images: ImageInput | Sequence[ImageInput],
+    image_features: str = "pooled",
 ) -> torch.FloatTensor:
-    """L2-normalised CLIP `image_embeds`, shape `(batch, projection_dim)`, on the encoder's device."""
+    """
+    CLIP features of images, on the encoder's device.
+
+    `image_features="pooled"` gives the L2-normalised `image_embeds`, shape `(batch, projection_dim)`;
+    `"patches"` gives the last hidden states of [CLS] and every patch under the post-LayerNorm that CLIP applies to
+    [CLS] before its projection, shape `(batch, num_patches + 1, hidden_size)`.
+    """
+    check_image_features(image_features)
     pixel_values = image_processor(images=as_rgb_images(images), return_tensors="pt").pixel_values
     pixel_values = pixel_values.to(device=image_encoder.device, dtype=image_encoder.dtype)
-    embeds = image_encoder(pixel_values=pixel_values).image_embeds
-    return embeds / embeds.norm(dim=-1, keepdim=True)
+    outputs = image_encoder(pixel_values=pixel_values)
+    if image_features == "patches":
+        return image_encoder.vision_model.post_layernorm(outputs.last_hidden_state)
+    return outputs.image_embeds / outputs.image_embeds.norm(dim=-1, keepdim=True)
 
 
 def encode_image_files(
@@ -89,10 +105,14 @@ def encode_image_files(
     image_processor: CLIPImageProcessor,
     paths: Sequence[str],
     batch_size: int = 256,
+    image_features: str = "pooled",
 ) -> torch.FloatTensor:
     """[`encode_images`] of image files (any mode, converted with `load_rgb_image`), `batch_size` at a time."""
     return torch.cat([
-        encode_images(image_encoder, image_processor, [load_rgb_image(path) for path in paths[start : start + batch_size]])
+        encode_images(
+            image_encoder, image_processor, [load_rgb_image(path) for path in paths[start : start + batch_size]],
+            image_features,
+        )
         for start in range(0, len(paths), batch_size)
     ])
 

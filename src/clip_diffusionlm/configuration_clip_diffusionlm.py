@@ -7,6 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 FUSION_METHODS = ("concat", "add")
+IMAGE_FEATURES = ("pooled", "patches")
 PREDICTION_TYPES = ("sample", "previous_sample")
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "sqrt", "linear")
 
@@ -23,14 +24,23 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         caption_length (`int`, *optional*, defaults to 16):
             Number of token positions `L` that are denoised together, special tokens and padding included.
         condition_dim (`int`, *optional*, defaults to 512):
-            Size of the CLIP embeddings used as conditioning (`image_embeds` of CLIP ViT-B/32 is 512).
+            Size of CLIP's joint embeddings, `image_embeds` and `text_embeds` (512 for CLIP ViT-B/32).
+        image_features (`str`, *optional*, defaults to `"pooled"`):
+            What the denoiser sees of the image. `"pooled"` is CLIP's `image_embeds`, one vector (the paper).
+            `"patches"` is the vision tower's last hidden states under CLIP's post-LayerNorm: [CLS] and every patch
+            (50 tokens for ViT-B/32), each projected into its own conditioning token, so that attention can read
+            each object where it is instead of from one summary vector (as in LaDiC and BLIP). Needs
+            `fusion="concat"`.
+        patch_dim (`int`, *optional*, defaults to 768):
+            Width of the patch features, the vision tower's `hidden_size` (768 for ViT-B/32); only read when
+            `image_features="patches"`.
         fusion (`str`, *optional*, defaults to `"concat"`):
             How the conditioning meets the caption. `"concat"` appends each projected CLIP feature as an extra token
             marked by a segment embedding (the paper's final choice); `"add"` adds it to every caption position.
         image_condition_tokens (`int`, *optional*, defaults to 1):
-            Number of tokens the image embedding is projected into with concat fusion, like ClipCap's prefix
-            (Mokady et al., 2021): several slots let attention read different objects from different tokens. The
-            paper uses 1; values above 1 need `fusion="concat"`.
+            Number of tokens each image feature (the pooled embedding, or each patch) is projected into with concat
+            fusion, like ClipCap's prefix (Mokady et al., 2021): several slots let attention read different objects
+            from different tokens. The paper uses 1; values above 1 need `fusion="concat"`.
         use_text_condition (`bool`, *optional*, defaults to `False`):
             Also condition on the CLIP text embedding of the caption (the paper's guidance experiment). At inference
             the text slot takes user-given `text_embeds` or the learned null condition.
@@ -82,6 +92,8 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         caption_length: int = 16,
         condition_dim: int = 512,
         fusion: str = "concat",
+        image_features: str = "pooled",
+        patch_dim: int = 768,
         image_condition_tokens: int = 1,
         use_text_condition: bool = False,
         condition_drop_prob: float = 0.0,
@@ -114,6 +126,8 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         self.caption_length = caption_length
         self.condition_dim = condition_dim
         self.fusion = fusion
+        self.image_features = image_features
+        self.patch_dim = patch_dim
         self.image_condition_tokens = image_condition_tokens
         self.use_text_condition = use_text_condition
         self.condition_drop_prob = condition_drop_prob
@@ -142,12 +156,18 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
+        if self.image_features not in IMAGE_FEATURES:
+            raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {self.image_features!r}.")
+        if self.image_features == "patches" and self.fusion != "concat":
+            raise ValueError(
+                "`image_features='patches'` needs fusion='concat' (addition would sum the patches back into one)."
+            )
         if self.image_condition_tokens > 1 and self.fusion != "concat":
             raise ValueError(
                 f"`image_condition_tokens` = {self.image_condition_tokens} needs fusion='concat' (addition would sum the "
                 "tokens back into one)."
             )
-        for name in ("caption_length", "condition_dim", "num_train_timesteps", "prediction_step_offset",
+        for name in ("caption_length", "condition_dim", "patch_dim", "num_train_timesteps", "prediction_step_offset",
                      "image_condition_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -183,10 +203,3 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
     def get_backbone_config(self) -> PretrainedConfig:
         """The transformers config of the transformer encoder, rebuilt from the stored dict."""
         return AutoConfig.for_model(**self.backbone_config)
-
-    @property
-    def num_condition_tokens(self) -> int:
-        """Tokens appended to the caption by concat fusion (0 for add fusion)."""
-        if self.fusion != "concat":
-            return 0
-        return self.image_condition_tokens + (1 if self.use_text_condition else 0)

@@ -56,17 +56,17 @@ class DemoConfig:
     text_backbone: str | None = None
     # Measured choices for a CPU budget (see the README): training on each image's canonical caption only (a function
     # of its content, where the varied references would ask a few-minute model to learn their distribution), 2 of
-    # MiniLM's 6 layers, rounding restricted to the world's words, the image embedding as 4 concatenated tokens,
-    # self-conditioning, no extra x_1 pass.
+    # MiniLM's 6 layers, rounding restricted to the world's words, CLIP's patch features as concatenated tokens (one
+    # 32-px patch per grid cell, so one object per token), self-conditioning, no extra x_1 pass.
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "captions_per_image": 1,
             "text_backbone_layers": 2,
             "restrict_rounding_vocabulary": True,
             "model_config": {
-                "caption_length": 16,
+                "caption_length": 14,
                 "fusion": "concat",
-                "image_condition_tokens": 4,
+                "image_features": "patches",
                 "self_conditioning": True,
                 "x1_restoring_loss": False,
             },
@@ -75,9 +75,9 @@ class DemoConfig:
             "lr_schedule": "cosine",
             "lr_end": 1e-5,
             "warmup_steps": 50,
-            "max_steps": 1300,
-            "validation_steps": 650,
-            "checkpointing_steps": 650,
+            "max_steps": 1000,
+            "validation_steps": 500,
+            "checkpointing_steps": 500,
             "report_to": "tensorboard",
         }
     )
@@ -187,9 +187,9 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
     results: dict[str, Any] = {"clip_retrieval": retrieval, "clip_probe": probe}
     for split_name in ("test", "holdout"):
         split = world[split_name]
+        image_embeds = cache.image_features(split["image_path"], pipe.denoiser.config.image_features)
         rows = evaluate_pipeline(
-            pipe, split, output_dir / "evaluation" / split_name, cache.image_features(split["image_path"]),
-            num_inference_steps=config.num_inference_steps,
+            pipe, split, output_dir / "evaluation" / split_name, image_embeds, num_inference_steps=config.num_inference_steps
         )
         results[split_name] = rows
     predictions = [

@@ -119,8 +119,8 @@ def diffusion_loss(
             From [`make_noise_scheduler`] with the model's config.
         input_ids (`torch.LongTensor` of shape `(batch_size, caption_length)`):
             Padded caption token ids.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`):
-            Cached CLIP image embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`):
+            Cached CLIP image features (see `config.image_features`).
         text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
             Cached CLIP text embeddings, for `config.use_text_condition`.
         timesteps_per_caption (`int`, *optional*, defaults to 1):

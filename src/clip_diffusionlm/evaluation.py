@@ -100,8 +100,8 @@ def evaluate_pipeline(
             Rows with `image_id`, `image_path`, `captions` (and `objects` for the shapes world).
         output_dir (`str` or `os.PathLike`):
             Receives `predictions.jsonl`, `metrics.json` and `metrics.md`.
-        image_embeds (`torch.FloatTensor` of shape `(len(split), condition_dim)`, *optional*):
-            Cached CLIP features of the split's images; computed with the pipeline's encoder when omitted.
+        image_embeds (`torch.FloatTensor` of shape `(len(split), condition_dim)` or `(len(split), num_patches + 1, patch_dim)`, *optional*):
+            Cached CLIP features of the split's images, of the kind the denoiser reads (`config.image_features`); computed with the pipeline's encoder when omitted.
         num_inference_steps (`Sequence[int]`, *optional*, defaults to `(5,)`):
             Step counts to sweep.
         guidance_scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`):
@@ -121,7 +121,10 @@ def evaluate_pipeline(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if image_embeds is None:
-        image_embeds = encode_image_files(pipe.image_encoder, pipe.image_processor, list(split["image_path"]), batch_size)
+        image_embeds = encode_image_files(
+            pipe.image_encoder, pipe.image_processor, list(split["image_path"]), batch_size,
+            pipe.denoiser.config.image_features,
+        )
     if len(image_embeds) != len(split):
         raise ValueError(f"`image_embeds` has {len(image_embeds)} rows but the split has {len(split)} images.")
 
@@ -178,7 +181,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     image_embeds = None
     if args.feature_cache_dir:
         cache = CLIPFeatureCache(args.feature_cache_dir, pipe.image_encoder, pipe.image_processor)
-        image_embeds = cache.image_features(split["image_path"])
+        image_embeds = cache.image_features(split["image_path"], pipe.denoiser.config.image_features)
     rows = evaluate_pipeline(
         pipe, split, args.output_dir, image_embeds, args.num_inference_steps, args.guidance_scale,
         args.num_captions_per_image, args.batch_size, args.seed,

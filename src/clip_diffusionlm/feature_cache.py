@@ -1,6 +1,6 @@
 """An on-disk cache of frozen CLIP features, so that training reads embeddings instead of running CLIP every step.
 
-Layout: `cache_dir/<clip fingerprint>/<data fingerprint>/{image,text}-<shard>.safetensors`. The CLIP fingerprint
+Layout: `cache_dir/<clip fingerprint>/<data fingerprint>/{image,image-patches,text}-<shard>.safetensors`. The CLIP fingerprint
 hashes the encoder's weights (a retrained CLIP never reuses stale features); the data fingerprint hashes the ordered
 image paths with their sizes and modification times (or the caption texts). Shards are written to a temporary name
 and renamed, so an interrupted run keeps every finished shard and resumes after the last one.
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .clip_features import encode_image_files, encode_texts
+from .clip_features import check_image_features, encode_image_files, encode_texts
 
 logger = logging.getLogger("clip_diffusionlm.data")
 
@@ -115,13 +115,18 @@ class CLIPFeatureCache:
         self.image_key = model_fingerprint(image_encoder)
         self.text_key = None if text_encoder is None else model_fingerprint(text_encoder)
 
-    def image_features(self, image_paths: Sequence[str]) -> torch.FloatTensor:
-        """`(len(image_paths), projection_dim)` embeddings, in the given order."""
+    def image_features(self, image_paths: Sequence[str], image_features: str = "pooled") -> torch.FloatTensor:
+        """
+        Features of images, in the given order: `(len(image_paths), projection_dim)` embeddings, or with
+        `image_features="patches"` `(len(image_paths), num_patches + 1, hidden_size)` patch features (see
+        [`encode_images`]).
+        """
+        check_image_features(image_features)
         return self._features(
-            "image",
+            "image" if image_features == "pooled" else f"image-{image_features}",
             self.image_key,
             list(image_paths),
-            lambda paths: encode_image_files(self.image_encoder, self.image_processor, paths, len(paths)),
+            lambda paths: encode_image_files(self.image_encoder, self.image_processor, paths, len(paths), image_features),
         )
 
     def text_features(self, captions: Sequence[str]) -> torch.FloatTensor:
@@ -136,7 +141,8 @@ class CLIPFeatureCache:
         self, kind: str, model_key: str, items: list[str], encode_batch: Callable[[Sequence[str]], torch.Tensor]
     ) -> torch.FloatTensor:
         # Image files are keyed with their size and mtime too, so an edited image is encoded again.
-        folder = self.cache_dir / f"clip-{model_key}" / _data_fingerprint(kind, items, with_file_stats=kind == "image")
+        data_key = _data_fingerprint(kind, items, with_file_stats=kind.startswith("image"))
+        folder = self.cache_dir / f"clip-{model_key}" / data_key
         self._write_manifest(folder, {"kind": kind, "num_items": len(items)})
         return _cached_features(folder, kind, items, encode_batch, self.batch_size)
 

@@ -97,6 +97,11 @@ def write_model_card(
         clip_model=config.clip_model,
         text_backbone=config.text_backbone,
         caption_length=model_config.caption_length,
+        image_features=(
+            "CLIP's patch features ([CLS] and every patch), one token each"
+            if model_config.image_features == "patches"
+            else "CLIP's pooled image embedding"
+        ),
         fusion=model_config.fusion,
         prediction_type="x0" if model_config.prediction_type == "sample" else f"x_(t-{model_config.prediction_step_offset})",
         rounding_weight=(

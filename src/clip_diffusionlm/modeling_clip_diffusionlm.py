@@ -87,7 +87,8 @@ class SinusoidalTimestepEmbedding(nn.Module):
 class ConditionProjection(nn.Module):
     """
     The paper's MLP that maps a CLIP feature (`condition_dim`) into the word-embedding space (`hidden_size`), ending
-    in a LayerNorm so that the conditioning enters at the same scale as the normalised noisy caption.
+    in a LayerNorm so that the conditioning enters at the same scale as the normalised noisy caption. Each input
+    feature becomes `num_tokens` tokens.
     """
 
     def __init__(self, condition_dim: int, hidden_size: int, hidden_act: str, num_tokens: int = 1):
@@ -99,9 +100,12 @@ class ConditionProjection(nn.Module):
         self.norm = nn.LayerNorm(hidden_size)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        """`(batch, condition_dim)` → `(batch, num_tokens, hidden_size)`."""
-        tokens = self.linear_2(self.act(self.linear_1(condition)))
-        return self.norm(tokens.view(condition.shape[0], self.num_tokens, -1))
+        """`(batch, condition_dim)` or `(batch, num_features, condition_dim)` → `(batch, num_features · num_tokens,
+        hidden_size)`."""
+        if condition.ndim == 2:
+            condition = condition[:, None]
+        tokens = self.linear_2(self.act(self.linear_1(condition)))  # (batch, num_features, num_tokens · hidden)
+        return self.norm(tokens.view(condition.shape[0], condition.shape[1] * self.num_tokens, -1))
 
 
 class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
@@ -136,14 +140,14 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         hidden_size = self.backbone.config.hidden_size
         act = config.condition_hidden_act
 
-        self.image_projection = ConditionProjection(
-            config.condition_dim, hidden_size, act, num_tokens=config.image_condition_tokens
-        )
+        image_dim = config.patch_dim if config.image_features == "patches" else config.condition_dim
+        self.image_projection = ConditionProjection(image_dim, hidden_size, act, num_tokens=config.image_condition_tokens)
         self.text_projection = (
             ConditionProjection(config.condition_dim, hidden_size, act) if config.use_text_condition else None
         )
         num_condition_slots = config.image_condition_tokens + (1 if config.use_text_condition else 0)
-        # One learned "∅" per conditioning slot, in the projected space: used for classifier-free guidance.
+        # One learned "∅" per conditioning slot, in the projected space: used for classifier-free guidance. Every
+        # patch shares the image's slots.
         self.null_condition = nn.Parameter(torch.zeros(num_condition_slots, hidden_size))
         self.segment_embedding = nn.Embedding(2, hidden_size) if config.fusion == "concat" else None
         self.timestep_embedding = (
@@ -242,17 +246,21 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         text_embeds: torch.FloatTensor | None,
         drop_condition: torch.BoolTensor | None,
     ) -> torch.FloatTensor:
-        """Projected conditioning, one token per slot (the image's tokens, then text), shape `(batch, slots, hidden)`."""
+        """Projected conditioning, the image's tokens then text's, shape `(batch, image_tokens [+ 1], hidden)`."""
         batch_size = image_embeds.shape[0]
-        tokens = [self.image_projection(image_embeds)]
+        image_tokens = self.image_projection(image_embeds)  # (batch, num_features · k, hidden)
+        image_slots = self.config.image_condition_tokens
+        null_tokens = [self.null_condition[:image_slots].repeat(image_tokens.shape[1] // image_slots, 1)]
+        tokens = [image_tokens]
         if self.text_projection is not None:
+            null_tokens.append(self.null_condition[image_slots:])
             if text_embeds is None:
-                tokens.append(self.null_condition[-1:].expand(batch_size, -1, -1))
+                tokens.append(self.null_condition[image_slots:].expand(batch_size, -1, -1))
             else:
                 tokens.append(self.text_projection(text_embeds))
         tokens = torch.cat(tokens, dim=1)
         if drop_condition is not None:
-            null = self.null_condition[None].to(tokens.dtype)
+            null = torch.cat(null_tokens)[None].to(tokens.dtype)
             tokens = torch.where(drop_condition[:, None, None], null, tokens)
         return tokens
 
@@ -308,8 +316,9 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
                 `x_t`, noisy caption embeddings in the scaled embedding space.
             timesteps (`torch.LongTensor` of shape `(batch_size,)` or `()`):
                 `t` of each sample, in `[0, num_train_timesteps)`.
-            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`):
-                Frozen CLIP image embeddings.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`):
+                Frozen CLIP image features: `image_embeds`, or the patch features when
+                `config.image_features == "patches"`.
             text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
                 Frozen CLIP text embeddings; only read when `config.use_text_condition`. `None` uses the null
                 condition for the text slot.

@@ -1,4 +1,4 @@
-"""`CLIPDiffusionCaptionPipeline`: images → CLIP embeddings → a few denoising steps in word-embedding space → text."""
+"""`CLIPDiffusionCaptionPipeline`: images → CLIP features → a few denoising steps in word-embedding space → text."""
 
 from __future__ import annotations
 
@@ -144,8 +144,9 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
             json.dump(index, file, indent=2, sort_keys=True)
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
-        """L2-normalised CLIP image embeddings `(batch, condition_dim)` of PIL/numpy/torch images."""
-        return encode_images(self.image_encoder, self.image_processor, images)
+        """The CLIP features the denoiser reads (`config.image_features`) of PIL/numpy/torch images: L2-normalised
+        `image_embeds` `(batch, condition_dim)`, or patch features `(batch, num_patches + 1, patch_dim)`."""
+        return encode_images(self.image_encoder, self.image_processor, images, self.denoiser.config.image_features)
 
     def _guided_prediction(
         self,
@@ -205,8 +206,9 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
                 Images of any size and mode (RGB, grayscale, RGBA, ...). Arrays are `(H, W[, C])` or `(C, H, W)`,
                 uint8 or float in [0, 1]; a 4-D array or tensor is a batch. Give either `images` or `image_embeds`.
-            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
-                Precomputed L2-normalised CLIP image embeddings (e.g. from a feature cache).
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`, *optional*):
+                Precomputed CLIP features as [`encode_images`] returns them (e.g. from a feature cache): L2-normalised
+                `image_embeds`, or patch features for a denoiser with `image_features="patches"`.
             text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
                 CLIP text embeddings for a denoiser trained with `use_text_condition`; the learned null condition
                 is used when omitted.
@@ -250,14 +252,17 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.denoiser.dtype
         if image_embeds is None:
             image_embeds = self.encode_images(images)
-        if image_embeds.ndim != 2 or image_embeds.shape[-1] != config.condition_dim or image_embeds.shape[0] == 0:
+        patches = config.image_features == "patches"
+        width = config.patch_dim if patches else config.condition_dim
+        if image_embeds.ndim != (3 if patches else 2) or image_embeds.shape[-1] != width or image_embeds.shape[0] == 0:
+            expected = f"(batch_size >= 1, num_patches + 1, {width})" if patches else f"(batch_size >= 1, {width})"
             raise ValueError(
-                f"`image_embeds` must have shape (batch_size >= 1, {config.condition_dim}), got "
+                f"`image_embeds` must have shape {expected} for image_features={config.image_features!r}, got "
                 f"{tuple(image_embeds.shape)}."
             )
-        if text_embeds is not None and text_embeds.shape != image_embeds.shape:
+        if text_embeds is not None and text_embeds.shape != (image_embeds.shape[0], config.condition_dim):
             raise ValueError(
-                f"`text_embeds` must match `image_embeds` in shape {tuple(image_embeds.shape)}, got "
+                f"`text_embeds` must have shape ({image_embeds.shape[0]}, {config.condition_dim}), got "
                 f"{tuple(text_embeds.shape)}."
             )
         image_embeds = image_embeds.to(device, dtype).repeat_interleave(num_captions_per_image, dim=0)

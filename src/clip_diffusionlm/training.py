@@ -263,9 +263,14 @@ class _StopRequest:
 
 
 def build_denoiser(
-    config: TrainingConfig, condition_dim: int, rounding_vocabulary: list[int] | None = None
+    config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, rounding_vocabulary: list[int] | None = None
 ) -> CLIPDiffusionLMModel:
-    model_kwargs = {"condition_dim": condition_dim, "rounding_vocabulary": rounding_vocabulary, **config.model_config}
+    model_kwargs = {
+        "condition_dim": image_encoder.config.projection_dim,
+        "patch_dim": image_encoder.config.hidden_size,
+        "rounding_vocabulary": rounding_vocabulary,
+        **config.model_config,
+    }
     pretrained = CLIPDiffusionLMModel.from_text_backbone(
         config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
     )
@@ -313,8 +318,8 @@ def train(config: TrainingConfig) -> Path:
     validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
     train_captions, train_image_index = caption_pairs(train_split, config.captions_per_image)
     with accelerator.main_process_first():
-        train_image_embeds = cache.image_features(train_split["image_path"])
-        validation_image_embeds = cache.image_features(validation_split["image_path"])
+        train_image_embeds = cache.image_features(train_split["image_path"], model_config.image_features)
+        validation_image_embeds = cache.image_features(validation_split["image_path"], model_config.image_features)
         train_text_embeds = cache.text_features(train_captions) if text_encoder is not None else None
 
     tokenizer = AutoTokenizer.from_pretrained(config.text_backbone)
@@ -323,7 +328,7 @@ def train(config: TrainingConfig) -> Path:
     rounding_vocabulary = None
     if config.restrict_rounding_vocabulary:
         rounding_vocabulary = sorted(set(train_ids.unique().tolist()) | set(tokenizer.all_special_ids))
-    denoiser = build_denoiser(config, train_image_embeds.shape[-1], rounding_vocabulary)
+    denoiser = build_denoiser(config, image_encoder, rounding_vocabulary)
     tensors = [train_ids, train_image_index] + ([train_text_embeds] if train_text_embeds is not None else [])
     sampler = EpochShuffleSampler(len(train_ids), config.seed)
     # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the global RNG
