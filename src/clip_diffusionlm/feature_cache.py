@@ -1,8 +1,8 @@
 """An on-disk cache of frozen CLIP features, so that training reads embeddings instead of running CLIP every step.
 
-Layout: `cache_dir/<clip fingerprint>/<data fingerprint>/{image,image-patches,text}-<shard>.safetensors`. The CLIP fingerprint
-hashes the encoder's weights (a retrained CLIP never reuses stale features); the data fingerprint hashes the ordered
-image paths with their sizes and modification times (or the caption texts). Shards are written to a temporary name
+Layout: `cache_dir/<clip fingerprint>/<data fingerprint>/{image,image-patches,text}-<shard>.safetensors`. The CLIP
+fingerprint hashes the encoder's weights (a retrained CLIP never reuses stale features); the data fingerprint hashes
+the ordered image paths with their sizes and modification times (or the caption texts). Shards are written to a temporary name
 and renamed, so an interrupted run keeps every finished shard and resumes after the last one.
 """
 

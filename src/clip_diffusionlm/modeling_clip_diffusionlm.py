@@ -250,18 +250,18 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         batch_size = image_embeds.shape[0]
         image_tokens = self.image_projection(image_embeds)  # (batch, num_features · k, hidden)
         image_slots = self.config.image_condition_tokens
-        null_tokens = [self.null_condition[:image_slots].repeat(image_tokens.shape[1] // image_slots, 1)]
         tokens = [image_tokens]
         if self.text_projection is not None:
-            null_tokens.append(self.null_condition[image_slots:])
             if text_embeds is None:
                 tokens.append(self.null_condition[image_slots:].expand(batch_size, -1, -1))
             else:
                 tokens.append(self.text_projection(text_embeds))
         tokens = torch.cat(tokens, dim=1)
         if drop_condition is not None:
-            null = torch.cat(null_tokens)[None].to(tokens.dtype)
-            tokens = torch.where(drop_condition[:, None, None], null, tokens)
+            # Every image feature takes the image's null slots; the text slot (if any) keeps its own.
+            num_features = image_tokens.shape[1] // image_slots
+            null = torch.cat([self.null_condition[:image_slots].repeat(num_features, 1), self.null_condition[image_slots:]])
+            tokens = torch.where(drop_condition[:, None, None], null[None].to(tokens.dtype), tokens)
         return tokens
 
     def denoise(
