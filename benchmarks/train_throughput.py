@@ -26,9 +26,9 @@ from diffusers import DDPMScheduler
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from clip_diffusionlm import CLIPDiffusionLMModel, diffusion_loss, make_noise_scheduler
-from clip_diffusionlm.clip_features import encode_image_files, encode_images
+from clip_diffusionlm.clip_features import encode_dataset_images, encode_images
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-from clip_diffusionlm.data import build_shapes_world, load_rgb_image, shapes_world_dataset
+from clip_diffusionlm.data import build_shapes_world, load_image_folder
 from clip_diffusionlm.demo import DemoConfig, default_text_backbone
 from clip_diffusionlm.training import caption_pairs, tokenize_captions
 
@@ -54,15 +54,14 @@ def _prepare(workdir: Path, num_images: int):
 def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps: int) -> dict[str, float]:
     """Samples/s of the same optimisation step, fed by the feature cache or by CLIP on the fly."""
     world, backbone, tokenizer, clip_dir = _prepare(workdir, num_images)
-    split = shapes_world_dataset(world)["train"]
+    split = load_image_folder(world)["train"]
     captions, image_index = caption_pairs(split)
     model_config = DEMO_TRAINING["model_config"]
     ids = tokenize_captions(tokenizer, captions, model_config["caption_length"])
     encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
-    paths = list(split["image_path"])
     image_features = model_config["image_features"]
-    cached = encode_image_files(encoder, processor, paths, image_features=image_features)
+    cached = encode_dataset_images(encoder, processor, split, image_features=image_features)
     vocabulary = sorted(set(ids.unique().tolist()) | set(tokenizer.all_special_ids))
 
     results = {}
@@ -83,7 +82,7 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
             if mode == "feature_cache":
                 image_embeds = cached[image_index[batch]]
             else:
-                images = [load_rgb_image(paths[i]) for i in image_index[batch].tolist()]
+                images = split.select(image_index[batch].tolist())["image"]
                 image_embeds = encode_images(encoder, processor, images, image_features)
             loss = diffusion_loss(model, scheduler, ids[batch], image_embeds).loss
             loss.backward()

@@ -15,7 +15,7 @@ from clip_diffusionlm.clip_pretraining import (
     pretrain_clip,
     zero_shot_retrieval,
 )
-from clip_diffusionlm.data import build_shapes_world, shapes_world_dataset
+from clip_diffusionlm.data import build_shapes_world, load_image_folder
 from clip_diffusionlm.data.shapes import contradicting_words
 from clip_diffusionlm.demo import default_text_backbone
 
@@ -31,7 +31,7 @@ if __name__ == "__main__":
         "--hard_negatives", action="store_true", help="Add captions with a swapped colour or shape word as negatives."
     )
     args = parser.parse_args()
-    world = shapes_world_dataset(build_shapes_world(args.world))
+    world = load_image_folder(build_shapes_world(args.world))
     config = CLIPPretrainingConfig(
         **{spec.name: getattr(args, spec.name) for spec in scalar_fields},
         hard_negative_swaps=contradicting_words() if args.hard_negatives else {},

@@ -93,7 +93,7 @@ def training_assets(tmp_path_factory):
     from transformers import BertModel
 
     from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-    from clip_diffusionlm.data import build_shapes_world, shapes_world_dataset
+    from clip_diffusionlm.data import build_shapes_world, load_image_folder
     from clip_diffusionlm.data.shapes import ShapesWorldConfig
 
     root = tmp_path_factory.mktemp("assets")
@@ -102,7 +102,7 @@ def training_assets(tmp_path_factory):
         config=ShapesWorldConfig(image_size=32),
     )
     words = set()
-    for split in shapes_world_dataset(world_dir).values():
+    for split in load_image_folder(world_dir).values():
         for captions in split["captions"]:
             for caption in captions:
                 words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))

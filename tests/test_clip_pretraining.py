@@ -6,7 +6,8 @@ import torch
 from transformers import BertTokenizer
 
 from clip_diffusionlm.clip_pretraining import build_clip, contrastive_loss, hard_negative
-from clip_diffusionlm.data.shapes import COLOUR_SYNONYMS, SHAPE_SYNONYMS, content_accuracy, contradicting_words
+from clip_diffusionlm.data.shapes import COLOUR_SYNONYMS, SHAPE_SYNONYMS, contradicting_words
+from clip_diffusionlm.metrics import content_accuracy
 
 SWAPS = contradicting_words()
 ONE_RED_CIRCLE = [{"shape": "circle", "colour": "red", "size": "small"}]

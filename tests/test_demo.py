@@ -55,9 +55,9 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
 
 def test_attribute_probe_is_perfect_against_itself(training_assets):
     from clip_diffusionlm.clip_pretraining import attribute_probe
-    from clip_diffusionlm.data import shapes_world_dataset
+    from clip_diffusionlm.data import load_image_folder
 
-    world = shapes_world_dataset(training_assets["world"])
+    world = load_image_folder(training_assets["world"])
     assert attribute_probe(training_assets["clip"], world["train"], world["train"]) == {
         "same_colours": 1.0, "same_shapes": 1.0, "same_objects": 1.0
     }

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from clip_diffusionlm.data import shapes_world_dataset
+from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.evaluation import evaluate_main
 from clip_diffusionlm.hub import eval_results_from_metrics
 
@@ -17,7 +17,7 @@ def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, 
         "--num_captions_per_image", "2", "--batch_size", "4",
     ])
     assert code == 0
-    test_split = shapes_world_dataset(training_assets["world"])["test"]
+    test_split = load_image_folder(training_assets["world"])["test"]
     records = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4 * len(test_split)  # 2 step counts × 2 guidance scales
     assert {(r["num_inference_steps"], r["guidance_scale"]) for r in records} == {(1, 1), (1, 2), (3, 1), (3, 2)}

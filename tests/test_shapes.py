@@ -9,7 +9,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from datasets import Image
 
+from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.data.shapes import (
     COLOUR_RGB,
     COLOURS,
@@ -19,11 +21,9 @@ from clip_diffusionlm.data.shapes import (
     ShapesWorldConfig,
     build_shapes_world,
     canonical_caption,
-    content_accuracy,
     generate_shapes_world,
-    parse_caption,
-    shapes_world_dataset,
 )
+from clip_diffusionlm.metrics import content_accuracy, parse_caption
 
 # Every word the templates use. All are single word pieces in BERT's uncased vocabulary, which is what makes the
 # word-piece estimate below exact; a new template word must be checked against the tokenizer before joining this set.
@@ -200,8 +200,6 @@ def test_bad_generation_arguments_raise(tmp_path):
         build_shapes_world(tmp_path, num_train=1.5)
     with pytest.raises(ValueError, match="num_holdout=2 needs config.holdout_combinations"):
         build_shapes_world(tmp_path, num_holdout=2, config=ShapesWorldConfig(holdout_combinations=()))
-    with pytest.raises(ValueError, match="no complete shapes world"):
-        shapes_world_dataset(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,14 +344,15 @@ def test_build_writes_image_folder_and_dataset(world):
     assert sorted(p.name for p in (world / "images").iterdir()) == sorted(Path(r["file_name"]).name for r in records)
     assert set(records[0]) == {"file_name", "captions", "split", "objects"}
 
-    dataset = shapes_world_dataset(world)
+    # The world is an ordinary image folder: the generic loader reads it, its `split` column assigns the splits.
+    dataset = load_image_folder(world)
     assert list(dataset) == ["train", "validation", "test", "holdout"]
-    assert dataset["train"].column_names == ["image_id", "image_path", "captions", "objects"]
-    assert dataset["validation"][0]["image_id"] == "validation-000000"
+    assert dataset["train"].column_names == ["image_id", "image", "captions", "objects"]
+    assert dataset["validation"][0]["image_id"] == f"{world.name}/images/000012.png"
     hashes = {}
     for split, rows in dataset.items():
-        for row in rows:
-            path = Path(row["image_path"])
+        for row in rows.cast_column("image", Image(decode=False)):
+            path = Path(row["image"]["path"])
             assert path.is_absolute() and path.is_file()
             hashes[row["image_id"]] = (split, hashlib.sha256(path.read_bytes()).hexdigest())
             pairs = {(o["colour"], o["shape"]) for o in json.loads(row["objects"])}
@@ -370,7 +369,7 @@ def test_build_writes_image_folder_and_dataset(world):
 def test_build_is_deterministic_across_directories(world, tmp_path):
     again = build_shapes_world(tmp_path, seed=3, **SMALL_WORLD)
     assert (again / "metadata.jsonl").read_bytes() == (world / "metadata.jsonl").read_bytes()
-    assert (again / "images/test-000003.png").read_bytes() == (world / "images/test-000003.png").read_bytes()
+    assert (again / "images/000019.png").read_bytes() == (world / "images/000019.png").read_bytes()
 
 
 def test_build_is_idempotent_and_regenerates_on_change(tmp_path):
@@ -389,12 +388,12 @@ def test_build_is_idempotent_and_regenerates_on_change(tmp_path):
     (tmp_path / "images" / "notes.txt").write_text("keep me")
     build_shapes_world(tmp_path, seed=1, num_train=3, num_validation=1, num_test=1, num_holdout=0)
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+        "000003.png",
+        "000004.png",
         "notes.txt",
-        "test-000000.png",
-        "train-000000.png",
-        "train-000001.png",
-        "train-000002.png",
-        "validation-000000.png",
     ]
     small_images = ShapesWorldConfig(image_size=32)
     build_shapes_world(tmp_path, seed=1, num_train=3, num_validation=1, num_test=1, num_holdout=0, config=small_images)
@@ -406,13 +405,11 @@ def test_partial_world_is_regenerated(tmp_path):
     partial = build_shapes_world(tmp_path / "partial", seed=0, **SMALL_WORLD)
     # Simulate a crash: world.json is never written, metadata and an image are cut short.
     (partial / "world.json").unlink()
-    (partial / "metadata.jsonl").write_text('{"file_name": "images/train-000000.png"')
-    (partial / "images/train-000005.png").write_bytes(b"\x89PNG")
-    with pytest.raises(ValueError, match="no complete shapes world"):
-        shapes_world_dataset(partial)
+    (partial / "metadata.jsonl").write_text('{"file_name": "images/000000.png"')
+    (partial / "images/000005.png").write_bytes(b"\x89PNG")
 
     build_shapes_world(partial, seed=0, **SMALL_WORLD)
     assert (partial / "metadata.jsonl").read_bytes() == (reference / "metadata.jsonl").read_bytes()
-    assert (partial / "images/train-000005.png").read_bytes() == (reference / "images/train-000005.png").read_bytes()
+    assert (partial / "images/000005.png").read_bytes() == (reference / "images/000005.png").read_bytes()
     assert (partial / "world.json").read_bytes() == (reference / "world.json").read_bytes()
     assert not list(partial.glob(".*tmp*"))

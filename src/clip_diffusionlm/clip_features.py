@@ -6,15 +6,18 @@ computed at inference time are the same numbers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
+import datasets
 import numpy as np
 import PIL.Image
 import torch
+from torch.utils.data import DataLoader
 from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from .configuration_clip_diffusionlm import IMAGE_FEATURES
-from .data.images import load_rgb_image, to_rgb
+from .data.images import to_rgb
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -78,21 +81,17 @@ def check_image_features(image_features: str) -> None:
 
 
 @torch.no_grad()
-def encode_images(
-    image_encoder: CLIPVisionModelWithProjection,
-    image_processor: CLIPImageProcessor,
-    images: ImageInput | Sequence[ImageInput],
-    image_features: str = "pooled",
+def encode_pixel_values(
+    image_encoder: CLIPVisionModelWithProjection, pixel_values: torch.FloatTensor, image_features: str = "pooled"
 ) -> torch.FloatTensor:
     """
-    CLIP features of images, on the encoder's device.
+    CLIP features of preprocessed images, on the encoder's device.
 
     `image_features="pooled"` gives the L2-normalised `image_embeds`, shape `(batch, projection_dim)`;
     `"patches"` gives the last hidden states of [CLS] and every patch under the post-LayerNorm that CLIP applies to
     [CLS] before its projection, shape `(batch, num_patches + 1, hidden_size)`.
     """
     check_image_features(image_features)
-    pixel_values = image_processor(images=as_rgb_images(images), return_tensors="pt").pixel_values
     pixel_values = pixel_values.to(device=image_encoder.device, dtype=image_encoder.dtype)
     outputs = image_encoder(pixel_values=pixel_values)
     if image_features == "patches":
@@ -100,21 +99,87 @@ def encode_images(
     return outputs.image_embeds / outputs.image_embeds.norm(dim=-1, keepdim=True)
 
 
-def encode_image_files(
+def encode_images(
     image_encoder: CLIPVisionModelWithProjection,
     image_processor: CLIPImageProcessor,
-    paths: Sequence[str],
-    batch_size: int = 256,
+    images: ImageInput | Sequence[ImageInput],
     image_features: str = "pooled",
 ) -> torch.FloatTensor:
-    """[`encode_images`] of image files (any mode, converted with `load_rgb_image`), `batch_size` at a time."""
-    return torch.cat([
-        encode_images(
-            image_encoder, image_processor, [load_rgb_image(path) for path in paths[start : start + batch_size]],
-            image_features,
-        )
-        for start in range(0, len(paths), batch_size)
-    ])
+    """[`encode_pixel_values`] of images in any format [`as_rgb_images`] accepts."""
+    check_image_features(image_features)
+    pixel_values = image_processor(images=as_rgb_images(images), return_tensors="pt").pixel_values
+    return encode_pixel_values(image_encoder, pixel_values, image_features)
+
+
+def image_feature_shape(image_encoder: CLIPVisionModelWithProjection, image_features: str = "pooled") -> tuple[int, ...]:
+    """The shape of one image's features: `(projection_dim,)` pooled, `(num_patches + 1, hidden_size)` patches."""
+    check_image_features(image_features)
+    config = image_encoder.config
+    if image_features == "patches":
+        return ((config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)
+    return (config.projection_dim,)
+
+
+class ProcessedImages(torch.utils.data.Dataset):
+    """
+    The `image` column of a caption dataset as CLIP pixel values, so that a `DataLoader`'s worker processes decode and
+    preprocess the images while the main process runs CLIP.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            Rows with an `image` column (a `datasets.Image` feature).
+        image_processor (`CLIPImageProcessor`):
+            CLIP's preprocessing.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, image_processor: CLIPImageProcessor):
+        if "image" not in dataset.column_names:
+            raise ValueError(f"The dataset has no 'image' column (columns: {dataset.column_names}).")
+        self.images = dataset.select_columns(["image"])
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.FloatTensor:
+        image = to_rgb(self.images[index]["image"])
+        return self.image_processor(images=image, return_tensors="pt").pixel_values[0]
+
+
+def default_num_workers() -> int:
+    """Image-decoding worker processes: all cores but the one running CLIP, at most 8."""
+    return min(8, (os.cpu_count() or 1) - 1)
+
+
+def image_loader(
+    dataset: datasets.Dataset,
+    image_processor: CLIPImageProcessor,
+    batches: Sequence[Sequence[int]],
+    num_workers: int | None = None,
+) -> DataLoader:
+    """A `DataLoader` of pixel-value batches of the given rows of `dataset`, decoded in `num_workers` processes."""
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    return DataLoader(
+        ProcessedImages(dataset, image_processor), batch_sampler=batches, num_workers=num_workers,
+        persistent_workers=False,
+    )
+
+
+def encode_dataset_images(
+    image_encoder: CLIPVisionModelWithProjection,
+    image_processor: CLIPImageProcessor,
+    dataset: datasets.Dataset,
+    batch_size: int = 64,
+    image_features: str = "pooled",
+    num_workers: int | None = None,
+) -> torch.FloatTensor:
+    """[`encode_pixel_values`] of every image of a caption dataset, in row order, on the CPU (see [`image_loader`])."""
+    batches = [range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
+    features = [
+        encode_pixel_values(image_encoder, pixel_values, image_features).cpu()
+        for pixel_values in image_loader(dataset, image_processor, batches, num_workers)
+    ]
+    return torch.cat(features) if features else torch.empty((0, *image_feature_shape(image_encoder, image_features)))
 
 
 @torch.no_grad()

@@ -20,8 +20,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-from .clip_features import encode_image_files, encode_texts
-from .data.images import load_rgb_image
+from .clip_features import encode_dataset_images, encode_texts
+from .data.images import to_rgb
 
 logger = logging.getLogger("clip_diffusionlm.clip_pretraining")
 
@@ -143,8 +143,8 @@ def contrastive_loss(logits_per_image: torch.FloatTensor, batch_size: int) -> to
     return (image_to_text + text_to_image) / 2
 
 
-def _pixel_values(image_processor: CLIPImageProcessor, paths: list[str]) -> torch.FloatTensor:
-    images = [load_rgb_image(path) for path in paths]
+def _pixel_values(image_processor: CLIPImageProcessor, split: Dataset) -> torch.FloatTensor:
+    images = [to_rgb(image) for image in split["image"]]
     return image_processor(images=images, return_tensors="pt").pixel_values
 
 
@@ -162,7 +162,7 @@ def pretrain_clip(
 
     Args:
         train_split (`datasets.Dataset`):
-            Rows with `image_path` and `captions`.
+            Rows with `image` and `captions`.
         output_dir (`str` or `os.PathLike`):
             Where the CLIP checkpoint is written.
         tokenizer_name_or_path (`str`):
@@ -184,13 +184,14 @@ def pretrain_clip(
         crop_size={"height": config.image_size, "width": config.image_size},
     )
     model = build_clip(config, tokenizer)
-    paths, captions = train_split["image_path"], train_split["captions"]
-    pixel_values = torch.cat(
-        [_pixel_values(image_processor, paths[i : i + 512]) for i in range(0, len(paths), 512)]
-    )  # (num_images, 3, image_size, image_size)
+    captions = train_split["captions"]
+    pixel_values = torch.cat([
+        _pixel_values(image_processor, train_split.select(range(i, min(i + 512, len(train_split)))))
+        for i in range(0, len(train_split), 512)
+    ])  # (num_images, 3, image_size, image_size)
 
     generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = max(1, len(paths) // config.batch_size)
+    steps_per_epoch = max(1, len(train_split) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.1)
     warmup = max(1, total_steps // 20)
@@ -202,7 +203,7 @@ def pretrain_clip(
     model.train()
     progress = tqdm(total=total_steps, desc="CLIP pre-training")
     for _ in range(config.epochs):
-        order = torch.randperm(len(paths), generator=generator)
+        order = torch.randperm(len(train_split), generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             texts = [
@@ -248,9 +249,9 @@ def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size:
     text_encoder = CLIPTextModelWithProjection.from_pretrained(clip_dir).eval()
     image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
     tokenizer = AutoTokenizer.from_pretrained(clip_dir)
-    paths, references = split["image_path"], split["captions"]
+    references = split["captions"][:]
     candidates = [captions[0] for captions in references]
-    image_embeds = encode_image_files(image_encoder, image_processor, paths, batch_size)
+    image_embeds = encode_dataset_images(image_encoder, image_processor, split, batch_size)
     text_embeds = torch.cat([
         encode_texts(text_encoder, tokenizer, candidates[i : i + batch_size])
         for i in range(0, len(candidates), batch_size)
@@ -262,7 +263,7 @@ def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size:
         matches = [candidates[j] in own for j in ranked]
         hits_at_1 += matches[0]
         hits_at_5 += any(matches)
-    return {"recall@1": hits_at_1 / len(paths), "recall@5": hits_at_5 / len(paths), "num_images": len(paths)}
+    return {"recall@1": hits_at_1 / len(split), "recall@5": hits_at_5 / len(split), "num_images": len(split)}
 
 
 @torch.no_grad()
@@ -277,10 +278,8 @@ def attribute_probe(
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
 
-    query_embeds = encode_image_files(image_encoder, image_processor, list(query_split["image_path"]), batch_size)
-    reference_embeds = encode_image_files(
-        image_encoder, image_processor, list(reference_split["image_path"]), batch_size
-    )
+    query_embeds = encode_dataset_images(image_encoder, image_processor, query_split, batch_size)
+    reference_embeds = encode_dataset_images(image_encoder, image_processor, reference_split, batch_size)
     nearest = (query_embeds @ reference_embeds.T).argmax(-1)
     references = [json.loads(objects) for objects in reference_split["objects"]]
     queries = [json.loads(objects) for objects in query_split["objects"]]

@@ -17,7 +17,8 @@ import PIL.Image
 import PIL.ImageDraw
 
 from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_clip, zero_shot_retrieval
-from .data.shapes import ShapesWorldConfig, build_shapes_world, contradicting_words, shapes_world_dataset
+from .data import load_image_folder
+from .data.shapes import ShapesWorldConfig, build_shapes_world, contradicting_words
 from .evaluation import evaluate_pipeline
 from .feature_cache import CLIPFeatureCache
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
@@ -96,7 +97,7 @@ def captioned_grid(split, predictions: list[str], path: Path, count: int = 8) ->
     canvas = PIL.Image.new("RGB", (thumb + text_width, row_height * count), "white")
     draw = PIL.ImageDraw.Draw(canvas)
     for row in range(count):
-        image = PIL.Image.open(split[row]["image_path"]).convert("RGB").resize((thumb, thumb))
+        image = split[row]["image"].convert("RGB").resize((thumb, thumb))
         top = row * row_height
         canvas.paste(image, (0, top + 4))
         draw.text((thumb + 10, top + 20), f"generated: {predictions[row]}", fill=(0, 0, 160))
@@ -149,7 +150,7 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
         output_dir / "shapes", config.num_train, config.num_validation, config.num_test, config.num_holdout,
         seed=config.seed, config=config.world,
     )
-    world = shapes_world_dataset(world_dir)
+    world = load_image_folder(world_dir)
     print({split: len(rows) for split, rows in world.items()})
 
     _stage("2/5 CLIP pre-training (contrastive, on the training split)")
@@ -187,7 +188,7 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
     results: dict[str, Any] = {"clip_retrieval": retrieval, "clip_probe": probe}
     for split_name in ("test", "holdout"):
         split = world[split_name]
-        image_embeds = cache.image_features(split["image_path"], pipe.denoiser.config.image_features)
+        image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
         rows = evaluate_pipeline(
             pipe, split, output_dir / "evaluation" / split_name, image_embeds, num_inference_steps=config.num_inference_steps
         )

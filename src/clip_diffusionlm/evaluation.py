@@ -16,11 +16,10 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .clip_features import encode_image_files
+from .clip_features import encode_dataset_images
 from .data import load_datasets
-from .data.shapes import content_accuracy
 from .feature_cache import CLIPFeatureCache
-from .metrics import compute_caption_metrics, compute_diversity
+from .metrics import compute_caption_metrics, compute_diversity, content_accuracy
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 
 TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accuracy", "exact_match", "self_bleu_4")
@@ -97,7 +96,7 @@ def evaluate_pipeline(
         pipe (`CLIPDiffusionCaptionPipeline`):
             The pipeline to evaluate.
         split (`datasets.Dataset`):
-            Rows with `image_id`, `image_path`, `captions` (and `objects` for the shapes world).
+            Rows with `image_id`, `image`, `captions` (and `objects` for the shapes world).
         output_dir (`str` or `os.PathLike`):
             Receives `predictions.jsonl`, `metrics.json` and `metrics.md`.
         image_embeds (`torch.FloatTensor` of shape `(len(split), condition_dim)` or `(len(split), num_patches + 1, patch_dim)`, *optional*):
@@ -121,9 +120,8 @@ def evaluate_pipeline(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if image_embeds is None:
-        image_embeds = encode_image_files(
-            pipe.image_encoder, pipe.image_processor, list(split["image_path"]), batch_size,
-            pipe.denoiser.config.image_features,
+        image_embeds = encode_dataset_images(
+            pipe.image_encoder, pipe.image_processor, split, batch_size, pipe.denoiser.config.image_features
         )
     if len(image_embeds) != len(split):
         raise ValueError(f"`image_embeds` has {len(image_embeds)} rows but the split has {len(split)} images.")
@@ -181,7 +179,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     image_embeds = None
     if args.feature_cache_dir:
         cache = CLIPFeatureCache(args.feature_cache_dir, pipe.image_encoder, pipe.image_processor)
-        image_embeds = cache.image_features(split["image_path"], pipe.denoiser.config.image_features)
+        image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
     rows = evaluate_pipeline(
         pipe, split, args.output_dir, image_embeds, args.num_inference_steps, args.guidance_scale,
         args.num_captions_per_image, args.batch_size, args.seed,

@@ -1,17 +1,8 @@
-"""Readers for image-caption datasets that all return the same `datasets.DatasetDict` schema.
+"""Readers for the caption-file formats `datasets` has no loader for: Karpathy split JSON, the Kaggle and original
+Flickr8k caption files and COCO annotation JSON, plus :func:`load_caption_dataset`, which detects any supported
+format (Hugging Face layouts go to :func:`~clip_diffusionlm.data.hf_datasets.load_hf_caption_dataset`).
 
-Every reader returns the splits `"train"`, `"validation"` and `"test"` (possibly empty), each with one row per image
-and the columns:
-
-- `image_id` (`str`): `"<dataset name>/<file name>"`, unique across the whole `DatasetDict` and across datasets
-  with different names, so that :func:`combine_datasets` can merge e.g. Flickr8k and Flickr30k.
-- `image_path` (`str`): absolute path of the image file.
-- `captions` (`list[str]`): one or more stripped, non-empty captions.
-
-Splits are always by image, so no image has captions in two splits: the Karpathy splits where the format has them,
-otherwise a seeded :func:`split_by_image`. Bad input (missing or corrupt images, images without captions, files that
-are not UTF-8) is handled by one policy, `on_bad_input`: `"error"` raises a `ValueError` while loading, before any
-training starts, and `"skip"` drops it and logs a count on the `clip_diffusionlm.data` logger.
+All of them return the schema described in :mod:`clip_diffusionlm.data.schema`.
 """
 
 from __future__ import annotations
@@ -26,18 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from .images import BadInputPolicy, check_bad_input_policy, handle_bad_items, validate_images
+from .hf_datasets import DATA_FILE_BUILDERS, load_hf_caption_dataset, load_image_folder
+from .images import BadInputPolicy, handle_bad_items
+from .schema import (
+    DEFAULT_SEED,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VALIDATION_FRACTION,
+    KARPATHY_SPLITS,
+    SCHEMA_FEATURES,
+    SPLIT_NAMES,
+    SPLITS,
+    LoadOptions,
+    clean_captions,
+    document_load_options,
+    finish_caption_dataset,
+    split_by_image,
+)
 
 __all__ = [
-    "DEFAULT_SEED",
-    "DEFAULT_TEST_FRACTION",
-    "DEFAULT_VALIDATION_FRACTION",
-    "KARPATHY_SPLITS",
-    "SCHEMA_FEATURES",
-    "SPLITS",
     "combine_datasets",
     "load_caption_dataset",
     "load_coco_captions_json",
@@ -52,47 +51,21 @@ logger = logging.getLogger("clip_diffusionlm.data")
 
 PathLike = str | os.PathLike
 
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-SCHEMA_FEATURES = Features(
-    {"image_id": Value("string"), "image_path": Value("string"), "captions": List(Value("string"))}
-)
-# "restval" holds the COCO val2014 images outside Karpathy's 5k val / 5k test images; standard practice trains on them.
-KARPATHY_SPLITS: dict[str, str] = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
-_SPLIT_NAMES: dict[str, str] = {**KARPATHY_SPLITS, "validation": "validation"}
-
-DEFAULT_VALIDATION_FRACTION = 0.1
-DEFAULT_TEST_FRACTION = 0.1
-DEFAULT_SEED = 42
-
-_METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _SUPPORTED_FORMATS = (
     "a Karpathy split JSON (dataset_flickr8k.json, dataset_flickr30k.json, dataset_coco.json)",
     "a COCO captions JSON (captions_train2014.json, captions_val2014.json)",
     "a Kaggle Flickr8k captions.txt CSV with the header 'image,caption'",
     "a Flickr8k.token.txt or Flickr30k results_20130124.token file",
-    f"a folder with {' or '.join(_METADATA_FILES)}",
+    "an image folder with metadata.jsonl or metadata.csv (split sub-folders allowed)",
+    "a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk",
+    f"a data file that datasets.load_dataset reads ({', '.join(sorted(DATA_FILE_BUILDERS))})",
 )
 
 
-@dataclass(frozen=True)
-class _LoadOptions:
-    """Options shared by all readers, validated before any file is read so that typos fail fast."""
-
-    check_images: bool
-    on_bad_input: BadInputPolicy
-    max_report: int
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
-    test_fraction: float = DEFAULT_TEST_FRACTION
-    seed: int = DEFAULT_SEED
-
-    def __post_init__(self) -> None:
-        check_bad_input_policy(self.on_bad_input, self.max_report)
-        _check_fractions(self.validation_fraction, self.test_fraction)
-
-    def check_images_dir(self, images_dir: PathLike, name: str) -> None:
-        # Without this every image would be reported missing, hiding the actual mistake.
-        if self.check_images and not os.path.isdir(images_dir):
-            raise ValueError(f"{name} {str(images_dir)!r} is not a directory.")
+def _check_images_dir(options: LoadOptions, images_dir: PathLike, name: str) -> None:
+    # Without this every image would be reported missing, hiding the actual mistake.
+    if options.check_images and not os.path.isdir(images_dir):
+        raise ValueError(f"{name} {str(images_dir)!r} is not a directory.")
 
 
 @dataclass
@@ -100,7 +73,6 @@ class _ImageEntry:
     image_path: str
     captions: list[str]
     split: str | None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class _ImageTable:
@@ -109,35 +81,14 @@ class _ImageTable:
     def __init__(self) -> None:
         self.entries: dict[str, _ImageEntry] = {}
 
-    def add(
-        self,
-        image_id: str,
-        image_path: str,
-        captions: Sequence[str],
-        where: str,
-        split: str | None = None,
-        extras: dict[str, Any] | None = None,
-    ) -> None:
-        extras = extras or {}
+    def add(self, image_id: str, image_path: str, captions: Sequence[str], where: str, split: str | None = None) -> None:
         entry = self.entries.get(image_id)
         if entry is None:
-            self.entries[image_id] = _ImageEntry(image_path, list(captions), split, extras)
+            self.entries[image_id] = _ImageEntry(image_path, list(captions), split)
             return
         if split != entry.split:
             raise ValueError(f"{where}: image {image_id!r} is in split {split!r} here but in {entry.split!r} earlier.")
-        if extras != entry.extras:
-            raise ValueError(f"{where}: image {image_id!r} has metadata {extras} here but {entry.extras} earlier.")
         entry.captions.extend(captions)
-
-
-def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
-    for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} must be between 0 and 1, got {value!r}.")
-    if validation_fraction + test_fraction > 1:
-        raise ValueError(
-            f"validation_fraction + test_fraction must be at most 1, got {validation_fraction} + {test_fraction}."
-        )
 
 
 def _is_utf8(raw: bytes) -> bool:
@@ -233,13 +184,6 @@ def _file_name(record: Any, key: str, where: str) -> str:
     return name
 
 
-def _split_name(value: Any, where: str) -> str:
-    """Karpathy/standard names map to train/validation/test; any other name (e.g. a held-out split) is kept."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: the split must be a non-empty string such as {list(_SPLIT_NAMES)}, got {value!r}.")
-    return _SPLIT_NAMES.get(value, value)
-
-
 def _keys_or_type(value: Any) -> str:
     """Describes a value expected to be a mapping of splits, for error messages."""
     return repr(list(value)) if isinstance(value, Mapping) else type(value).__name__
@@ -254,104 +198,38 @@ def _image_path(images_dir: PathLike, *parts: str) -> str:
     return os.path.abspath(os.path.join(images_dir, *parts))
 
 
-def split_by_image(
-    dataset: Dataset,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-) -> DatasetDict:
-    """Randomly splits a dataset with one row per image into train, validation and test.
-
-    The split depends only on the set of `image_id`s and the seed, not on the row order, so re-listing a folder or
-    re-exporting a file in another order gives the same split. Rows keep their order within each split.
-
-    Args:
-        dataset (`datasets.Dataset`):
-            Dataset with a unique `image_id` per row.
-        validation_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images (rounded to the nearest count) in the validation split.
-        test_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images (rounded to the nearest count) in the test split.
-        seed (`int`, *optional*, defaults to 42):
-            Seed of the shuffle.
-
-    Returns:
-        `datasets.DatasetDict`: The splits `"train"`, `"validation"` and `"test"`.
-    """
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
-    _check_fractions(validation_fraction, test_fraction)
-    if "image_id" not in dataset.column_names:
-        raise ValueError(f"dataset must have an 'image_id' column, got {dataset.column_names}.")
-    image_ids = dataset["image_id"][:]
-    if len(set(image_ids)) != len(image_ids):
-        raise ValueError("dataset has duplicate image_ids; split_by_image expects one row per image.")
-    by_id = sorted(range(len(image_ids)), key=image_ids.__getitem__)
-    shuffled = np.random.default_rng(seed).permutation(by_id).tolist()
-    num_validation = round(len(shuffled) * validation_fraction)
-    num_test = min(round(len(shuffled) * test_fraction), len(shuffled) - num_validation)
-    indices = {
-        "validation": shuffled[:num_validation],
-        "test": shuffled[num_validation : num_validation + num_test],
-        "train": shuffled[num_validation + num_test :],
-    }
-    return DatasetDict({split: dataset.select(sorted(indices[split])) for split in SPLITS})
-
-
-def _no_usable_images(source: PathLike) -> ValueError:
-    return ValueError(f"No usable images left in {source} after skipping bad input.")
-
-
-def _to_dataset_dict(table: _ImageTable, source: PathLike, options: _LoadOptions) -> DatasetDict:
-    """Cleans captions, builds the splits and validates the images: the steps shared by all readers."""
+def _to_dataset_dict(table: _ImageTable, source: PathLike, options: LoadOptions) -> DatasetDict:
+    """Cleans the captions and builds the schema's splits from the images of a source file."""
     if not table.entries:
         raise ValueError(f"No images with captions found in {source}.")
-    num_dropped = 0
-    uncaptioned = []
-    for image_id, entry in table.entries.items():
-        captions = [caption.strip() for caption in entry.captions if caption.strip()]
-        num_dropped += len(entry.captions) - len(captions)
-        entry.captions = captions
-        if not captions:
-            uncaptioned.append((image_id, "no non-empty caption"))
-    if num_dropped:
-        logger.warning("Dropped %d empty caption(s) in %s.", num_dropped, source)
-    handle_bad_items(uncaptioned, "images without captions", options.on_bad_input, options.max_report)
-    entries = {image_id: entry for image_id, entry in table.entries.items() if entry.captions}
-    if not entries:
-        raise _no_usable_images(source)
-
-    extra_columns = list(dict.fromkeys(name for entry in entries.values() for name in entry.extras))
-    columns = {
-        "image_id": list(entries),
-        "image_path": [entry.image_path for entry in entries.values()],
-        "captions": [entry.captions for entry in entries.values()],
-        **{name: [entry.extras.get(name) for entry in entries.values()] for name in extra_columns},
-    }
-    dataset = Dataset.from_dict(columns)
-    splits = [entry.split for entry in entries.values()]
+    image_ids = list(table.entries)
+    entries = list(table.entries.values())
+    captions = clean_captions(image_ids, [entry.captions for entry in entries], source, options)
+    kept = [index for index, image_captions in enumerate(captions) if image_captions]
+    dataset = Dataset.from_dict(
+        {
+            "image_id": [image_ids[index] for index in kept],
+            "image": [entries[index].image_path for index in kept],
+            "captions": [captions[index] for index in kept],
+        },
+        features=SCHEMA_FEATURES,
+    )
+    splits = [entries[index].split for index in kept]
     if all(split is None for split in splits):
-        dataset_dict = split_by_image(dataset, options.validation_fraction, options.test_fraction, options.seed)
-    else:
-        names = [*SPLITS, *sorted(set(splits) - set(SPLITS))]
-        dataset_dict = DatasetDict(
-            {name: dataset.select([i for i, split in enumerate(splits) if split == name]) for name in names}
-        )
-    if options.check_images:
-        dataset_dict = validate_images(dataset_dict, options.on_bad_input, options.max_report)
-
-    sizes = {split: dataset.num_rows for split, dataset in dataset_dict.items()}
-    if not sum(sizes.values()):
-        raise _no_usable_images(source)
-    logger.info("Loaded %s: %s images.", source, ", ".join(f"{split} {size}" for split, size in sizes.items()))
-    return dataset_dict
+        return finish_caption_dataset(dataset, source, options)
+    by_split = {name: dataset.select([i for i, split in enumerate(splits) if split == name]) for name in set(splits)}
+    return finish_caption_dataset(by_split, source, options)
 
 
+@document_load_options
 def load_karpathy_json(
     json_path: PathLike,
     images_dir: PathLike,
     *,
     dataset_name: str | None = None,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
     check_images: bool = True,
     on_bad_input: BadInputPolicy = "error",
     max_report: int = 10,
@@ -369,18 +247,13 @@ def load_karpathy_json(
             each image).
         dataset_name (`str`, *optional*):
             Prefix of the image ids. Defaults to the `"dataset"` field of the file, e.g. `"flickr8k"`.
-        check_images (`bool`, *optional*, defaults to `True`):
-            Whether to check that every image exists and decodes, see :func:`validate_images`.
-        on_bad_input (`str`, *optional*, defaults to `"error"`):
-            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
-        max_report (`int`, *optional*, defaults to 10):
-            Maximum number of bad images listed in an error message.
+        {load_options}
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = _LoadOptions(check_images, on_bad_input, max_report)
-    options.check_images_dir(images_dir, "images_dir")
+    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
+    _check_images_dir(options, images_dir, "images_dir")
     data = _read_json(json_path, on_bad_input)
     images = _field(data, "images", list, str(json_path))
     if dataset_name is None:
@@ -408,6 +281,7 @@ def load_karpathy_json(
     return _to_dataset_dict(table, json_path, options)
 
 
+@document_load_options
 def load_flickr8k_captions_txt(
     captions_txt: PathLike,
     images_dir: PathLike,
@@ -431,24 +305,13 @@ def load_flickr8k_captions_txt(
             Folder of the images (`Images/` in the Kaggle download).
         dataset_name (`str`, *optional*, defaults to `"flickr8k"`):
             Prefix of the image ids.
-        validation_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the validation split.
-        test_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the test split.
-        seed (`int`, *optional*, defaults to 42):
-            Seed of the split.
-        check_images (`bool`, *optional*, defaults to `True`):
-            Whether to check that every image exists and decodes, see :func:`validate_images`.
-        on_bad_input (`str`, *optional*, defaults to `"error"`):
-            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
-        max_report (`int`, *optional*, defaults to 10):
-            Maximum number of bad images listed in an error message.
+        {load_options}
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = _LoadOptions(check_images, on_bad_input, max_report, validation_fraction, test_fraction, seed)
-    options.check_images_dir(images_dir, "images_dir")
+    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
+    _check_images_dir(options, images_dir, "images_dir")
     table = _ImageTable()
     for where, row in _read_csv(captions_txt, ("image", "caption"), on_bad_input):
         filename = _file_name(row, "image", where)
@@ -469,6 +332,7 @@ def _read_split_files(split_files: Mapping[str, PathLike], on_bad_input: BadInpu
     return split_of
 
 
+@document_load_options
 def load_flickr8k_token_txt(
     token_txt: PathLike,
     images_dir: PathLike,
@@ -498,24 +362,13 @@ def load_flickr8k_token_txt(
             :func:`split_by_image`.
         dataset_name (`str`, *optional*, defaults to `"flickr8k"`):
             Prefix of the image ids.
-        validation_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the validation split when there are no split files.
-        test_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the test split when there are no split files.
-        seed (`int`, *optional*, defaults to 42):
-            Seed of the split when there are no split files.
-        check_images (`bool`, *optional*, defaults to `True`):
-            Whether to check that every image exists and decodes, see :func:`validate_images`.
-        on_bad_input (`str`, *optional*, defaults to `"error"`):
-            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
-        max_report (`int`, *optional*, defaults to 10):
-            Maximum number of bad images listed in an error message.
+        {load_options}
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = _LoadOptions(check_images, on_bad_input, max_report, validation_fraction, test_fraction, seed)
-    options.check_images_dir(images_dir, "images_dir")
+    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
+    _check_images_dir(options, images_dir, "images_dir")
     split_of = None if split_files is None else _read_split_files(split_files, on_bad_input)
     table = _ImageTable()
     unlisted = set()
@@ -540,11 +393,15 @@ def load_flickr8k_token_txt(
     return _to_dataset_dict(table, token_txt, options)
 
 
+@document_load_options
 def load_coco_captions_json(
     annotation_files: Mapping[str, PathLike],
     images_dirs: Mapping[str, PathLike],
     *,
     dataset_name: str = "coco",
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
     check_images: bool = True,
     on_bad_input: BadInputPolicy = "error",
     max_report: int = 10,
@@ -559,17 +416,12 @@ def load_coco_captions_json(
             Maps the same split names to the image folders, e.g. `{"train": "train2014", "validation": "val2014"}`.
         dataset_name (`str`, *optional*, defaults to `"coco"`):
             Prefix of the image ids.
-        check_images (`bool`, *optional*, defaults to `True`):
-            Whether to check that every image exists and decodes, see :func:`validate_images`.
-        on_bad_input (`str`, *optional*, defaults to `"error"`):
-            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
-        max_report (`int`, *optional*, defaults to 10):
-            Maximum number of bad images listed in an error message.
+        {load_options}
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = _LoadOptions(check_images, on_bad_input, max_report)
+    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
     _check_split_keys(annotation_files, "annotation_files")
     if not isinstance(images_dirs, Mapping) or set(images_dirs) != set(annotation_files):
         raise ValueError(
@@ -578,7 +430,7 @@ def load_coco_captions_json(
         )
     table = _ImageTable()
     for split, path in annotation_files.items():
-        options.check_images_dir(images_dirs[split], f"images_dirs[{split!r}]")
+        _check_images_dir(options, images_dirs[split], f"images_dirs[{split!r}]")
         data = _read_json(path, on_bad_input)
         file_names: dict[int, str] = {}
         for index, image in enumerate(_field(data, "images", list, str(path))):
@@ -595,90 +447,6 @@ def load_coco_captions_json(
             image_path = _image_path(images_dirs[split], file_name)
             table.add(f"{dataset_name}/{file_name}", image_path, captions[coco_id], f"{path}: image {coco_id}", split)
     return _to_dataset_dict(table, ", ".join(str(path) for path in annotation_files.values()), options)
-
-
-def _row_captions(row: dict[str, Any], where: str) -> list[str]:
-    """Pops the caption(s) of a metadata row: either a `caption` string or a `captions` list of strings."""
-    if ("caption" in row) == ("captions" in row):
-        raise ValueError(f"{where}: expected exactly one of the fields 'caption' (a string) or 'captions' (a list).")
-    if "caption" in row:
-        caption = _field(row, "caption", str, where)
-        del row["caption"]
-        return [caption]
-    captions = _field(row, "captions", list, where)
-    del row["captions"]
-    if not all(isinstance(caption, str) for caption in captions):
-        raise ValueError(f"{where}: expected 'captions' to be a list of strings, got {captions!r:.100}.")
-    return captions
-
-
-def load_image_folder(
-    folder: PathLike,
-    *,
-    dataset_name: str | None = None,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
-) -> DatasetDict:
-    """Loads a folder of images described by a `metadata.jsonl` or `metadata.csv` file.
-
-    Each metadata row has a `file_name` relative to the folder and either a `caption` string or a `captions` list
-    (JSON Lines only); several rows may describe the same file. An optional `split` column (`"train"`,
-    `"validation"`/`"val"`, `"test"`, `"restval"`) assigns the splits, otherwise :func:`split_by_image` does. Other
-    columns are kept as dataset columns, e.g. a JSON string of the objects drawn in a synthetic image, and must agree
-    between rows of the same file.
-
-    Args:
-        folder (`str` or `os.PathLike`):
-            Folder with the metadata file and the images.
-        dataset_name (`str`, *optional*):
-            Prefix of the image ids. Defaults to the folder name.
-        validation_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the validation split when there is no `split` column.
-        test_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the test split when there is no `split` column.
-        seed (`int`, *optional*, defaults to 42):
-            Seed of the split when there is no `split` column.
-        check_images (`bool`, *optional*, defaults to `True`):
-            Whether to check that every image exists and decodes, see :func:`validate_images`.
-        on_bad_input (`str`, *optional*, defaults to `"error"`):
-            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
-        max_report (`int`, *optional*, defaults to 10):
-            Maximum number of bad images listed in an error message.
-
-    Returns:
-        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema, plus the extra metadata
-        columns.
-    """
-    options = _LoadOptions(check_images, on_bad_input, max_report, validation_fraction, test_fraction, seed)
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"folder {str(folder)!r} is not a directory.")
-    found = [folder / name for name in _METADATA_FILES if (folder / name).is_file()]
-    if len(found) != 1:
-        raise ValueError(f"{folder} must contain exactly one of {_METADATA_FILES}, found {[p.name for p in found]}.")
-    metadata = found[0]
-    if metadata.suffix == ".jsonl":
-        rows = _read_jsonl(metadata, on_bad_input)
-    else:
-        rows = _read_csv(metadata, ("file_name",), on_bad_input)
-    has_split = any("split" in row for _, row in rows)
-    dataset_name = dataset_name or folder.resolve().name
-    table = _ImageTable()
-    for where, row in rows:
-        extras = dict(row)
-        file_name = _file_name(extras, "file_name", where)
-        del extras["file_name"]
-        split = _split_name(extras.pop("split", None), where) if has_split else None
-        captions = _row_captions(extras, where)
-        reserved = [name for name in SCHEMA_FEATURES if name in extras]
-        if reserved:
-            raise ValueError(f"{where}: the metadata columns {reserved} are reserved for the dataset schema.")
-        table.add(f"{dataset_name}/{file_name}", _image_path(folder, file_name), captions, where, split, extras)
-    return _to_dataset_dict(table, metadata, options)
 
 
 def _check_schema(dataset_dict: Any, name: str) -> None:
@@ -755,49 +523,68 @@ def _coco_split(path: Path) -> str:
     raise ValueError(f"Cannot tell the split of {path} from its name; pass split='train', 'validation' or 'test'.")
 
 
-def load_caption_dataset(name_or_path: PathLike, **kwargs: Any) -> DatasetDict:
+def load_caption_dataset(
+    name_or_path: PathLike,
+    *,
+    image_column: str = "image",
+    caption_column: str | None = None,
+    cache_dir: PathLike | None = None,
+    **kwargs: Any,
+) -> DatasetDict:
     """Loads a caption dataset in any supported format, detected from the path.
 
-    - A folder (or its `metadata.jsonl` / `metadata.csv`): :func:`load_image_folder`.
     - A `.json` file with `"images"` that have `"sentences"`: :func:`load_karpathy_json`.
     - A `.json` file with `"annotations"`: :func:`load_coco_captions_json`, with `images_dir` and `split` keyword
       arguments instead of the mappings; `split` defaults to the one in the file name (`captions_val2014.json` is
       `"validation"`).
     - A `.token.txt` / `.token` file: :func:`load_flickr8k_token_txt`.
     - A `.txt` / `.csv` file with the header `image,caption`: :func:`load_flickr8k_captions_txt`.
+    - Anything else `datasets` reads: a folder (an image folder with `metadata.jsonl`/`metadata.csv`, split
+      sub-folders included, a `save_to_disk` folder, a folder of data files), a `metadata.jsonl`/`metadata.csv`
+      (its folder), or a Parquet/Arrow/CSV/JSON file: :func:`load_hf_caption_dataset`, which alone uses
+      `image_column`, `caption_column` and `cache_dir`.
 
     Args:
         name_or_path (`str` or `os.PathLike`):
             Path of the dataset file or folder.
+        image_column (`str`, *optional*, defaults to `"image"`):
+            Image column of a Hugging Face layout.
+        caption_column (`str`, *optional*):
+            Caption column of a Hugging Face layout; defaults to the first of `text`, `caption`, `captions`,
+            `sentences`.
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Cache folder of `datasets`.
         **kwargs:
             Keyword arguments of the detected reader, e.g. `images_dir` or `on_bad_input`.
 
     Returns:
-        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+        `datasets.DatasetDict`: The caption dataset, in the schema of :mod:`clip_diffusionlm.data.schema`.
     """
     path = Path(name_or_path)
     if not path.exists():
         raise ValueError(f"{str(name_or_path)!r} does not exist.")
-    if path.is_dir() and any((path / name).is_file() for name in _METADATA_FILES):
-        return load_image_folder(path, **kwargs)
-    if path.is_file():
-        if path.name in _METADATA_FILES:
-            return load_image_folder(path.parent, **kwargs)
-        if path.name.endswith((".token.txt", ".token")):
-            return load_flickr8k_token_txt(path, **kwargs)
-        if path.suffix in (".txt", ".csv") and _is_kaggle_captions_csv(path):
-            return load_flickr8k_captions_txt(path, **kwargs)
-        if path.suffix == ".json":
-            data = _read_json(path, kwargs.get("on_bad_input", "error"))
-            images = data.get("images") if isinstance(data, dict) else None
-            if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
-                return load_karpathy_json(path, **kwargs)
-            if isinstance(data, dict) and "annotations" in data:
-                if "images_dir" not in kwargs:
-                    raise ValueError(f"{path} is a COCO captions file; pass images_dir, the folder of its images.")
-                images_dir = kwargs.pop("images_dir")
-                split = kwargs.pop("split", None) or _coco_split(path)
-                return load_coco_captions_json({split: path}, {split: images_dir}, **kwargs)
+    hf_kwargs = {"image_column": image_column, "caption_column": caption_column, "cache_dir": cache_dir, **kwargs}
+    if path.is_dir():
+        return load_hf_caption_dataset(str(path), **hf_kwargs)
+    if path.name in ("metadata.jsonl", "metadata.csv"):
+        return load_hf_caption_dataset(str(path.parent), **hf_kwargs)
+    if path.name.endswith((".token.txt", ".token")):
+        return load_flickr8k_token_txt(path, **kwargs)
+    if path.suffix in (".txt", ".csv") and _is_kaggle_captions_csv(path):
+        return load_flickr8k_captions_txt(path, **kwargs)
+    if path.suffix == ".json":
+        data = _read_json(path, kwargs.get("on_bad_input", "error"))
+        images = data.get("images") if isinstance(data, dict) else None
+        if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+            return load_karpathy_json(path, **kwargs)
+        if isinstance(data, dict) and "annotations" in data:
+            if "images_dir" not in kwargs:
+                raise ValueError(f"{path} is a COCO captions file; pass images_dir, the folder of its images.")
+            images_dir = kwargs.pop("images_dir")
+            split = kwargs.pop("split", None) or _coco_split(path)
+            return load_coco_captions_json({split: path}, {split: images_dir}, **kwargs)
+    if path.suffix in DATA_FILE_BUILDERS:
+        return load_hf_caption_dataset(str(path), **hf_kwargs)
     formats = "\n".join(f"  - {description}" for description in _SUPPORTED_FORMATS)
     raise ValueError(
         f"Cannot detect the caption dataset format of {str(name_or_path)!r}. Supported formats:\n{formats}"

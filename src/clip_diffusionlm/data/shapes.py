@@ -1,4 +1,4 @@
-"""The "shapes world": a deterministic synthetic image-captioning dataset and a content-accuracy metric.
+"""The "shapes world": a deterministic synthetic image-captioning dataset, written as an ordinary image folder.
 
 Real images and pretrained CLIP weights cannot be downloaded everywhere, so the package ships a tiny world whose
 captions can be checked automatically. Every image shows 1-3 coloured shapes on a plain light background, placed in
@@ -8,8 +8,9 @@ reference of every image is its canonical caption ([`canonical_caption`]), the o
 sizes and synonyms like human annotations.
 
 The words the captions use for shapes, colours and sizes come from small synonym tables (`SHAPE_SYNONYMS`,
-`COLOUR_SYNONYMS`, `SIZE_SYNONYMS`) that [`content_accuracy`] shares, so the metric understands every word the
-generator uses.
+`COLOUR_SYNONYMS`, `SIZE_SYNONYMS`) that [`~clip_diffusionlm.metrics.content_accuracy`] shares, so the metric
+understands every word the generator uses. A world loads like any image folder, e.g. with
+[`~clip_diffusionlm.data.load_image_folder`].
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ import math
 import os
 import random
 import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageDraw
-
-if TYPE_CHECKING:
-    import datasets
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
@@ -77,9 +74,8 @@ MAX_OBJECTS = 3
 # The canonical caption plus the smallest caption-template pool (see `_caption_templates`), less the one template that
 # can coincide with the canonical caption, so the captions of one image are always distinct.
 MAX_CAPTIONS_PER_IMAGE = 8
-SPLITS: tuple[str, ...] = ("train", "validation", "test", "holdout")
 # Bump whenever the generator's output changes, so worlds already on disk are rebuilt instead of silently reused.
-SHAPES_WORLD_VERSION = 2
+SHAPES_WORLD_VERSION = 3
 
 _GRID = 3
 # Object extents as a fraction of the image side; a large object still fits inside one grid cell (1/3).
@@ -88,24 +84,16 @@ _BACKGROUND_LEVEL = 245
 _MAX_BACKGROUND_TINT = 40
 # Drawing at a multiple of the final size and box-filtering down anti-aliases the polygon edges.
 _SUPERSAMPLE = 4
-_IMAGE_NAME = re.compile(r"^(train|validation|test|holdout)-\d{6}\.png$")
+# Also matches the `<split>-<index>.png` names of version-2 worlds, so rebuilding over one removes its images.
+_IMAGE_NAME = re.compile(r"^((train|validation|test|holdout)-)?\d{6}\.png$")
 
 _ROW_WORDS = ("top", "middle", "bottom")
 _COLUMN_WORDS = ("left", "middle", "right")
-_NUMBER_WORDS = {"one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
-_GENERIC_NOUNS = frozenset({"shape", "shapes", "object", "objects", "thing", "things", "item", "items"})
 
 
-def _plural(word: str) -> str:
+def plural(word: str) -> str:
+    """The plural of a shape word ("circle" → "circles", "box" → "boxes")."""
     return word + "es" if word.endswith(("s", "x")) else word + "s"
-
-
-_SHAPE_LOOKUP = {
-    form: shape for shape, words in SHAPE_SYNONYMS.items() for word in words for form in (word, _plural(word))
-}
-_COLOUR_LOOKUP = {word: colour for colour, words in COLOUR_SYNONYMS.items() for word in words}
-_SIZE_LOOKUP = {word: size for size, words in SIZE_SYNONYMS.items() for word in words}
-_TOKEN = re.compile(r"[a-z]+|\d+")
 
 
 @dataclass
@@ -327,7 +315,7 @@ def contradicting_words() -> dict[str, list[str]]:
     def singular(word: str) -> str:
         return word
 
-    return {**swaps(COLOUR_SYNONYMS, singular), **swaps(SHAPE_SYNONYMS, singular), **swaps(SHAPE_SYNONYMS, _plural)}
+    return {**swaps(COLOUR_SYNONYMS, singular), **swaps(SHAPE_SYNONYMS, singular), **swaps(SHAPE_SYNONYMS, plural)}
 
 
 def canonical_caption(objects: Sequence[Mapping[str, Any]]) -> str:
@@ -544,9 +532,10 @@ def build_shapes_world(
     """
     Writes a shapes world to disk as an image folder, or reuses the one already there.
 
-    The layout is `output_dir/images/<split>-<index>.png` plus `output_dir/metadata.jsonl` with one JSON line per
-    image: `{"file_name": "images/...png", "captions": [...], "split": ..., "objects": "<JSON list of objects>"}`, in
-    the order train, validation, test, holdout. `output_dir/world.json` records the parameters and is written last,
+    The layout is an ordinary image folder: `output_dir/images/<index>.png` plus `output_dir/metadata.jsonl` with
+    one JSON line per image, `{"file_name": "images/...png", "captions": [...], "split": ..., "objects": "<JSON list
+    of objects>"}`, in the order train, validation, test, holdout. The `split` column assigns the splits (file names
+    carry no split word, which `datasets` would read as a split of its own). `output_dir/world.json` records the parameters and is written last,
     atomically, so its presence marks a complete world: if it matches the requested parameters nothing is written,
     otherwise the world is regenerated (stale images of a previous world are deleted; other files are left alone).
     Do not call this from several processes at once on the same directory: build on one process first.
@@ -594,8 +583,8 @@ def build_shapes_world(
 
     lines = []
     for split, size in sizes.items():
-        for index, example in enumerate(_generate(size, seed, config, holdout=split == "holdout", stream=split)):
-            file_name = f"images/{split}-{index:06d}.png"
+        for example in _generate(size, seed, config, holdout=split == "holdout", stream=split):
+            file_name = f"images/{len(lines):06d}.png"
             example.image.save(output_dir / file_name, format="PNG")
             record = {
                 "file_name": file_name,
@@ -607,257 +596,3 @@ def build_shapes_world(
     _write_atomically(output_dir / "metadata.jsonl", "".join(lines))
     _write_atomically(output_dir / "world.json", json.dumps(parameters, indent=2) + "\n")
     return output_dir
-
-
-def shapes_world_dataset(output_dir: str | os.PathLike) -> datasets.DatasetDict:
-    """
-    Loads a world written by [`build_shapes_world`] as a `datasets.DatasetDict`.
-
-    Args:
-        output_dir (`str` or `os.PathLike`):
-            Directory of a complete world (one with `world.json`).
-
-    Returns:
-        `datasets.DatasetDict`: Splits "train", "validation", "test" and "holdout" (possibly empty) with columns
-        `image_id` (`str`, the file stem, e.g. "train-000000"), `image_path` (`str`, absolute), `captions`
-        (`list[str]`) and `objects` (`str`, the JSON list of object dicts).
-    """
-    output_dir = Path(output_dir).resolve()
-    if _read_world(output_dir) is None:
-        raise ValueError(
-            f"output_dir={str(output_dir)!r} holds no complete shapes world (world.json is missing); "
-            "call build_shapes_world first."
-        )
-    # Imported lazily: `datasets` takes about a second to import and only this loader needs it.
-    import datasets
-
-    columns: dict[str, dict[str, list]] = {
-        split: {"image_id": [], "image_path": [], "captions": [], "objects": []} for split in SPLITS
-    }
-    with open(output_dir / "metadata.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            split = columns[record["split"]]
-            split["image_id"].append(Path(record["file_name"]).stem)
-            split["image_path"].append(str(output_dir / record["file_name"]))
-            split["captions"].append(record["captions"])
-            split["objects"].append(record["objects"])
-    features = datasets.Features(
-        {
-            "image_id": datasets.Value("string"),
-            "image_path": datasets.Value("string"),
-            "captions": datasets.List(datasets.Value("string")),
-            "objects": datasets.Value("string"),
-        }
-    )
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_dict(data, features=features) for split, data in columns.items()}
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Content-accuracy metric
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ObjectMention:
-    """
-    One object named in a caption.
-
-    Args:
-        shape (`str`):
-            Canonical shape name from `SHAPES`.
-        colour (`str`, *optional*):
-            Canonical colour name from `COLOURS`, or `None` if the caption gave none.
-        size (`str`, *optional*):
-            Canonical size name from `SIZES`, or `None` if the caption gave none.
-        count (`int`, *optional*, defaults to 1):
-            Multiplicity given by a number word right before the mention ("two red circles").
-    """
-
-    shape: str
-    colour: str | None = None
-    size: str | None = None
-    count: int = 1
-
-
-@dataclass(frozen=True)
-class ParsedCaption:
-    """
-    The content of a caption as read by [`parse_caption`].
-
-    Args:
-        mentions (`tuple[ObjectMention, ...]`):
-            Object mentions in caption order.
-        stated_count (`int`, *optional*):
-            Total given explicitly as "<number> shapes/objects/things/items", or `None`.
-    """
-
-    mentions: tuple[ObjectMention, ...]
-    stated_count: int | None = None
-
-    @property
-    def count(self) -> int:
-        """The stated total if any, otherwise the number of mentioned objects (multiplicities included)."""
-        return self.stated_count if self.stated_count is not None else sum(m.count for m in self.mentions)
-
-
-def _number(token: str) -> int | None:
-    return int(token) if token.isdigit() else _NUMBER_WORDS.get(token)
-
-
-def parse_caption(caption: str) -> ParsedCaption:
-    """
-    Reads the objects a caption names, using the shared synonym tables.
-
-    Parsing rules:
-        1. The caption is lowercased and split into tokens of letters or of digits; punctuation only separates.
-        2. Every shape word (a synonym from `SHAPE_SYNONYMS`, singular or plural: "circle", "discs", "boxes") starts a
-           mention. The tokens right before it are scanned backwards while they are colour or size words (any order,
-           so "small red circle" and "red small circle" both work); the nearest colour word and the nearest size word
-           become the mention's colour and size. A shape word without a colour word still counts as a mention, with
-           no colour.
-        3. A number word ("one", "single", "two", ..., "eight") or number directly before that attribute span sets
-           the mention's multiplicity ("two red circles" names two objects); otherwise it is 1, plural or not.
-        4. A number word directly followed by "shape(s)", "object(s)", "thing(s)" or "item(s)" ("three shapes: ...")
-           states the total count; the first such statement wins.
-        Attributes after the noun ("a circle that is red"), coreference ("... the circle is small") and negation are
-        not understood: every mention is read as a separate object claim.
-
-    Args:
-        caption (`str`):
-            The caption to parse.
-
-    Returns:
-        [`ParsedCaption`]: The mentions and the explicitly stated count.
-    """
-    if not isinstance(caption, str):
-        raise ValueError(f"caption must be a str, got {type(caption).__name__}.")
-    tokens = _TOKEN.findall(caption.lower())
-    mentions = []
-    stated_count = None
-    for position, token in enumerate(tokens):
-        if token in _GENERIC_NOUNS and position > 0 and stated_count is None:
-            stated_count = _number(tokens[position - 1])
-        shape = _SHAPE_LOOKUP.get(token)
-        if shape is None:
-            continue
-        colour = size = None
-        start = position - 1
-        while start >= 0 and (tokens[start] in _COLOUR_LOOKUP or tokens[start] in _SIZE_LOOKUP):
-            colour = colour or _COLOUR_LOOKUP.get(tokens[start])
-            size = size or _SIZE_LOOKUP.get(tokens[start])
-            start -= 1
-        count = _number(tokens[start]) if start >= 0 else None
-        mentions.append(ObjectMention(shape=shape, colour=colour, size=size, count=1 if count is None else count))
-    return ParsedCaption(mentions=tuple(mentions), stated_count=stated_count)
-
-
-def _ground_truth(index: int, objects: Sequence[Mapping[str, Any]] | str) -> list[Mapping[str, Any]]:
-    if isinstance(objects, str):
-        try:
-            objects = json.loads(objects)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"objects[{index}] is not valid JSON: {error}.") from error
-    if not isinstance(objects, Sequence) or isinstance(objects, str):
-        raise ValueError(f"objects[{index}] must be a list of object dicts or its JSON string, got {objects!r}.")
-    for obj in objects:
-        if not isinstance(obj, Mapping) or obj.get("shape") not in SHAPES or obj.get("colour") not in COLOURS:
-            raise ValueError(
-                f"objects[{index}] must hold dicts with a 'shape' in {SHAPES} and a 'colour' in {COLOURS}, got {obj!r}."
-            )
-    return list(objects)
-
-
-def _overlap(a: Counter, b: Counter) -> int:
-    return sum((a & b).values())
-
-
-def content_accuracy(
-    predictions: Sequence[str], objects: Sequence[Sequence[Mapping[str, Any]] | str]
-) -> dict[str, float]:
-    """
-    Scores how well captions name the objects of their shapes-world images.
-
-    Each caption is read with [`parse_caption`] and compared, per image, with its ground-truth objects as multisets
-    (so "a red circle and a red circle" for one red circle matches once, and the second mention is an extra).
-
-    Args:
-        predictions (`Sequence[str]`):
-            One generated caption per image.
-        objects (`Sequence[list[dict] | str]`):
-            Per image, the ground-truth objects (dicts with at least `shape` and `colour`, and `size` for
-            `size_accuracy`), or their JSON string as stored in `metadata.jsonl`.
-
-    Returns:
-        `dict[str, float]`:
-        - `object_accuracy`: fraction of all ground-truth objects named with the right colour and shape.
-        - `shape_accuracy`: fraction of ground-truth objects whose shape is named (with or without a colour).
-        - `colour_accuracy`: fraction of ground-truth objects whose colour is named on some shape.
-        - `size_accuracy`: fraction of ground-truth objects named with the right size, colour and shape (mentions
-          without a size word do not count, so reference captions that leave out sizes score below 1).
-        - `count_accuracy`: fraction of images whose caption count (the stated "<n> shapes" or else the number of
-          mentioned objects) equals the number of objects.
-        - `exact_match`: fraction of images where every object is named with the right colour and shape and nothing
-          else is mentioned.
-        - `hallucination_rate`: mentioned objects that match no ground-truth object (by colour and shape, or by shape
-          for mentions without a colour, matching as multisets) over all mentioned objects; 0 if nothing is mentioned.
-    """
-    if isinstance(predictions, str) or not isinstance(predictions, Sequence):
-        raise ValueError(f"predictions must be a list of str, got {type(predictions).__name__}.")
-    if isinstance(objects, str) or not isinstance(objects, Sequence):
-        raise ValueError(f"objects must be a list with one entry per prediction, got {type(objects).__name__}.")
-    if len(predictions) != len(objects):
-        raise ValueError(
-            f"predictions and objects must have the same length, got {len(predictions)} and {len(objects)}."
-        )
-    if not predictions:
-        raise ValueError("predictions must not be empty.")
-    for index, prediction in enumerate(predictions):
-        if not isinstance(prediction, str):
-            raise ValueError(f"predictions[{index}] must be a str, got {type(prediction).__name__}.")
-
-    totals = Counter()
-    for index, (prediction, truth) in enumerate(zip(predictions, objects, strict=True)):
-        truth = _ground_truth(index, truth)
-        parsed = parse_caption(prediction)
-        true_pairs = Counter((obj["colour"], obj["shape"]) for obj in truth)
-        true_triples = Counter((obj.get("size"), obj["colour"], obj["shape"]) for obj in truth)
-        named_pairs, named_triples, bare_shapes = Counter(), Counter(), Counter()
-        for mention in parsed.mentions:
-            if mention.colour is None:
-                bare_shapes[mention.shape] += mention.count
-            else:
-                named_pairs[(mention.colour, mention.shape)] += mention.count
-                if mention.size is not None:
-                    named_triples[(mention.size, mention.colour, mention.shape)] += mention.count
-        num_mentions = sum(named_pairs.values()) + sum(bare_shapes.values())
-
-        matched = _overlap(true_pairs, named_pairs)
-        # Colourless mentions can only explain objects that no coloured mention already matched.
-        unmatched_shapes = Counter(shape for _, shape in (true_pairs - named_pairs).elements())
-        explained = matched + _overlap(unmatched_shapes, bare_shapes)
-        named_shapes = Counter(shape for _, shape in named_pairs.elements()) + bare_shapes
-        named_colours = Counter(colour for colour, _ in named_pairs.elements())
-
-        totals["objects"] += len(truth)
-        totals["object_hits"] += matched
-        totals["shape_hits"] += _overlap(Counter(obj["shape"] for obj in truth), named_shapes)
-        totals["colour_hits"] += _overlap(Counter(obj["colour"] for obj in truth), named_colours)
-        totals["size_hits"] += _overlap(true_triples, named_triples)
-        totals["count_hits"] += parsed.count == len(truth)
-        totals["exact_hits"] += matched == len(truth) and num_mentions == len(truth)
-        totals["mentions"] += num_mentions
-        totals["hallucinations"] += num_mentions - explained
-
-    num_objects = max(totals["objects"], 1)
-    return {
-        "object_accuracy": totals["object_hits"] / num_objects,
-        "shape_accuracy": totals["shape_hits"] / num_objects,
-        "colour_accuracy": totals["colour_hits"] / num_objects,
-        "size_accuracy": totals["size_hits"] / num_objects,
-        "count_accuracy": totals["count_hits"] / len(predictions),
-        "exact_match": totals["exact_hits"] / len(predictions),
-        "hallucination_rate": totals["hallucinations"] / totals["mentions"] if totals["mentions"] else 0.0,
-    }
