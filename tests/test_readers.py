@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from clip_diffusionlm.data.images import load_rgb_image, validate_images
@@ -101,8 +102,8 @@ def assert_schema(dataset_dict: DatasetDict) -> None:
         assert isinstance(dataset, Dataset)
         for name, feature in SCHEMA_FEATURES.items():
             assert dataset.features[name] == feature
-        for row in dataset:
-            assert os.path.isabs(row["image_path"]) and os.path.isfile(row["image_path"])
+        for row in dataset.cast_column("image", ImageFeature(decode=False)):
+            assert os.path.isabs(row["image"]["path"]) and os.path.isfile(row["image"]["path"])
             assert row["captions"] and all(c == c.strip() and c for c in row["captions"])
         all_ids += dataset["image_id"][:]
     assert len(all_ids) == len(set(all_ids))
@@ -145,7 +146,8 @@ def test_karpathy_json_coco_uses_filepath(tmp_path):
     dataset_dict = load_karpathy_json(path, tmp_path / "coco")
 
     assert dataset_dict["train"][0]["image_id"] == "coco/COCO_val2014_1.jpg"
-    assert dataset_dict["train"][0]["image_path"] == str(tmp_path / "coco" / "val2014" / "COCO_val2014_1.jpg")
+    image = dataset_dict["train"].cast_column("image", ImageFeature(decode=False))[0]["image"]
+    assert image["path"] == str(tmp_path / "coco" / "val2014" / "COCO_val2014_1.jpg")
 
 
 def test_karpathy_json_rejects_unknown_split(tmp_path):
@@ -293,10 +295,10 @@ def test_image_folder_rejects_conflicting_rows(tmp_path):
         {"file_name": "0.png", "caption": "a", "split": "train"},
         {"file_name": "0.png", "caption": "b", "split": "test"},
     ]
-    with pytest.raises(ValueError, match="is in split 'test' here but in 'train' earlier"):
+    with pytest.raises(ValueError, match=r"image f/0.png is in the splits \['test', 'train'\]"):
         load_image_folder(write_folder(tmp_path / "f", rows, "metadata.csv"))
     rows = [{"file_name": "0.png", "caption": "a", "split": ""}]
-    with pytest.raises(ValueError, match="split must be a non-empty string"):
+    with pytest.raises(ValueError, match="row 0 has split None; expected a name"):
         load_image_folder(write_folder(tmp_path / "g", rows, "metadata.csv"))
 
 
@@ -409,8 +411,16 @@ def test_load_caption_dataset_detects_every_format(tmp_path):
     assert load_caption_dataset(folder / "metadata.jsonl")["test"].num_rows == 1
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "other.json", "empty_dir"])
-def test_load_caption_dataset_rejects_unknown_format(tmp_path, name):
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("notes.txt", "Cannot detect the caption dataset format(.|\n)*Supported formats"),
+        # Neither Karpathy nor COCO: read as JSON records, which name no captions.
+        ("other.json", r"other.json \[train\] has no caption column: none of \['text', 'caption'"),
+        ("empty_dir", "Cannot load dataset_name=.*empty_dir.*doesn't contain any data files. Give a Hub dataset id"),
+    ],
+)
+def test_load_caption_dataset_rejects_unknown_format(tmp_path, name, message):
     path = tmp_path / name
     if name == "notes.txt":
         path.write_text("hello\n")
@@ -418,7 +428,7 @@ def test_load_caption_dataset_rejects_unknown_format(tmp_path, name):
         path.write_text(json.dumps({"images": [], "categories": []}))
     elif name == "empty_dir":
         path.mkdir()
-    with pytest.raises(ValueError, match="Cannot detect the caption dataset format(.|\n)*Supported formats"):
+    with pytest.raises(ValueError, match=message):
         load_caption_dataset(path)
 
 
@@ -478,7 +488,7 @@ def test_validate_images_skip_keeps_splits(tmp_path):
     good, bad = make_image(tmp_path / "good.png"), tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     dataset = Dataset.from_dict(
-        {"image_id": ["g", "b"], "image_path": [str(good), str(bad)], "captions": [["x"], ["y"]]}
+        {"image_id": ["g", "b"], "image": [str(good), str(bad)], "captions": [["x"], ["y"]]}, features=SCHEMA_FEATURES
     )
     dataset_dict = DatasetDict({"train": dataset, "validation": dataset.select([]), "test": dataset.select([1])})
     validated = validate_images(dataset_dict, on_bad_input="skip", num_threads=1)

@@ -190,6 +190,13 @@ def _to_schema(
         captions.append(image_captions)
     first_rows = [rows[0] for rows in rows_of.values()]
     image_ids = [row_ids[row] for row in first_rows]
+    if "split" in dataset.column_names:
+        # One image in two splits would leak test captions into training.
+        split_values = dataset["split"][:]
+        for image_id, rows in zip(image_ids, rows_of.values()):
+            names = {split_values[row] for row in rows}
+            if len(names) > 1:
+                raise ValueError(f"{source}: image {image_id} is in the splits {sorted(names)}; give it one split.")
     captions = clean_captions(image_ids, captions, source, options)
     kept = [index for index, image_captions in enumerate(captions) if image_captions]
 
@@ -276,7 +283,7 @@ def load_hf_caption_dataset(
         raw, source, base_dir, prefix = _load_raw(dataset_name, dataset_config_name, cache_dir, train_data_dir)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ValueError(
-            f"Cannot load dataset_name={dataset_name!r}: {error} Give a Hub dataset id, a local folder or data file, "
+            f"Cannot load dataset_name={dataset_name!r}: {str(error).rstrip('.')}. Give a Hub dataset id, a local folder or data file, "
             "or a save_to_disk folder; to work offline, load a Hub dataset once online so it is in the datasets "
             "cache (--cache_dir)."
         ) from error
