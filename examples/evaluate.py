@@ -6,7 +6,8 @@
 
 import sys
 
+from clip_diffusionlm.cli_errors import run_cli
 from clip_diffusionlm.evaluation import evaluate_main
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main())
+    sys.exit(run_cli(evaluate_main))

@@ -8,7 +8,9 @@ the nearest-neighbour attribute probe (how often the closest training image has 
 
 import argparse
 import dataclasses
+import sys
 
+from clip_diffusionlm.cli_errors import run_cli
 from clip_diffusionlm.clip_pretraining import (
     CLIPPretrainingConfig,
     attribute_probe,
@@ -19,7 +21,8 @@ from clip_diffusionlm.data import build_shapes_world, load_image_folder
 from clip_diffusionlm.data.shapes import contradicting_words
 from clip_diffusionlm.demo import default_text_backbone
 
-if __name__ == "__main__":
+
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", default="outputs/shapes", help="Shapes world folder (generated if missing).")
     parser.add_argument("--output_dir", default="outputs/clip")
@@ -30,7 +33,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--hard_negatives", action="store_true", help="Add captions with a swapped colour or shape word as negatives."
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     world = load_image_folder(build_shapes_world(args.world))
     config = CLIPPretrainingConfig(
         **{spec.name: getattr(args, spec.name) for spec in scalar_fields},
@@ -39,3 +42,7 @@ if __name__ == "__main__":
     clip_dir = pretrain_clip(world["train"], args.output_dir, args.tokenizer or default_text_backbone(), config)
     print(zero_shot_retrieval(clip_dir, world["test"]))
     print(attribute_probe(clip_dir, world["train"], world["test"]))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

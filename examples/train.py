@@ -3,7 +3,10 @@
 Every field of `clip_diffusionlm.training.TrainingConfig` is a flag; `--config` reads them from a JSON file first.
 """
 
+import sys
+
+from clip_diffusionlm.cli_errors import run_cli
 from clip_diffusionlm.training import train, training_config_from_args
 
 if __name__ == "__main__":
-    train(training_config_from_args())
+    sys.exit(run_cli(lambda argv: train(training_config_from_args(argv))))

@@ -13,21 +13,20 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from .hf_datasets import DATA_FILE_BUILDERS, load_hf_caption_dataset, load_image_folder
-from .images import BadInputPolicy, handle_bad_items
+from .images import BadInputPolicy
 from .schema import (
     DEFAULT_SEED,
     DEFAULT_TEST_FRACTION,
     DEFAULT_VALIDATION_FRACTION,
     KARPATHY_SPLITS,
     SCHEMA_FEATURES,
-    SPLIT_NAMES,
     SPLITS,
     LoadOptions,
     clean_captions,
@@ -131,23 +130,6 @@ def _read_json(path: PathLike, on_bad_input: BadInputPolicy) -> Any:
         return json.loads(_read_text(path, on_bad_input))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}.") from err
-
-
-def _read_jsonl(path: PathLike, on_bad_input: BadInputPolicy) -> list[tuple[str, dict[str, Any]]]:
-    """Returns `(location, object)` for each non-blank line of a JSON Lines file."""
-    rows = []
-    for number, line in _lines(_read_text(path, on_bad_input)):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON ({err}).") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
-        rows.append((where, row))
-    return rows
 
 
 def _read_csv(
