@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import PIL.Image
 import torch
 
+from .cli_errors import run_cli
+
 
 def _load_pipeline(model: str, allow_pickle: bool = False):
     from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
@@ -95,16 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in FORWARDED_COMMANDS:
+        return FORWARDED_COMMANDS[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] in FORWARDED_COMMANDS:
-            return FORWARDED_COMMANDS[argv[0]](argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(_dispatch, argv)
 
 
 if __name__ == "__main__":
