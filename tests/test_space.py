@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_pipeline
 
+from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.data import build_shapes_world
 from clip_diffusionlm.data.shapes import ShapesWorldConfig
 
@@ -56,7 +57,9 @@ def test_space_captions_an_uploaded_shapes_image_in_a_browser(tokenizer, tmp_pat
     world = build_shapes_world(tmp_path / "shapes", 2, 1, 1, 1, seed=0, config=ShapesWorldConfig(image_size=96))
     image_path = tmp_path / "shapes.png"
     PIL.Image.open(sorted((world / "images").glob("*.png"))[0]).convert("RGB").save(image_path)
-    pipe = tiny_pipeline(tokenizer)
+    # SPACE_TEST_MODEL=outputs/demo/pipeline runs the same check on a trained pipeline (the README's screenshot).
+    model = os.environ.get("SPACE_TEST_MODEL")
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(model) if model else tiny_pipeline(tokenizer)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(PIL.Image.open(image_path).convert("RGB"), num_inference_steps=5,
                     generator=torch.Generator().manual_seed(0)).captions[0]
