@@ -21,6 +21,18 @@ PATCH_DIM = 32  # the tiny CLIP's vision hidden size
 IMAGE_SIZE = 32
 
 
+class ModelCalls:
+    """Records the keyword arguments and prediction of every denoiser call (a forward hook: the real model runs)."""
+
+    def __init__(self, model):
+        self.calls: list[dict] = []
+        model.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        names = ("noisy_embeds", "timesteps", "image_embeds", "text_embeds", "self_conditioning_embeds", "drop_condition")
+        self.calls.append({**dict(zip(names, args)), **kwargs, "prediction": output.prediction.detach()})
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> BertTokenizer:
     vocab_file = tmp_path_factory.mktemp("tokenizer") / "vocab.txt"

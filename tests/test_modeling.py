@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CONDITION_DIM, PATCH_DIM, tiny_backbone_config, tiny_denoiser
+from conftest import CONDITION_DIM, PATCH_DIM, ModelCalls, tiny_backbone_config, tiny_denoiser
 from diffusers import DDPMScheduler
 from transformers import AutoModel, BertModel
 
@@ -29,8 +29,7 @@ def test_forward_shapes(tokenizer, fusion, use_text_condition):
     text = torch.randn(BATCH, CONDITION_DIM) if use_text_condition else None
     output = model(noisy, torch.tensor([0, 500, 999]), torch.randn(BATCH, CONDITION_DIM), text_embeds=text)
     assert output.prediction.shape == (BATCH, LENGTH, 32)
-    assert output.logits.shape == (BATCH, LENGTH, tokenizer.vocab_size)
-    assert output.loss is None
+    assert model.round_to_logits(output.prediction).shape == (BATCH, LENGTH, tokenizer.vocab_size)
 
 
 @pytest.mark.parametrize("use_text_condition", [False, True])
@@ -63,24 +62,23 @@ def test_patch_features_get_their_own_tokens(tokenizer, use_text_condition):
     torch.testing.assert_close(dropped[1], tokens[1])
 
     noisy, timesteps = torch.randn(BATCH, LENGTH, 32), torch.tensor([10, 500, 990])
-    prediction = model.denoise(noisy, timesteps, patches, text)
+    prediction = model(noisy, timesteps, patches, text).prediction
     one_patch_changed = patches.clone()
     one_patch_changed[:, 3] += 1.0
-    assert not torch.allclose(model.denoise(noisy, timesteps, one_patch_changed, text), prediction)
-    output = model(noisy, timesteps, patches, text, labels=_ids(tokenizer))
-    torch.testing.assert_close(output.prediction, prediction)
-    assert torch.isfinite(output.loss)
+    assert not torch.allclose(model(noisy, timesteps, one_patch_changed, text).prediction, prediction)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    assert torch.isfinite(diffusion_loss(model, scheduler, _ids(tokenizer), patches, text).loss)
 
 
 def test_conditioning_changes_prediction(tokenizer):
     model = tiny_denoiser(tokenizer)
     noisy, t = torch.randn(BATCH, LENGTH, 32), torch.tensor([10, 10, 10])
-    first = model.denoise(noisy, t, torch.randn(BATCH, CONDITION_DIM))
-    second = model.denoise(noisy, t, torch.randn(BATCH, CONDITION_DIM))
+    first = model(noisy, t, torch.randn(BATCH, CONDITION_DIM)).prediction
+    second = model(noisy, t, torch.randn(BATCH, CONDITION_DIM)).prediction
     assert not torch.allclose(first, second)
     dropped = torch.ones(BATCH, dtype=torch.bool)
-    unconditional_a = model.denoise(noisy, t, torch.randn(BATCH, CONDITION_DIM), drop_condition=dropped)
-    unconditional_b = model.denoise(noisy, t, torch.randn(BATCH, CONDITION_DIM), drop_condition=dropped)
+    unconditional_a = model(noisy, t, torch.randn(BATCH, CONDITION_DIM), drop_condition=dropped).prediction
+    unconditional_b = model(noisy, t, torch.randn(BATCH, CONDITION_DIM), drop_condition=dropped).prediction
     torch.testing.assert_close(unconditional_a, unconditional_b)
 
 
@@ -88,11 +86,11 @@ def test_timestep_conditioning_switch(tokenizer):
     noisy, image = torch.randn(BATCH, LENGTH, 32), torch.randn(BATCH, CONDITION_DIM)
     with_t = tiny_denoiser(tokenizer)
     assert not torch.allclose(
-        with_t.denoise(noisy, torch.tensor(5), image), with_t.denoise(noisy, torch.tensor(900), image)
+        with_t(noisy, torch.tensor(5), image).prediction, with_t(noisy, torch.tensor(900), image).prediction
     )
     without_t = tiny_denoiser(tokenizer, timestep_conditioning=False)
     torch.testing.assert_close(
-        without_t.denoise(noisy, torch.tensor(5), image), without_t.denoise(noisy, torch.tensor(900), image)
+        without_t(noisy, torch.tensor(5), image).prediction, without_t(noisy, torch.tensor(900), image).prediction
     )
 
 
@@ -106,26 +104,64 @@ def test_word_embeddings_frozen_and_tied(tokenizer):
     torch.testing.assert_close(model.round_to_logits(x0), embeddings(ids) @ embeddings.weight.T)
 
 
-def _loss(model, tokenizer, **kwargs):
+def _loss(model, tokenizer, image_embeds=None, **kwargs):
     torch.manual_seed(0)
+    image_embeds = torch.randn(BATCH, CONDITION_DIM) if image_embeds is None else image_embeds
     return diffusion_loss(
-        model.train(), make_noise_scheduler(model.config, DDPMScheduler), _ids(tokenizer),
-        torch.randn(BATCH, CONDITION_DIM), **kwargs
+        model.train(), make_noise_scheduler(model.config, DDPMScheduler), _ids(tokenizer), image_embeds, **kwargs
     )
 
 
-def test_loss_terms_and_constant_lambda(tokenizer):
-    model = tiny_denoiser(tokenizer, rounding_weight=0.5)
-    output = _loss(model, tokenizer, timesteps_per_caption=4)
-    for term in (output.loss, output.restoring_loss, output.x1_restoring_loss, output.rounding_loss):
-        assert torch.isfinite(term) and term > 0
-    assert output.prediction.shape[0] == BATCH * 4
+def _squared_error(prediction, target):
+    return ((prediction - target) ** 2).sum(-1).mean()
+
+
+def _check_noising(noisy, x0, timesteps, alphas_cumprod):
+    """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε with ε standard normal, recovered per sample."""
+    alpha_bar = alphas_cumprod[timesteps][:, None, None]
+    noise = (noisy - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    assert noise.mean().abs() < 0.1 and (noise.std() - 1).abs() < 0.1
+
+
+def test_loss_terms_follow_the_paper(tokenizer):
+    """Every term recomputed from what the denoiser saw and returned: one call holding x_t and x_1."""
+    model = tiny_denoiser(tokenizer, rounding_weight=0.5, caption_length=LENGTH)
+    calls = ModelCalls(model)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    image = torch.randn(BATCH, CONDITION_DIM)
+    output = _loss(model, tokenizer, image_embeds=image, timesteps_per_caption=4)
+    (call,) = calls.calls
+    ids = _ids(tokenizer).repeat_interleave(4, dim=0)
+    batch = BATCH * 4
+    x0 = model.get_input_embeddings()(ids)
+    assert call["noisy_embeds"].shape == (2 * batch, LENGTH, 32)
+    assert call["timesteps"][batch:].tolist() == [1] * batch
+    assert len(set(call["timesteps"][:batch].tolist())) > 1
+    _check_noising(call["noisy_embeds"][:batch], x0, call["timesteps"][:batch], scheduler.alphas_cumprod)
+    torch.testing.assert_close(call["image_embeds"], image.repeat_interleave(4, dim=0).repeat(2, 1))
+    assert not call["drop_condition"].any()
+
+    prediction = call["prediction"]
+    torch.testing.assert_close(output.restoring_loss, _squared_error(prediction[:batch], x0))
+    torch.testing.assert_close(output.x1_restoring_loss, _squared_error(prediction[batch:], x0))
+    logits = prediction[:batch] @ model.get_input_embeddings().weight.T
+    rounding = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    torch.testing.assert_close(output.rounding_loss, rounding)
     assert output.rounding_weight.item() == pytest.approx(0.5)
-    expected = output.restoring_loss + output.x1_restoring_loss + 0.5 * output.rounding_loss
-    torch.testing.assert_close(output.loss, expected)
+    torch.testing.assert_close(output.loss, output.restoring_loss + output.x1_restoring_loss + 0.5 * rounding)
     output.loss.backward()
     assert model.get_input_embeddings().weight.grad is None
     assert model.image_projection.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_x1_term_switch_keeps_one_call(tokenizer):
+    model = tiny_denoiser(tokenizer, x1_restoring_loss=False, caption_length=LENGTH)
+    calls = ModelCalls(model)
+    output = _loss(model, tokenizer)
+    assert output.x1_restoring_loss.item() == 0.0
+    assert len(calls.calls) == 1 and calls.calls[0]["noisy_embeds"].shape[0] == BATCH
+    x0 = model.get_input_embeddings()(_ids(tokenizer))
+    torch.testing.assert_close(output.loss, _squared_error(calls.calls[0]["prediction"], x0) + 0.3 * output.rounding_loss)
 
 
 def test_dynamic_lambda_is_ratio_without_gradient(tokenizer):
@@ -134,40 +170,74 @@ def test_dynamic_lambda_is_ratio_without_gradient(tokenizer):
     simple = output.restoring_loss + output.x1_restoring_loss
     torch.testing.assert_close(output.rounding_weight, 3.0 * simple.detach() / output.rounding_loss.detach())
     assert not output.rounding_weight.requires_grad
-    # With λ detached, the total's gradient w.r.t. L_R is exactly λ: L = L'_simple + λ·L_R = (1 + C)·L'_simple.
-    torch.testing.assert_close(output.loss, simple + output.rounding_weight * output.rounding_loss)
+    # With λ detached, L = L'_simple + λ·L_R = (1 + C)·L'_simple in value.
     torch.testing.assert_close(output.loss.detach(), 4.0 * simple.detach())
 
 
-def test_x1_loss_switch_and_missing_input(tokenizer):
-    model = tiny_denoiser(tokenizer, x1_restoring_loss=False)
-    assert _loss(model, tokenizer).x1_restoring_loss.item() == 0.0
-    with_x1 = tiny_denoiser(tokenizer)
-    ids = _ids(tokenizer)
-    with pytest.raises(ValueError, match="x1_noisy_embeds"):
-        with_x1(torch.randn(BATCH, LENGTH, 32), torch.tensor([1, 2, 3]), torch.randn(BATCH, CONDITION_DIM), labels=ids)
+def _posterior_coefficients(alphas_cumprod, t, n):
+    """q(x_{t-n} | x_t, x0) = c0·x0 + ct·x_t, written out independently of `jump_posterior_coefficients`."""
+    alpha_bar_t = alphas_cumprod[t]
+    alpha_bar_s = torch.where(t - n >= 0, alphas_cumprod[(t - n).clamp(min=0)], torch.ones_like(alpha_bar_t))
+    c0 = alpha_bar_s.sqrt() * (1 - alpha_bar_t / alpha_bar_s) / (1 - alpha_bar_t)
+    ct = (alpha_bar_t / alpha_bar_s).sqrt() * (1 - alpha_bar_s) / (1 - alpha_bar_t)
+    return c0[:, None, None], ct[:, None, None]
 
 
-def test_previous_sample_objective_round_trips_to_x0(tokenizer):
-    model = tiny_denoiser(tokenizer, prediction_type="previous_sample", prediction_step_offset=100)
+def test_previous_sample_objective_targets_the_posterior_mean(tokenizer):
+    model = tiny_denoiser(tokenizer, prediction_type="previous_sample", prediction_step_offset=100, caption_length=LENGTH)
+    calls = ModelCalls(model)
     scheduler = make_noise_scheduler(model.config, DDPMScheduler)
-    x0 = model.embed_captions(_ids(tokenizer))
+    output = _loss(model, tokenizer)
+    (call,) = calls.calls
+    x0 = model.get_input_embeddings()(_ids(tokenizer))
+    t, xt = call["timesteps"][:BATCH], call["noisy_embeds"][:BATCH]
+    c0, ct = _posterior_coefficients(scheduler.alphas_cumprod, t, 100)
+    torch.testing.assert_close(output.restoring_loss, _squared_error(call["prediction"][:BATCH], c0 * x0 + ct * xt))
+    # One step from the data the target is x0 itself.
+    torch.testing.assert_close(output.x1_restoring_loss, _squared_error(call["prediction"][BATCH:], x0))
+
     t = torch.tensor([50, 400, 999])
     xt = scheduler.add_noise(x0, torch.randn_like(x0), t)
-    c0, ct = jump_posterior_coefficients(scheduler.alphas_cumprod, t, 100)
-    assert c0[0].item() == pytest.approx(1.0) and ct[0].item() == pytest.approx(0.0)  # t < n: the target is x0
-    previous = c0 * x0 + ct * xt
-    recovered = predicted_original_sample(model.config, scheduler.alphas_cumprod, previous, xt, t)
+    c0, ct = _posterior_coefficients(scheduler.alphas_cumprod, t, 100)
+    recovered = predicted_original_sample(model.config, scheduler.alphas_cumprod, c0 * x0 + ct * xt, xt, t)
     torch.testing.assert_close(recovered, x0, atol=1e-4, rtol=1e-4)
-    output = _loss(model, tokenizer)
-    assert torch.isfinite(output.loss)
+    assert c0[0].item() == pytest.approx(1.0) and ct[0].item() == pytest.approx(0.0)  # t < n: the target is x0
+    torch.testing.assert_close(jump_posterior_coefficients(scheduler.alphas_cumprod, t, 100), (c0, ct))
 
 
-@pytest.mark.parametrize("options", [{"self_conditioning": True}, {"condition_drop_prob": 0.5}])
-def test_training_options_give_finite_loss(tokenizer, options):
-    output = _loss(tiny_denoiser(tokenizer, **options), tokenizer, timesteps_per_caption=2)
-    assert torch.isfinite(output.loss)
-    output.loss.backward()
+def test_condition_dropout_uses_the_null_condition(tokenizer):
+    model = tiny_denoiser(tokenizer, condition_drop_prob=0.5, caption_length=LENGTH)
+    calls = ModelCalls(model)
+    torch.manual_seed(0)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    ids = _ids(tokenizer).repeat(20, 1)
+    diffusion_loss(model, scheduler, ids, torch.randn(len(ids), CONDITION_DIM))
+    dropped = calls.calls[0]["drop_condition"]
+    assert dropped.shape == (2 * len(ids),) and 0.3 < dropped.float().mean() < 0.7
+    torch.testing.assert_close(dropped[: len(ids)], dropped[len(ids):])  # x_t and x_1 of a caption agree
+
+
+def test_self_conditioning_feeds_the_first_estimate_back(tokenizer):
+    model = tiny_denoiser(tokenizer, self_conditioning=True, caption_length=LENGTH)
+    torch.nn.init.normal_(model.self_condition_projection.weight, std=0.5)  # zero-initialised: make it matter
+    calls = ModelCalls(model)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    image = torch.randn(BATCH, CONDITION_DIM)
+    counts = set()
+    for seed in range(6):  # the branch runs for half of the batches
+        calls.calls.clear()
+        torch.manual_seed(seed)
+        output = diffusion_loss(model.train(), scheduler, _ids(tokenizer), image)
+        counts.add(len(calls.calls))
+        if len(calls.calls) == 2:
+            first, second = calls.calls
+            assert first.get("self_conditioning_embeds") is None
+            torch.testing.assert_close(second["self_conditioning_embeds"], first["prediction"])
+            torch.testing.assert_close(second["noisy_embeds"], first["noisy_embeds"])
+            assert not torch.allclose(second["prediction"], first["prediction"])
+            output.loss.backward()
+            assert model.self_condition_projection.weight.grad.abs().sum() > 0
+    assert counts == {1, 2}
 
 
 def test_sqrt_schedule_is_monotone():
@@ -196,7 +266,7 @@ def test_remote_code_loads_without_package(tokenizer, tmp_path):
     model = tiny_denoiser(tokenizer)
     model.save_pretrained(tmp_path / "denoiser")
     noisy = torch.randn(1, LENGTH, 32)
-    torch.save({"noisy": noisy, "expected": model.denoise(noisy, torch.tensor(3), torch.ones(1, CONDITION_DIM))},
+    torch.save({"noisy": noisy, "expected": model(noisy, torch.tensor(3), torch.ones(1, CONDITION_DIM)).prediction},
                tmp_path / "io.pt")
     script = textwrap.dedent(
         f"""
@@ -205,7 +275,7 @@ def test_remote_code_loads_without_package(tokenizer, tmp_path):
         model = AutoModel.from_pretrained({str(tmp_path / "denoiser")!r}, trust_remote_code=True).eval()
         assert "clip_diffusionlm" not in sys.modules, "the package was imported"
         io = torch.load({str(tmp_path / "io.pt")!r})
-        got = model.denoise(io["noisy"], torch.tensor(3), torch.ones(1, {CONDITION_DIM}))
+        got = model(io["noisy"], torch.tensor(3), torch.ones(1, {CONDITION_DIM})).prediction
         torch.testing.assert_close(got, io["expected"])
         print("REMOTE_OK", type(model).__module__)
         """
@@ -233,3 +303,30 @@ def test_from_text_backbone_copies_pretrained_layers(tokenizer, tmp_path):
 def test_from_text_backbone_missing_directory(tmp_path):
     with pytest.raises((OSError, ValueError)):
         CLIPDiffusionLMModel.from_text_backbone(str(tmp_path / "nothing-here"))
+
+
+def test_attention_implementations_give_the_same_outputs(tokenizer, tmp_path):
+    tiny_denoiser(tokenizer).save_pretrained(tmp_path)
+    noisy, t, image = torch.randn(BATCH, LENGTH, 32), torch.tensor([3, 500, 990]), torch.randn(BATCH, CONDITION_DIM)
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        model = CLIPDiffusionLMModel.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert model.backbone.config._attn_implementation == implementation
+        outputs[implementation] = model(noisy, t, image).prediction
+    torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=1e-5, atol=1e-5)
+    built = tiny_denoiser(tokenizer, attn_implementation="eager")
+    assert built.backbone.config._attn_implementation == "eager"
+
+
+def test_gradient_checkpointing_recomputes_and_matches(tokenizer):
+    gradients = {}
+    for checkpointing in (False, True):
+        model = tiny_denoiser(tokenizer, caption_length=LENGTH).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        layer_calls = []
+        model.backbone.encoder.layer[0].attention.register_forward_hook(lambda *args, calls=layer_calls: calls.append(1))
+        _loss(model, tokenizer).loss.backward()
+        assert len(layer_calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        gradients[checkpointing] = model.backbone.encoder.layer[0].output.dense.weight.grad
+    torch.testing.assert_close(gradients[True], gradients[False])

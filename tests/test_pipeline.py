@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import CONDITION_DIM, IMAGE_SIZE, PATCH_DIM, tiny_pipeline
+from conftest import CONDITION_DIM, IMAGE_SIZE, PATCH_DIM, ModelCalls, tiny_pipeline
 from diffusers import DDPMScheduler, DiffusionPipeline
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
@@ -88,36 +88,136 @@ def test_deterministic_with_generator(pipeline):
     assert not torch.allclose(_run(pipeline, seed=4, output_type="latent").captions, first)
 
 
-def test_guidance_scale(tokenizer):
+class StepRecorder:
+    """A `callback_on_step_end` that keeps each step's tensors."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def __call__(self, pipe, step_index, timestep, callback_kwargs):
+        self.steps.append({"step_index": step_index, "timestep": int(timestep), **callback_kwargs})
+        return {}
+
+
+def test_guidance_combines_both_halves_of_one_call(tokenizer):
     pipe = tiny_pipeline(tokenizer, condition_drop_prob=0.2)
     pipe.set_progress_bar_config(disable=True)
-    noisy, t = torch.randn(2, 8, 32), torch.tensor(999)
-    image = torch.randn(2, CONDITION_DIM)
-    conditional = pipe.denoiser.denoise(noisy, t.expand(2), image)
-    unconditional = pipe.denoiser.denoise(noisy, t.expand(2), image, drop_condition=torch.ones(2, dtype=torch.bool))
-    torch.testing.assert_close(pipe._guided_prediction(noisy, t, image, None, None, 1.0), conditional)
-    torch.testing.assert_close(
-        pipe._guided_prediction(noisy, t, image, None, None, 3.0), unconditional + 3.0 * (conditional - unconditional)
-    )
-    at_one = _run(pipe, output_type="latent", guidance_scale=1.0).captions
-    assert not torch.allclose(_run(pipe, output_type="latent", guidance_scale=3.0).captions, at_one)
+    calls, steps = ModelCalls(pipe.denoiser), StepRecorder()
+    _run(pipe, num_inference_steps=2, guidance_scale=3.0, callback_on_step_end=steps)
+    assert len(calls.calls) == 2  # one doubled batch per step
+    for call, step in zip(calls.calls, steps.steps):
+        assert call["drop_condition"].tolist() == [False] * 3 + [True] * 3
+        conditional, unconditional = call["prediction"].chunk(2)
+        torch.testing.assert_close(step["original_estimate"], unconditional + 3.0 * (conditional - unconditional))
+    calls.calls.clear()
+    _run(pipe, num_inference_steps=2, guidance_scale=1.0)
+    assert [call["noisy_embeds"].shape[0] for call in calls.calls] == [3, 3]  # w = 1: the conditional pass only
 
 
-def test_scheduler_swap_refinement_and_clamping(pipeline):
+def test_callback_on_step_end_sees_and_steers_each_step(pipeline):
+    steps = StepRecorder()
+    _run(pipeline, num_inference_steps=3, callback_on_step_end=steps,
+         callback_on_step_end_tensor_inputs=["noisy_embeds", "original_estimate"])
+    assert [step["step_index"] for step in steps.steps] == [0, 1, 2]
+    assert [step["timestep"] for step in steps.steps] == pipeline.scheduler.timesteps.tolist()
+    assert steps.steps[0]["noisy_embeds"].shape == (3, 8, 32)
+
+    def replace_estimate(pipe, step_index, timestep, callback_kwargs):
+        return {"original_estimate": torch.zeros_like(callback_kwargs["original_estimate"])}
+
+    steered = _run(pipeline, output_type="latent", callback_on_step_end=replace_estimate).captions
+    assert torch.count_nonzero(steered) == 0
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        _run(pipeline, callback_on_step_end=steps, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_ddpm_swap_takes_the_ancestral_path(pipeline):
+    ddim = _run(pipeline, output_type="latent", num_inference_steps=4).captions
     pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    assert len(_run(pipeline, num_inference_steps=10).captions) == 3
+    calls, steps = ModelCalls(pipeline.denoiser), StepRecorder()
+    ddpm = _run(pipeline, output_type="latent", num_inference_steps=4, callback_on_step_end=steps,
+                callback_on_step_end_tensor_inputs=["noisy_embeds", "original_estimate"]).captions
+    assert [int(call["timesteps"][0]) for call in calls.calls] == pipeline.scheduler.timesteps.tolist()
+    assert not torch.allclose(ddpm, ddim)
+    # Each DDPM step lands on the posterior mean of x_{t'} given x_t and x̂0, plus fresh noise of its variance.
+    scheduler = pipeline.scheduler
+    for call, step in zip(calls.calls[:-1], steps.steps[:-1]):
+        t = int(call["timesteps"][0])
+        t_prev = scheduler.previous_timestep(t)
+        alpha_bar, alpha_bar_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t_prev]
+        beta = 1 - alpha_bar / alpha_bar_prev
+        mean = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)) * step["original_estimate"] + (
+            (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        ) * call["noisy_embeds"]
+        noise = (step["noisy_embeds"] - mean) / ((1 - alpha_bar_prev) / (1 - alpha_bar) * beta).sqrt()
+        assert (noise.std() - 1).abs() < 0.15
+
+
+def test_refinement_and_clamping(pipeline):
+    calls = ModelCalls(pipeline.denoiser)
+    plain = _run(pipeline, output_type="latent").captions
+    calls.calls.clear()
     refined = _run(pipeline, output_type="latent", num_refinement_steps=2).captions
-    assert not torch.allclose(refined, _run(pipeline, output_type="latent").captions)
+    assert [int(call["timesteps"][0]) for call in calls.calls[-2:]] == [0, 0]
+    torch.testing.assert_close(refined, calls.calls[-1]["prediction"])
+    assert not torch.allclose(refined, plain)
     clamped = _run(pipeline, output_type="latent", clamp_to_vocabulary=True).captions
     vocabulary = pipeline.denoiser.get_input_embeddings().weight
     distances = torch.cdist(clamped.reshape(-1, 32), vocabulary).min(dim=-1).values
     assert distances.max() < 1e-4
 
 
-def test_previous_sample_model_samples(tokenizer):
-    pipe = tiny_pipeline(tokenizer, prediction_type="previous_sample")
+def test_previous_sample_model_converts_each_output_to_x0(tokenizer):
+    pipe = tiny_pipeline(tokenizer, prediction_type="previous_sample", prediction_step_offset=100)
     pipe.set_progress_bar_config(disable=True)
-    assert len(_run(pipe).captions) == 3
+    calls, steps = ModelCalls(pipe.denoiser), StepRecorder()
+    _run(pipe, num_inference_steps=3, callback_on_step_end=steps)
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    for call, step in zip(calls.calls, steps.steps):
+        t = int(call["timesteps"][0])
+        alpha_bar_t = alphas_cumprod[t]
+        alpha_bar_s = alphas_cumprod[t - 100] if t >= 100 else torch.tensor(1.0)
+        c0 = alpha_bar_s.sqrt() * (1 - alpha_bar_t / alpha_bar_s) / (1 - alpha_bar_t)
+        ct = (alpha_bar_t / alpha_bar_s).sqrt() * (1 - alpha_bar_s) / (1 - alpha_bar_t)
+        expected = (call["prediction"] - ct * call["noisy_embeds"]) / c0
+        torch.testing.assert_close(step["original_estimate"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_self_conditioned_sampling_feeds_back_the_previous_estimate(tokenizer):
+    pipe = tiny_pipeline(tokenizer, self_conditioning=True)
+    pipe.set_progress_bar_config(disable=True)
+    torch.nn.init.normal_(pipe.denoiser.self_condition_projection.weight, std=0.5)
+    calls, steps = ModelCalls(pipe.denoiser), StepRecorder()
+    _run(pipe, num_inference_steps=3, callback_on_step_end=steps)
+    assert calls.calls[0].get("self_conditioning_embeds") is None
+    for call, previous in zip(calls.calls[1:], steps.steps):
+        torch.testing.assert_close(call["self_conditioning_embeds"], previous["original_estimate"])
+    first = calls.calls[1]
+    without = pipe.denoiser(first["noisy_embeds"], first["timesteps"], first["image_embeds"]).prediction
+    assert not torch.allclose(without, first["prediction"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "options, call_kwargs",
+    [
+        ({}, {}),
+        ({"prediction_type": "previous_sample"}, {}),
+        ({"condition_drop_prob": 0.2}, {"guidance_scale": 2.0}),
+        ({"self_conditioning": True}, {"num_refinement_steps": 1}),
+        ({}, {"clamp_to_vocabulary": True}),
+        ({"use_text_condition": True}, {"text_embeds": torch.randn(3, CONDITION_DIM)}),
+    ],
+)
+def test_half_precision_sampling(tokenizer, dtype, options, call_kwargs):
+    pipe = tiny_pipeline(tokenizer, **options).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    steps = StepRecorder()
+    latent = _run(pipe, output_type="latent", num_inference_steps=3, callback_on_step_end=steps,
+                  callback_on_step_end_tensor_inputs=["noisy_embeds"], **call_kwargs).captions
+    assert latent.dtype == dtype and torch.isfinite(latent).all()
+    assert all(step["noisy_embeds"].dtype == dtype for step in steps.steps)
+    assert len(_run(pipe, **call_kwargs).captions) == 3
 
 
 def test_decode_strips_special_tokens_and_collapses_per_caption(tokenizer):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,8 +18,8 @@ from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.training import (
     TrainingConfig,
     TrainingDivergedError,
+    build_optimizer_and_schedule,
     caption_pairs,
-    lr_factor,
     train,
     training_config_from_args,
 )
@@ -30,27 +31,41 @@ def _history(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "loss_history.jsonl").read_text().splitlines()]
 
 
+def _learning_rates(config, total_steps=100, steps_per_epoch=10):
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = build_optimizer_and_schedule(config, torch.nn.Linear(1, 1), total_steps, steps_per_epoch)
+    rates = []
+    for _ in range(total_steps + 1):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    del parameter
+    return rates
+
+
 @pytest.mark.parametrize("schedule", ["linear", "log", "cosine"])
 def test_decaying_schedules_go_from_lr_to_lr_end(schedule):
     config = TrainingConfig(datasets=["x"], lr_schedule=schedule, learning_rate=1e-4, lr_end=5e-5)
-    factors = [lr_factor(config, step, 100, 10) for step in range(101)]
-    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.5)
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    rates = _learning_rates(config)
+    assert rates[0] == pytest.approx(1e-4) and rates[-1] == pytest.approx(5e-5)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    linear_at_quarter = 1e-4 - 0.25 * 5e-5
     if schedule == "log":  # faster than linear early on
-        assert factors[25] < 1.0 - 0.5 * 0.25
+        assert rates[25] < linear_at_quarter - 5e-6
+    if schedule == "linear":
+        assert rates[25] == pytest.approx(linear_at_quarter)
 
 
 def test_cosine_restarts_and_warmup():
     config = TrainingConfig(datasets=["x"], lr_schedule="cosine_restarts", lr_restart_epochs=2, warmup_steps=4)
-    assert lr_factor(config, 0, 100, 5) == pytest.approx(0.25)
-    assert lr_factor(config, 9, 100, 5) < 0.6
-    assert lr_factor(config, 10, 100, 5) == pytest.approx(1.0)  # restarted after 2 epochs of 5 steps
-    constant = TrainingConfig(datasets=["x"])
-    assert {lr_factor(constant, step, 100, 5) for step in range(100)} == {1.0}
+    rates = _learning_rates(config, total_steps=100, steps_per_epoch=10)  # 5 cycles of 20 steps after warm-up
+    assert rates[0] == 0.0 and rates[2] == pytest.approx(0.5e-4) and rates[4] == pytest.approx(1e-4)
+    assert rates[22] < 0.1e-4 and rates[24] > 0.9e-4  # restarted
+    assert set(_learning_rates(TrainingConfig(datasets=["x"]))) == {1e-4}
 
 
 def test_config_validation_and_cli_parsing(tmp_path):
-    with pytest.raises(ValueError, match="datasets"):
+    with pytest.raises(ValueError, match="No training data"):
         TrainingConfig()
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainingConfig(datasets=["x"], lr_schedule="exponential")
@@ -211,3 +226,84 @@ def test_two_process_data_parallel_run(training_assets, tmp_path):
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "run")
     pipe.set_progress_bar_config(disable=True)
     assert len(pipe(torch.rand(3, 3, 32, 32), generator=torch.Generator().manual_seed(0)).captions) == 3
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        training_config_from_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for spec in dataclasses.fields(TrainingConfig):
+        assert f"--{spec.name}" in text, spec.name
+        assert spec.metadata.get("help"), spec.name
+    for alias in ("--train_batch_size", "--lr_scheduler", "--lr_warmup_steps", "--max_train_steps"):
+        assert alias in text
+    assert training_config_from_args(["--datasets", "a", "--train_batch_size", "7"]).batch_size == 7
+
+
+def test_yaml_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("datasets: [a]\nlearning_rate: 0.001\nmodel_config:\n  fusion: add\n")
+    config = training_config_from_args(["--config", str(path), "--seed", "3"])
+    assert config.learning_rate == 0.001 and config.model_config == {"fusion": "add"} and config.seed == 3
+
+
+def test_accelerate_configuration_decides_mixed_precision(tmp_path):
+    script = (
+        "from clip_diffusionlm.training import TrainingConfig, make_accelerator;"
+        f"print(make_accelerator(TrainingConfig(datasets=['x'], output_dir={str(tmp_path)!r})).mixed_precision)"
+    )
+    for environment, expected in (({"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16"), ({}, "no")):
+        env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_MIXED_PRECISION"}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                env={**env, **environment})
+        assert result.stdout.strip().splitlines()[-1] == expected, result.stderr[-2000:]
+
+
+def test_validation_leaves_the_training_random_stream_alone(training_assets, tmp_path):
+    overrides = {"max_steps": 6, "checkpointing_steps": 0}
+    plain = _history(train(tiny_training_config(training_assets, tmp_path / "plain", **overrides)))
+    validated = _history(train(tiny_training_config(
+        training_assets, tmp_path / "validated", validation_steps=2, **overrides
+    )))
+    assert [r["loss"] for r in validated] == [r["loss"] for r in plain]
+    assert (tmp_path / "validated" / "validation_samples.jsonl").exists()
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing_train(training_assets, tmp_path):
+    config = tiny_training_config(training_assets, tmp_path / "run", max_steps=3)
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps(dataclasses.asdict(config)))
+    model_config = {"caption_length": 12, "prediction_type": "previous_sample", "self_conditioning": True,
+                    "condition_drop_prob": 0.2}
+    # A fresh process: Accelerate fixes the precision of its process-wide state on first use.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "train.py"), "--config", str(config_file), "--mixed_precision",
+         "bf16", "--gradient_checkpointing", "--attn_implementation", "eager", "--model_config",
+         json.dumps(model_config)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = _history(tmp_path / "run")
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.denoiser.dtype == torch.float32  # mixed precision keeps float32 master weights
+    assert pipe.denoiser.config.prediction_type == "previous_sample"
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_cuda_encoders_on_the_device_and_rng_stream(training_assets, tmp_path):
+    from clip_diffusionlm.training import forked_rng, make_accelerator, prepare_data
+
+    config = tiny_training_config(training_assets, tmp_path / "run", mixed_precision="bf16")
+    accelerator = make_accelerator(config)
+    data = prepare_data(config, accelerator)
+    assert data.image_encoder.device.type == "cuda" and data.image_encoder.dtype == torch.bfloat16
+    torch.cuda.manual_seed(123)
+    expected = torch.randn(4, device="cuda")
+    torch.cuda.manual_seed(123)
+    with forked_rng(accelerator, seed=0):
+        torch.randn(100, device="cuda")
+    torch.testing.assert_close(torch.randn(4, device="cuda"), expected)

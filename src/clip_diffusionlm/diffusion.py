@@ -1,24 +1,69 @@
-"""The diffusion process around the denoiser: noise schedules (diffusers schedulers), the training objective's
-inputs, and the conversion of an `x_{t-n}` prediction back to `x0` for sampling.
+"""The diffusion process around the denoiser: noise schedules (diffusers schedulers), the paper's training objective,
+and the conversion of an `x_{t-n}` prediction back to `x0` for sampling.
 
-Training (`diffusion_loss`) and sampling (the pipeline) both go through the functions here, so the schedule math
-exists once.
+The objective lives here, diffusers-style, and not in the model's `forward`: every term needs the noise schedule
+(`add_noise`, the posterior of `x_{t-n}`), which belongs with the scheduler, and the model file must stay importable
+as Hub remote code without diffusers. The model is a pure function `f(x_t, t, c)`; `diffusion_loss` makes its inputs,
+calls it once with gradients (x_t and x_1 share one batch, so DDP synchronises once per step) and computes every term.
+Training and sampling (the pipeline) both go through the functions here, so the schedule math exists once.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
 
 from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
-from .modeling_clip_diffusionlm import CLIPDiffusionLMModel, CLIPDiffusionLMOutput
+from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 
 SELF_CONDITIONING_PROB = 0.5  # Chen et al. (2022): half the batches see their own detached estimate
 SQRT_SCHEDULE_OFFSET = 1e-4  # Diffusion-LM's s in ᾱ(t) = 1 - sqrt(t/T + s)
 MAX_BETA = 0.999
+
+
+@dataclass
+class DiffusionLossOutput(BaseOutput):
+    """
+    Output of [`diffusion_loss`]; `batch_size` counts each caption once per sampled timestep.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            `L'_simple + λ·L_R`.
+        restoring_loss (`torch.FloatTensor` of shape `()`):
+            `‖f(x_t, t) − target‖²` (summed over the embedding dimension, averaged over positions); the target is `x0`,
+            or the posterior mean of `x_{t-n}` for the `"previous_sample"` objective.
+        x1_restoring_loss (`torch.FloatTensor` of shape `()`):
+            `‖f(x_1, 1) − x0‖²`; zero when `config.x1_restoring_loss` is off.
+        rounding_loss (`torch.FloatTensor` of shape `()`):
+            `L_R = −log softmax(f(x_t, t) · Eᵀ)[labels]`, averaged over positions.
+        rounding_weight (`torch.FloatTensor` of shape `()`):
+            The `λ` of this batch (constant, or dynamic without gradient).
+        prediction (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
+            `f(x_t, t)`.
+        logits (`torch.FloatTensor` of shape `(batch_size, caption_length, rounding_vocab_size)`):
+            `f(x_t, t) · Eᵀ` through the frozen, tied word embeddings.
+    """
+
+    loss: torch.FloatTensor
+    restoring_loss: torch.FloatTensor
+    x1_restoring_loss: torch.FloatTensor
+    rounding_loss: torch.FloatTensor
+    rounding_weight: torch.FloatTensor
+    prediction: torch.FloatTensor
+    logits: torch.FloatTensor
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The paper's `‖x̂ − x‖²`: summed over the embedding dimension, averaged over positions and samples. The sum (not
+    a per-element mean) keeps it on the scale of the rounding cross-entropy, which is what λ = 0.3 was tuned against.
+    """
+    return (prediction - target).pow(2).sum(dim=-1).mean()
 
 
 def sqrt_schedule_betas(num_train_timesteps: int) -> list[float]:
@@ -88,7 +133,10 @@ def predicted_original_sample(
     noisy_embeds: torch.Tensor,
     timesteps: torch.LongTensor,
 ) -> torch.Tensor:
-    """The model's estimate of `x0`: its output, or for `x_{t-n}` models, `(x̂_{t-n} - ct·x_t) / c0`."""
+    """
+    The model's estimate of `x0`: its output, or for `x_{t-n}` models, `(x̂_{t-n} - ct·x_t) / c0`. The division is
+    done in float32 (`c0` is tiny at large `t`) and the result has the prediction's dtype.
+    """
     if config.prediction_type == "sample":
         return prediction
     if timesteps.ndim == 0:
@@ -96,7 +144,8 @@ def predicted_original_sample(
     coefficient_x0, coefficient_xt = jump_posterior_coefficients(
         alphas_cumprod, timesteps, config.prediction_step_offset
     )
-    return (prediction - coefficient_xt * noisy_embeds) / coefficient_x0
+    original = (prediction.float() - coefficient_xt * noisy_embeds.float()) / coefficient_x0
+    return original.to(prediction.dtype)
 
 
 def diffusion_loss(
@@ -106,19 +155,19 @@ def diffusion_loss(
     image_embeds: torch.FloatTensor,
     text_embeds: torch.FloatTensor | None = None,
     timesteps_per_caption: int = 1,
-) -> CLIPDiffusionLMOutput:
+) -> DiffusionLossOutput:
     """
-    One evaluation of the paper's objective on a batch: sample `t` (several per caption, as the paper samples 100 of
-    the 1000 steps), noise `x0` into `x_t` and `x_1` with `noise_scheduler.add_noise`, drop the conditioning for
-    classifier-free guidance, optionally self-condition, and call the model with the targets.
+    The paper's objective on a batch, `L = L'_simple + λ·L_R`: sample `t` (several per caption, as the paper samples
+    100 of the 1000 steps), noise `x0 = E[ids]` into `x_t` (and `x_1`) with `noise_scheduler.add_noise`, drop the
+    conditioning for classifier-free guidance, optionally self-condition, run the denoiser once, and score it.
 
     Args:
         model (`CLIPDiffusionLMModel` or a wrapper of it such as DDP):
-            Called once with gradients; its unwrapped module serves the no-gradient helper passes.
+            Called once with gradients; its unwrapped module serves the no-gradient self-conditioning pass.
         noise_scheduler (`DDPMScheduler`):
             From [`make_noise_scheduler`] with the model's config.
         input_ids (`torch.LongTensor` of shape `(batch_size, caption_length)`):
-            Padded caption token ids.
+            Padded caption token ids (the model learns [PAD] to end captions).
         image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`):
             Cached CLIP image features (see `config.image_features`).
         text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
@@ -128,8 +177,12 @@ def diffusion_loss(
     """
     core: CLIPDiffusionLMModel = getattr(model, "module", model)
     config = core.config
+    rounding_targets = core.rounding_targets(input_ids)
+    if (rounding_targets < 0).any():
+        raise ValueError("`input_ids` hold token ids outside `config.rounding_vocabulary`.")
     if timesteps_per_caption > 1:
         input_ids = input_ids.repeat_interleave(timesteps_per_caption, dim=0)
+        rounding_targets = rounding_targets.repeat_interleave(timesteps_per_caption, dim=0)
         image_embeds = image_embeds.repeat_interleave(timesteps_per_caption, dim=0)
         if text_embeds is not None:
             text_embeds = text_embeds.repeat_interleave(timesteps_per_caption, dim=0)
@@ -138,37 +191,59 @@ def diffusion_loss(
     clean_embeds = core.embed_captions(input_ids)  # x0: (batch, caption_length, hidden)
     timesteps = torch.randint(0, config.num_train_timesteps, (batch_size,), device=device)
     noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), timesteps)
-    x1_noisy_embeds = None
-    if config.x1_restoring_loss:
-        ones = torch.ones_like(timesteps)
-        x1_noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), ones)
-
-    target_embeds = None
+    target_embeds = clean_embeds
     if config.prediction_type == "previous_sample":
         coefficient_x0, coefficient_xt = jump_posterior_coefficients(
             noise_scheduler.alphas_cumprod, timesteps, config.prediction_step_offset
         )
         target_embeds = coefficient_x0 * clean_embeds + coefficient_xt * noisy_embeds
-
     # Always a mask (all False when p = 0) so the null condition takes part in every graph, as DDP requires.
     drop_condition = torch.rand(batch_size, device=device) < config.condition_drop_prob
+
+    # x_1 rides in the same batch as x_t (the first `batch_size` rows), with the same conditioning.
+    copies = 2 if config.x1_restoring_loss else 1
+    if config.x1_restoring_loss:
+        ones = torch.ones_like(timesteps)
+        x1_noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), ones)
+        noisy_embeds = torch.cat([noisy_embeds, x1_noisy_embeds])
+        timesteps = torch.cat([timesteps, ones])
+    condition = {
+        "image_embeds": image_embeds.repeat(copies, *[1] * (image_embeds.ndim - 1)),
+        "text_embeds": None if text_embeds is None else text_embeds.repeat(copies, 1),
+        "drop_condition": drop_condition.repeat(copies),
+    }
 
     self_conditioning_embeds = None
     if config.self_conditioning and torch.rand(()).item() < SELF_CONDITIONING_PROB:
         with torch.no_grad():
-            first_guess = core.denoise(noisy_embeds, timesteps, image_embeds, text_embeds, None, drop_condition)
+            first_guess = core(noisy_embeds, timesteps, **condition).prediction
             self_conditioning_embeds = predicted_original_sample(
                 config, noise_scheduler.alphas_cumprod, first_guess, noisy_embeds, timesteps
             )
 
-    return model(
-        noisy_embeds=noisy_embeds,
-        timesteps=timesteps,
-        image_embeds=image_embeds,
-        text_embeds=text_embeds,
-        self_conditioning_embeds=self_conditioning_embeds,
-        drop_condition=drop_condition,
-        labels=input_ids,
-        target_embeds=target_embeds,
-        x1_noisy_embeds=x1_noisy_embeds,
+    prediction = model(
+        noisy_embeds, timesteps, self_conditioning_embeds=self_conditioning_embeds, **condition
+    ).prediction  # (copies · batch, caption_length, hidden)
+    restoring_loss = squared_error(prediction[:batch_size], target_embeds)
+    x1_restoring_loss = torch.zeros_like(restoring_loss)
+    if config.x1_restoring_loss:
+        # For both objectives the target one step from the data is x0 itself.
+        x1_restoring_loss = squared_error(prediction[batch_size:], clean_embeds)
+    simple_loss = restoring_loss + x1_restoring_loss
+
+    logits = core.round_to_logits(prediction[:batch_size])  # (batch, caption_length, rounding_vocab_size)
+    rounding_loss = F.cross_entropy(logits.flatten(0, 1).float(), rounding_targets.flatten())
+    if config.dynamic_rounding_constant is not None:
+        with torch.no_grad():
+            rounding_weight = config.dynamic_rounding_constant * simple_loss / rounding_loss
+    else:
+        rounding_weight = torch.tensor(config.rounding_weight, device=device)
+    return DiffusionLossOutput(
+        loss=simple_loss + rounding_weight * rounding_loss,
+        restoring_loss=restoring_loss,
+        x1_restoring_loss=x1_restoring_loss,
+        rounding_loss=rounding_loss,
+        rounding_weight=rounding_weight,
+        prediction=prediction[:batch_size],
+        logits=logits,
     )

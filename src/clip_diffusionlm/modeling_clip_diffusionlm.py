@@ -1,8 +1,9 @@
 """CLIP-DiffusionLM denoiser: a BERT-family encoder that restores caption word embeddings from noise, given CLIP.
 
 This file imports only its configuration, torch and transformers so that it also works as Hub remote code
-(`AutoModel.from_pretrained(path, trust_remote_code=True)`). The noise schedule lives with the diffusers scheduler,
-not here: the model sees `x_t` and `t` and returns its prediction (and the paper's loss when given the targets).
+(`AutoModel.from_pretrained(path, trust_remote_code=True)`). The noise schedule and the training objective live with the
+diffusers scheduler in `diffusion.py`, not here: the model sees `x_t`, `t` and the conditioning and returns its
+prediction.
 """
 
 from __future__ import annotations
@@ -27,38 +28,12 @@ class CLIPDiffusionLMOutput(ModelOutput):
     Output of [`CLIPDiffusionLMModel`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            `L'_simple + λ·L_R`.
-        restoring_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            `‖prediction − target‖²` at `t` (summed over the embedding dimension, averaged over positions).
-        x1_restoring_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            The same at `t = 1`; zero when `config.x1_restoring_loss` is off.
-        rounding_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            `L_R = -log softmax(prediction · Eᵀ)[labels]`, averaged over positions.
-        rounding_weight (`torch.FloatTensor` of shape `()`, *optional*):
-            The `λ` used for this batch (constant, or dynamic without gradient).
         prediction (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
             The predicted `x0` (or `x_{t-n}` when `config.prediction_type == "previous_sample"`), in the scaled
-            embedding space.
-        logits (`torch.FloatTensor` of shape `(batch_size, caption_length, rounding_vocab_size)`):
-            `prediction · Eᵀ`: the frozen, tied word embeddings used as the language-model head, over the whole
-            vocabulary or `config.rounding_vocabulary`.
+            embedding space. [`~CLIPDiffusionLMModel.round_to_logits`] turns it into word logits.
     """
 
-    loss: torch.FloatTensor | None = None
-    restoring_loss: torch.FloatTensor | None = None
-    x1_restoring_loss: torch.FloatTensor | None = None
-    rounding_loss: torch.FloatTensor | None = None
-    rounding_weight: torch.FloatTensor | None = None
     prediction: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-
-
-def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The paper's `‖x̂ − x‖²`: summed over the embedding dimension, averaged over positions and samples. The sum (not
-    a per-element mean) keeps it on the scale of the rounding cross-entropy, which is what λ = 0.3 was tuned against.
-    """
-    return (prediction - target).pow(2).sum(dim=-1).mean()
 
 
 class SinusoidalTimestepEmbedding(nn.Module):
@@ -112,6 +87,11 @@ class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
     config_class = CLIPDiffusionLMConfig
     base_model_prefix = "clip_diffusionlm"
     main_input_name = "noisy_embeds"
+    # The backbone is any transformers encoder: these switches pass `attn_implementation` and activation
+    # checkpointing through to it (a backbone without SDPA or flash attention raises when asked for them).
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -134,7 +114,9 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
 
     def __init__(self, config: CLIPDiffusionLMConfig):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(config.get_backbone_config())
+        self.backbone = AutoModel.from_config(
+            config.get_backbone_config(), attn_implementation=config._attn_implementation
+        )
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # unused; would leave parameters without gradient under DDP
         hidden_size = self.backbone.config.hidden_size
@@ -264,7 +246,7 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             tokens = torch.where(drop_condition[:, None, None], null[None].to(tokens.dtype), tokens)
         return tokens
 
-    def denoise(
+    def forward(
         self,
         noisy_embeds: torch.FloatTensor,
         timesteps: torch.LongTensor,
@@ -272,8 +254,30 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         text_embeds: torch.FloatTensor | None = None,
         self_conditioning_embeds: torch.FloatTensor | None = None,
         drop_condition: torch.BoolTensor | None = None,
-    ) -> torch.FloatTensor:
-        """`f(x_t, t, c)`: the prediction only, shape `(batch, caption_length, hidden)`. See [`forward`]."""
+        return_dict: bool = True,
+    ) -> CLIPDiffusionLMOutput | tuple:
+        r"""
+        `f(x_t, t, c)`. The training objective around it lives in `clip_diffusionlm.diffusion.diffusion_loss`, with the
+        noise schedule it needs.
+
+        Args:
+            noisy_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
+                `x_t`, noisy caption embeddings in the scaled embedding space.
+            timesteps (`torch.LongTensor` of shape `(batch_size,)` or `()`):
+                `t` of each sample, in `[0, num_train_timesteps)`.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`):
+                Frozen CLIP image features: `image_embeds`, or the patch features when
+                `config.image_features == "patches"`.
+            text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
+                Frozen CLIP text embeddings; only read when `config.use_text_condition`. `None` uses the null
+                condition for the text slot.
+            self_conditioning_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
+                The previous estimate of `x0` (self-conditioning); `None` means zeros.
+            drop_condition (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+                `True` replaces that sample's conditioning by the learned null condition (`f(x|∅)`).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return a [`CLIPDiffusionLMOutput`] instead of a tuple.
+        """
         batch_size, caption_length, _ = noisy_embeds.shape
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch_size)
@@ -295,84 +299,5 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             hidden = hidden + condition.sum(dim=1, keepdim=True)
 
         sequence = self.backbone(inputs_embeds=hidden).last_hidden_state  # (batch, caption_length + k, hidden)
-        return self.output_projection(sequence[:, :caption_length])
-
-    def forward(
-        self,
-        noisy_embeds: torch.FloatTensor,
-        timesteps: torch.LongTensor,
-        image_embeds: torch.FloatTensor,
-        text_embeds: torch.FloatTensor | None = None,
-        self_conditioning_embeds: torch.FloatTensor | None = None,
-        drop_condition: torch.BoolTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        target_embeds: torch.FloatTensor | None = None,
-        x1_noisy_embeds: torch.FloatTensor | None = None,
-        return_dict: bool = True,
-    ) -> CLIPDiffusionLMOutput | tuple:
-        r"""
-        Args:
-            noisy_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
-                `x_t`, noisy caption embeddings in the scaled embedding space.
-            timesteps (`torch.LongTensor` of shape `(batch_size,)` or `()`):
-                `t` of each sample, in `[0, num_train_timesteps)`.
-            image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`):
-                Frozen CLIP image features: `image_embeds`, or the patch features when
-                `config.image_features == "patches"`.
-            text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
-                Frozen CLIP text embeddings; only read when `config.use_text_condition`. `None` uses the null
-                condition for the text slot.
-            self_conditioning_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
-                The previous estimate of `x0` (self-conditioning); `None` means zeros.
-            drop_condition (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
-                `True` replaces that sample's conditioning by the learned null condition (`f(x|∅)`).
-            labels (`torch.LongTensor` of shape `(batch_size, caption_length)`, *optional*):
-                Token ids of the clean caption, padding included (the model learns [PAD] to end captions). When
-                given, the loss is computed.
-            target_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
-                Restoring target; defaults to `x0 = E[labels]·scale`. Pass the posterior mean of `x_{t-n}` for the
-                `"previous_sample"` objective.
-            x1_noisy_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`, *optional*):
-                `x_1`, needed for the `t = 1` restoring term when `config.x1_restoring_loss`.
-            return_dict (`bool`, *optional*, defaults to `True`):
-                Return a [`CLIPDiffusionLMOutput`] instead of a tuple.
-        """
-        denoise_kwargs = {
-            "image_embeds": image_embeds,
-            "text_embeds": text_embeds,
-            "drop_condition": drop_condition,
-        }
-        prediction = self.denoise(
-            noisy_embeds, timesteps, self_conditioning_embeds=self_conditioning_embeds, **denoise_kwargs
-        )
-        logits = self.round_to_logits(prediction)
-        output = CLIPDiffusionLMOutput(prediction=prediction, logits=logits)
-
-        if labels is not None:
-            clean_embeds = self.embed_captions(labels)
-            target = clean_embeds if target_embeds is None else target_embeds
-            output.restoring_loss = squared_error(prediction, target)
-
-            output.x1_restoring_loss = torch.zeros_like(output.restoring_loss)
-            if self.config.x1_restoring_loss:
-                if x1_noisy_embeds is None:
-                    raise ValueError("`x1_noisy_embeds` is required when `config.x1_restoring_loss` is on.")
-                ones = torch.ones_like(timesteps if timesteps.ndim else timesteps.expand(labels.shape[0]))
-                x1_prediction = self.denoise(x1_noisy_embeds, ones, **denoise_kwargs)
-                # For both objectives the target one step from the data is x0 itself.
-                output.x1_restoring_loss = squared_error(x1_prediction, clean_embeds)
-            simple_loss = output.restoring_loss + output.x1_restoring_loss
-
-            rounding_targets = self.rounding_targets(labels)
-            if (rounding_targets < 0).any():
-                raise ValueError("`labels` hold token ids outside `config.rounding_vocabulary`.")
-            output.rounding_loss = F.cross_entropy(logits.flatten(0, 1), rounding_targets.flatten())
-            if self.config.dynamic_rounding_constant is not None:
-                with torch.no_grad():
-                    rounding_weight = self.config.dynamic_rounding_constant * simple_loss / output.rounding_loss
-            else:
-                rounding_weight = torch.tensor(self.config.rounding_weight, device=simple_loss.device)
-            output.rounding_weight = rounding_weight
-            output.loss = simple_loss + rounding_weight * output.rounding_loss
-
-        return output if return_dict else output.to_tuple()
+        prediction = self.output_projection(sequence[:, :caption_length])
+        return CLIPDiffusionLMOutput(prediction=prediction) if return_dict else (prediction,)

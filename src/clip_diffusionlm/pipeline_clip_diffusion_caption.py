@@ -6,11 +6,12 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -79,6 +80,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_encoder->denoiser"
+    _callback_tensor_inputs = ["noisy_embeds", "original_estimate", "image_embeds"]
 
     def __init__(
         self,
@@ -237,23 +239,23 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         batch_size = noisy_embeds.shape[0]
         timesteps = timestep.to(noisy_embeds.device).expand(batch_size)
         if guidance_scale == 1.0:
-            prediction = self.denoiser.denoise(
+            prediction = self.denoiser(
                 noisy_embeds, timesteps, image_embeds, text_embeds, self_conditioning_embeds
-            )
+            ).prediction
         else:
 
             def double(tensor: torch.Tensor | None) -> torch.Tensor | None:
                 return None if tensor is None else torch.cat([tensor, tensor])
 
             drop_condition = torch.arange(2 * batch_size, device=noisy_embeds.device) >= batch_size
-            both = self.denoiser.denoise(
+            both = self.denoiser(
                 double(noisy_embeds),
                 double(timesteps),
                 double(image_embeds),
                 double(text_embeds),
                 double(self_conditioning_embeds),
                 drop_condition,
-            )
+            ).prediction
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         return predicted_original_sample(
@@ -274,6 +276,11 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "str",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> CLIPDiffusionCaptionPipelineOutput | tuple:
         r"""
         Captions images.
@@ -305,7 +312,24 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
                 `"str"`, `"token_ids"` or `"latent"`; see [`CLIPDiffusionCaptionPipelineOutput`].
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return a [`CLIPDiffusionCaptionPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after every denoising step as `callback_on_step_end(self, step_index, timestep,
+                callback_kwargs)`, where `callback_kwargs` holds the tensors named in
+                `callback_on_step_end_tensor_inputs`; tensors in the dict it returns replace the pipeline's own, so
+                a callback can watch the caption form or steer it.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["original_estimate"]`):
+                Any of `"noisy_embeds"` (`x_t` after the step), `"original_estimate"` (this step's `x̂0`) and
+                `"image_embeds"` (the conditioning, repeated per caption).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["original_estimate"]
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {unknown}."
+            )
         if (images is None) == (image_embeds is None):
             raise ValueError("Pass exactly one of `images` or `image_embeds`.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -352,7 +376,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
         original_estimate = None
-        for timestep in self.progress_bar(self.scheduler.timesteps):
+        for step_index, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(noisy_embeds, timestep)
             original_estimate = self._guided_prediction(
                 model_input, timestep, image_embeds, text_embeds, original_estimate, guidance_scale
@@ -362,6 +386,14 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
             noisy_embeds = self.scheduler.step(
                 original_estimate, timestep, noisy_embeds, generator=generator
             ).prev_sample
+            if callback_on_step_end is not None:
+                step_tensors = {"noisy_embeds": noisy_embeds, "original_estimate": original_estimate,
+                                "image_embeds": image_embeds}
+                callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                returned = callback_on_step_end(self, step_index, timestep, callback_kwargs) or {}
+                noisy_embeds = returned.get("noisy_embeds", noisy_embeds)
+                original_estimate = returned.get("original_estimate", original_estimate)
+                image_embeds = returned.get("image_embeds", image_embeds)
 
         final_timestep = torch.zeros((), dtype=torch.long, device=device)
         for _ in range(num_refinement_steps):

@@ -1,12 +1,16 @@
 """Training CLIP-DiffusionLM with Accelerate: cached CLIP features in, a saved captioning pipeline out.
 
-One function, [`train`], driven by one dataclass, [`TrainingConfig`]. It runs the same on one process, under
-`accelerate launch` or `torchrun` (data parallel), and resumes exactly: a resumed run sees the same batches and the
-same random draws as one that was never interrupted.
+[`train`] reads top to bottom as the run goes: make the accelerator → prepare the data and the frozen CLIP features
+→ build the denoiser → build the optimiser and learning-rate schedule → the loop (one [`training_step`] per batch,
+[`run_validation`] and [`save_checkpoint`] beside it) → [`save_pipeline`]. Each step is a module-level function over a
+[`TrainingRun`], testable alone. The same code runs on one process, under `accelerate launch` or `torchrun` (data
+parallel), and resumes exactly: a resumed run sees the same batches and the same random draws as one that was never
+interrupted, and validation never shifts the training random stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,120 +19,51 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import diffusers
 import torch
+import transformers
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+    get_constant_schedule_with_warmup,
+    get_cosine_with_hard_restarts_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+)
 
-from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
 from .data import load_datasets
-from .diffusion import diffusion_loss, make_noise_scheduler
+from .diffusion import DiffusionLossOutput, diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
 from .feature_cache import CLIPFeatureCache
 from .hub import write_model_card
 from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .training_args import TrainingConfig, training_config_from_args
 
-logger = logging.getLogger("clip_diffusionlm.training")
+logger = get_logger(__name__)
 
-LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 CHECKPOINT_PREFIX = "checkpoint-"
-VALIDATION_SAMPLES_LOGGED = 8  # captions per validation written to validation_samples.jsonl
+VALIDATION_SAMPLES_LOGGED = 8  # captions per validation written to validation_samples.jsonl and the tracker
 LOSS_TERMS = ("loss", "restoring_loss", "x1_restoring_loss", "rounding_loss", "rounding_weight")
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-@dataclass
-class TrainingConfig:
-    """
-    Everything a training run needs. Every field is also a `--flag` of `examples/train.py`; a JSON file of fields
-    (see `examples/configs/`) gives defaults that flags override.
-
-    Data: `datasets` (paths in any format of `clip_diffusionlm.data`, combined split-wise; a shapes world folder
-    works too), `images_dirs` (one for all datasets or one each), `on_bad_input` ("error" stops before training and lists offending files, "skip" drops
-    them and logs counts), `feature_cache_dir`, `captions_per_image` (train on only the first k references of each
-    image, e.g. 1 for the shapes world's canonical caption; evaluation always uses them all).
-    Models: `clip_model` (a CLIP checkpoint; its image tower is frozen), `text_backbone` (a BERT-family encoder for
-    word embeddings, tokenizer and initial layers), `init_backbone_weights` (False keeps only the embeddings
-    pretrained, as the original code did), `text_backbone_layers` (keep only the first k layers),
-    `restrict_rounding_vocabulary` (round only to tokens of the training captions; a closed-domain speed-up),
-    `model_config` (any `CLIPDiffusionLMConfig` argument).
-    Optimisation: AdamW at `learning_rate`; `lr_schedule` one of constant, linear (to `lr_end`), log (fast then
-    slow decay to `lr_end`), cosine (to `lr_end`), cosine_restarts (every `lr_restart_epochs` epochs); linear
-    `warmup_steps`; `timesteps_per_caption` independent `t` per caption per step (the paper samples 100 of 1000).
-    """
-
-    output_dir: str = "outputs/clip-diffusionlm"
-    datasets: list[str] = field(default_factory=list)
-    images_dirs: list[str] = field(default_factory=list)
-    on_bad_input: str = "error"
-    feature_cache_dir: str | None = None
-    captions_per_image: int | None = None
-
-    clip_model: str = "openai/clip-vit-base-patch32"
-    text_backbone: str = "distilbert-base-uncased"
-    init_backbone_weights: bool = True
-    text_backbone_layers: int | None = None
-    restrict_rounding_vocabulary: bool = False
-    model_config: dict[str, Any] = field(default_factory=dict)
-
-    seed: int = 0
-    num_epochs: int = 15
-    max_steps: int | None = None
-    batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_schedule: str = "constant"
-    lr_end: float = 5e-5
-    lr_restart_epochs: int = 5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    timesteps_per_caption: int = 1
-    mixed_precision: str = "no"
-    ema_decay: float | None = None
-
-    validation_steps: int = 500
-    validation_images: int = 256
-    validation_inference_steps: int = 5
-    validation_guidance_scale: float = 1.0
-    early_stopping_metric: str = "CIDEr"
-    early_stopping_patience: int | None = None
-
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = 3
-    resume_from_checkpoint: str | None = None
-
-    report_to: str = "tensorboard"
-    logging_steps: int = 10
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    paper_reference: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if isinstance(self.datasets, str):
-            self.datasets = [self.datasets]
-        if not self.datasets:
-            raise ValueError("`datasets` is empty; give at least one dataset path (or a shapes world folder).")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"`lr_schedule` must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}.")
-        if self.on_bad_input not in ("error", "skip"):
-            raise ValueError(f"`on_bad_input` must be 'error' or 'skip', got {self.on_bad_input!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "timesteps_per_caption", "num_epochs",
-                     "captions_per_image"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
-        CLIPDiffusionLMConfig(**self.model_config)  # fails early on an unknown value
+__all__ = ["TrainingConfig", "TrainingDivergedError", "train", "training_config_from_args"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -153,6 +88,25 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_items
 
 
+class CaptionFeatureDataset(torch.utils.data.Dataset):
+    """(caption ids, its image's CLIP features[, its CLIP text features]) per training caption. Features are read
+    by row from the (possibly memory-mapped, float16) cache, so only the rows of a batch are touched."""
+
+    def __init__(self, input_ids: torch.LongTensor, image_index: torch.LongTensor, image_features: torch.Tensor,
+                 text_features: torch.Tensor | None = None):
+        self.input_ids, self.image_index = input_ids, image_index
+        self.image_features, self.text_features = image_features, text_features
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"input_ids": self.input_ids[index], "image_embeds": self.image_features[self.image_index[index]]}
+        if self.text_features is not None:
+            item["text_embeds"] = self.text_features[index]
+        return item
+
+
 @dataclass
 class TrainingState:
     """Progress saved in every checkpoint beside the model, optimizer, scheduler and RNG states."""
@@ -172,25 +126,75 @@ class TrainingState:
             setattr(self, key, value)
 
 
-def lr_factor(config: TrainingConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Multiplier of `learning_rate` at an optimizer step, for the paper's five schedules plus linear warm-up."""
-    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    floor = config.lr_end / config.learning_rate
-    progress = min(1.0, step / max(1, total_steps))
-    if config.lr_schedule == "constant":
-        shape = 1.0
-    elif config.lr_schedule == "linear":
-        shape = 1.0 - progress
-    elif config.lr_schedule == "log":
-        shape = 1.0 - math.log1p((math.e - 1.0) * progress)  # steep at first, flat near the end
-    elif config.lr_schedule == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        cycle = max(1, config.lr_restart_epochs * steps_per_epoch)
-        shape = 0.5 * (1.0 + math.cos(math.pi * (step % cycle) / cycle))
-    if config.lr_schedule != "constant":
-        shape = floor + (1.0 - floor) * shape
-    return warmup * shape
+@dataclass
+class TrainingData:
+    """What [`prepare_data`] produces: the dataset, the frozen CLIP parts and the training/validation tensors."""
+
+    dataset: DatasetDict
+    image_encoder: CLIPVisionModelWithProjection
+    image_processor: CLIPImageProcessor
+    tokenizer: Any
+    denoiser: CLIPDiffusionLMModel
+    train_set: CaptionFeatureDataset
+    validation_split: Dataset
+    validation_features: torch.Tensor
+
+
+@dataclass
+class TrainingRun:
+    """The objects every step of the loop works on; [`train`] builds it once."""
+
+    config: TrainingConfig
+    accelerator: Accelerator
+    data: TrainingData
+    denoiser: torch.nn.Module  # prepared (e.g. DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataloader: DataLoader
+    sampler: EpochShuffleSampler
+    noise_scheduler: DDPMScheduler
+    ema: EMAModel | None
+    state: TrainingState
+    total_steps: int
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def model(self) -> CLIPDiffusionLMModel:
+        return self.accelerator.unwrap_model(self.denoiser)
+
+
+# ---------------------------------------------------------------------------------------------------------- set-up
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    """The run's `Accelerator`; `mixed_precision=None` lets `accelerate config` / `accelerate launch` decide."""
+    output_dir = Path(config.output_dir)
+    return Accelerator(
+        # Accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU.
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def configure_logging(accelerator: Accelerator, log_level: str) -> None:
+    """`log_level` on the main process, warnings elsewhere; the libraries' own chatter at warning level (error on the
+    other processes)."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S")
+    main = accelerator.is_local_main_process
+    logging.getLogger("clip_diffusionlm").setLevel(getattr(logging, log_level.upper()) if main else logging.WARNING)
+    for library in (datasets, transformers, diffusers):
+        library.utils.logging.set_verbosity(logging.WARNING if main else logging.ERROR)
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen modules run in: half precision under fp16/bf16 mixed precision."""
+    return WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 def tokenize_captions(tokenizer, captions: list[str], caption_length: int) -> torch.LongTensor:
@@ -215,34 +219,328 @@ def caption_pairs(split: Dataset, captions_per_image: int | None = None) -> tupl
     return captions, torch.tensor(image_index, dtype=torch.long)
 
 
-def _checkpoints(output_dir: Path) -> list[Path]:
+def build_denoiser(
+    config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, rounding_vocabulary: list[int] | None = None
+) -> CLIPDiffusionLMModel:
+    """The denoiser on the pretrained text backbone, sized for the CLIP it reads; its config is the run's one."""
+    model_kwargs = {
+        "condition_dim": image_encoder.config.projection_dim,
+        "patch_dim": image_encoder.config.hidden_size,
+        "rounding_vocabulary": rounding_vocabulary,
+        **config.model_config,
+    }
+    pretrained = CLIPDiffusionLMModel.from_text_backbone(
+        config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
+    )
+    if config.attn_implementation is not None:
+        pretrained.set_attn_implementation(config.attn_implementation)
+    if not config.init_backbone_weights:
+        # The original code's set-up: pretrained (frozen) word embeddings, randomly initialised transformer layers.
+        model = CLIPDiffusionLMModel(pretrained.config)
+        model.get_input_embeddings().weight.data.copy_(pretrained.get_input_embeddings().weight)
+        pretrained = model
+    if config.gradient_checkpointing:
+        pretrained.gradient_checkpointing_enable()
+    return pretrained
+
+
+def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingData:
+    """
+    Loads the dataset, the frozen CLIP towers (on the run's device, in its weight dtype) and the tokenizer, builds the
+    denoiser (its vocabulary and feature kind decide what to cache), and reads or computes the CLIP features: once,
+    on the main process; the others read the cache.
+    """
+    dataset = load_datasets(
+        config.datasets, config.images_dirs, config.on_bad_input, dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name, cache_dir=config.cache_dir,
+        train_data_dir=config.train_data_dir, image_column=config.image_column, caption_column=config.caption_column,
+    )
+    dtype = weight_dtype(accelerator)
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
+    image_encoder.to(accelerator.device, dtype=dtype).requires_grad_(False)
+    image_processor = CLIPImageProcessor.from_pretrained(config.clip_model)
+    tokenizer = AutoTokenizer.from_pretrained(config.text_backbone)
+
+    train_split = dataset["train"]
+    train_captions, image_index = caption_pairs(train_split, config.captions_per_image)
+    rounding_vocabulary = None
+    if config.restrict_rounding_vocabulary:
+        words = {token for ids in tokenizer(train_captions)["input_ids"] for token in ids}
+        rounding_vocabulary = sorted(words | set(tokenizer.all_special_ids))
+    denoiser = build_denoiser(config, image_encoder, rounding_vocabulary)
+    model_config = denoiser.config
+
+    text_encoder = text_tokenizer = None
+    if model_config.use_text_condition:
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
+        text_encoder.to(accelerator.device, dtype=dtype).requires_grad_(False)
+        text_tokenizer = AutoTokenizer.from_pretrained(config.clip_model)
+    cache = CLIPFeatureCache(
+        config.feature_cache_dir or Path(config.output_dir) / "feature_cache", image_encoder, image_processor,
+        text_encoder, text_tokenizer,
+    )
+    validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
+    with accelerator.main_process_first():
+        train_features = cache.image_features(train_split, model_config.image_features)
+        validation_features = cache.image_features(validation_split, model_config.image_features)
+        text_features = cache.text_features(train_captions) if text_encoder is not None else None
+
+    input_ids = tokenize_captions(tokenizer, train_captions, model_config.caption_length)
+    return TrainingData(
+        dataset=dataset,
+        image_encoder=image_encoder,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        denoiser=denoiser,
+        train_set=CaptionFeatureDataset(input_ids, image_index, train_features, text_features),
+        validation_split=validation_split,
+        validation_features=validation_features,
+    )
+
+
+def log_decay_lambda(progress_floor: float, warmup_steps: int, total_steps: int):
+    """The paper's "log" schedule (no library has it): steep at first, flat near the end, from 1 to `progress_floor`,
+    after a linear warm-up. A module-level function of the step so that the scheduler's state can be saved."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return progress_floor + (1.0 - progress_floor) * (1.0 - math.log1p((math.e - 1.0) * progress))
+
+    return factor
+
+
+def build_optimizer_and_schedule(
+    config: TrainingConfig, denoiser: torch.nn.Module, total_steps: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters and the learning-rate schedule, from transformers' schedules but "log"."""
+    optimizer = torch.optim.AdamW(
+        [p for p in denoiser.parameters() if p.requires_grad], lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    warmup = config.warmup_steps
+    if config.lr_schedule == "constant":
+        return optimizer, get_constant_schedule_with_warmup(optimizer, warmup)
+    if config.lr_schedule == "linear":
+        return optimizer, get_polynomial_decay_schedule_with_warmup(
+            optimizer, warmup, total_steps, lr_end=config.lr_end, power=1.0
+        )
+    if config.lr_schedule == "cosine":
+        return optimizer, get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total_steps, min_lr=config.lr_end
+        )
+    if config.lr_schedule == "cosine_restarts":
+        cycles = max(1, round(total_steps / max(1, config.lr_restart_epochs * steps_per_epoch)))
+        return optimizer, get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, warmup, total_steps, cycles)
+    floor = config.lr_end / config.learning_rate
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, log_decay_lambda(floor, warmup, total_steps))
+
+
+# ------------------------------------------------------------------------------------------- the steps of the loop
+
+
+@contextlib.contextmanager
+def forked_rng(accelerator: Accelerator, seed: int) -> Iterator[None]:
+    """Seeded random draws for validation that leave the training stream untouched on the CPU and the run's GPU."""
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)  # this device only; `torch.manual_seed` would re-seed all of them
+        yield
+
+
+def any_process(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Whether each flag is set on any process (one collective for all of them)."""
+    summed = accelerator.reduce(torch.tensor([float(flag) for flag in flags], device=accelerator.device), "sum")
+    return [value > 0 for value in summed.tolist()]
+
+
+def training_step(run: TrainingRun, batch: dict[str, torch.Tensor], stop_requested: bool) -> tuple[DiffusionLossOutput, bool]:
+    """
+    One forward/backward pass (and an optimizer step once gradients are accumulated). Raises
+    [`TrainingDivergedError`] before touching the weights when the loss is not finite on any process; returns the loss
+    terms and whether any process was asked to stop.
+    """
+    accelerator, denoiser = run.accelerator, run.denoiser
+    dtype = run.model.dtype
+    text_embeds = batch.get("text_embeds")
+    with accelerator.accumulate(denoiser):
+        output = diffusion_loss(
+            denoiser, run.noise_scheduler, batch["input_ids"], batch["image_embeds"].to(dtype),
+            None if text_embeds is None else text_embeds.to(dtype),
+            timesteps_per_caption=run.config.timesteps_per_caption,
+        )
+        diverged, stop_requested = any_process(accelerator, not torch.isfinite(output.loss).item(), stop_requested)
+        if diverged:
+            raise TrainingDivergedError(
+                f"The loss became {output.loss.item()} at step {run.state.global_step + 1}; stopping. The last good "
+                f"checkpoint is kept in {run.output_dir} (lower the learning rate or enable gradient clipping, then "
+                "resume with --resume_from_checkpoint latest)."
+            )
+        accelerator.backward(output.loss)
+        if accelerator.sync_gradients and run.config.max_grad_norm:
+            accelerator.clip_grad_norm_(denoiser.parameters(), run.config.max_grad_norm)
+        run.optimizer.step()
+        if accelerator.sync_gradients:
+            run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return output, stop_requested
+
+
+def log_step(run: TrainingRun, output: DiffusionLossOutput, start_time: float, progress: tqdm) -> None:
+    """Averages the loss terms over processes, appends them to `loss_history.jsonl` and sends them to the tracker."""
+    stacked = torch.stack([getattr(output, name).detach().float() for name in LOSS_TERMS])
+    terms = dict(zip(LOSS_TERMS, run.accelerator.reduce(stacked, "mean").tolist()))
+    terms["lr"] = run.lr_scheduler.get_last_lr()[0]
+    terms["seconds"] = round(time.monotonic() - start_time, 3)
+    progress.update(1)
+    progress.set_postfix(loss=f"{terms['loss']:.4f}", rounding=f"{terms['rounding_loss']:.3f}")
+    if run.accelerator.is_main_process:
+        with (run.output_dir / "loss_history.jsonl").open("a") as history:
+            history.write(json.dumps({"step": run.state.global_step, **terms}) + "\n")
+        if run.state.global_step % run.config.logging_steps == 0:
+            run.accelerator.log(terms, step=run.state.global_step)
+
+
+def validation_pipeline(run: TrainingRun) -> CLIPDiffusionCaptionPipeline:
+    """The pipeline around the current denoiser (EMA weights when they are swapped in)."""
+    pipe = CLIPDiffusionCaptionPipeline(
+        denoiser=run.model,
+        scheduler=make_noise_scheduler(run.model.config),
+        image_encoder=run.data.image_encoder,
+        image_processor=run.data.image_processor,
+        tokenizer=run.data.tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def ema_weights(run: TrainingRun) -> Iterator[None]:
+    """The EMA weights in the model for the duration (when EMA is on), the training weights restored after."""
+    if run.ema is None:
+        yield
+        return
+    run.ema.store(run.model.parameters())
+    run.ema.copy_to(run.model.parameters())
+    try:
+        yield
+    finally:
+        run.ema.restore(run.model.parameters())
+
+
+def run_validation(run: TrainingRun) -> dict[str, Any]:
+    """Validation loss, sampled captions and the caption metric, on the main process with EMA weights; writes the
+    first captions to `validation_samples.jsonl` and the tracker."""
+    model, device, split = run.model, run.accelerator.device, run.data.validation_split
+    features = run.data.validation_features
+    model.eval()
+    with ema_weights(run), forked_rng(run.accelerator, run.config.seed), torch.no_grad():
+        ids = tokenize_captions(run.data.tokenizer, [c[0] for c in split["captions"]], model.config.caption_length)
+        ids = ids.to(device)
+        # Words never seen in training count as [UNK].
+        ids = torch.where(model.rounding_targets(ids) < 0, run.data.tokenizer.unk_token_id, ids)
+        loss = diffusion_loss(model, run.noise_scheduler, ids, features.to(device, model.dtype)).loss
+        captions = caption_embeddings(
+            validation_pipeline(run), features, run.config.validation_inference_steps,
+            run.config.validation_guidance_scale, seed=run.config.seed,
+        )
+    model.train()
+    metrics = {"validation_loss": loss.item(), **score_split(captions, split)}
+    samples = [
+        {"step": run.state.global_step, "image_id": image_id, "caption": generated[0], "reference": references[0]}
+        for image_id, generated, references in zip(split["image_id"], captions, split["captions"])
+    ][:VALIDATION_SAMPLES_LOGGED]
+    with (run.output_dir / "validation_samples.jsonl").open("a") as file:
+        file.writelines(json.dumps(sample) + "\n" for sample in samples)
+    run.accelerator.log(
+        {f"validation/{key}": value for key, value in metrics.items() if isinstance(value, (int, float))},
+        step=run.state.global_step,
+    )
+    if run.config.report_to == "tensorboard":
+        table = "\n".join(f"| {s['image_id']} | {s['caption']} | {s['reference']} |" for s in samples)
+        run.accelerator.get_tracker("tensorboard").writer.add_text(
+            "validation/captions", "| image | generated | reference |\n|---|---|---|\n" + table, run.state.global_step
+        )
+    logger.info("step %d validation: %s", run.state.global_step, metrics)
+    return metrics
+
+
+def validate_and_decide_stop(run: TrainingRun) -> bool:
+    """Runs validation on the main process and tells every process whether early stopping triggered."""
+    stop = False
+    if run.accelerator.is_main_process:
+        value = run_validation(run).get(run.config.early_stopping_metric)
+        state = run.state
+        if value is not None:
+            if state.best_metric is None or value > state.best_metric:
+                state.best_metric, state.validations_without_improvement = value, 0
+            else:
+                state.validations_without_improvement += 1
+            patience = run.config.early_stopping_patience
+            stop = patience is not None and state.validations_without_improvement >= patience
+    return any_process(run.accelerator, stop)[0]
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders of an interrupted write are never listed)."""
     found = [path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
 
 
-def _resolve_checkpoint(config: TrainingConfig, output_dir: Path) -> Path | None:
-    if config.resume_from_checkpoint is None:
-        return None
+def save_checkpoint(run: TrainingRun) -> None:
+    """
+    Writes to a temporary folder, then renames: a kill mid-write never damages an existing checkpoint, and "latest"
+    never picks a half-written one (why Accelerate's automatic checkpoint naming, which writes in place, is not used).
+    Keeps the newest `checkpoints_total_limit`.
+    """
+    accelerator, output_dir = run.accelerator, run.output_dir
+    final = output_dir / f"{CHECKPOINT_PREFIX}{run.state.global_step}"
+    temporary = output_dir / f".tmp-{CHECKPOINT_PREFIX}{run.state.global_step}"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if run.config.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[: -run.config.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume_if_asked(run: TrainingRun) -> None:
+    """Loads `resume_from_checkpoint` (a folder or "latest") and trims the loss history to it; a fresh run starts a
+    fresh history."""
+    config, history = run.config, run.output_dir / "loss_history.jsonl"
+    checkpoint = None
     if config.resume_from_checkpoint == "latest":
-        found = _checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(config.resume_from_checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"`resume_from_checkpoint` {str(path)!r} is not a checkpoint directory.")
-    return path
-
-
-def _truncate_history(path: Path, last_step: int) -> None:
-    """Drops loss records after the checkpoint being resumed, so the history stays one consistent curve."""
-    if not path.exists():
+        found = list_checkpoints(run.output_dir)
+        checkpoint = found[-1] if found else None
+    elif config.resume_from_checkpoint is not None:
+        checkpoint = Path(config.resume_from_checkpoint)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"`resume_from_checkpoint` {str(checkpoint)!r} is not a checkpoint directory.")
+    if checkpoint is not None:
+        run.accelerator.load_state(str(checkpoint))
+        logger.info("Resumed from %s at step %d.", checkpoint, run.state.global_step)
+    if not run.accelerator.is_main_process or not history.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    temporary = path.with_suffix(".tmp")
+    if checkpoint is None:
+        history.unlink()
+        return
+    kept = [line for line in history.read_text().splitlines() if line and json.loads(line)["step"] <= run.state.global_step]
+    temporary = history.with_suffix(".tmp")
     temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
+    os.replace(temporary, history)
 
 
-class _StopRequest:
+class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
 
     def __init__(self):
@@ -262,24 +560,34 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def build_denoiser(
-    config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, rounding_vocabulary: list[int] | None = None
-) -> CLIPDiffusionLMModel:
-    model_kwargs = {
-        "condition_dim": image_encoder.config.projection_dim,
-        "patch_dim": image_encoder.config.hidden_size,
-        "rounding_vocabulary": rounding_vocabulary,
-        **config.model_config,
-    }
-    pretrained = CLIPDiffusionLMModel.from_text_backbone(
-        config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
+def tracker_hyperparameters(config: TrainingConfig) -> dict[str, int | float | str | bool]:
+    """Every field, flattened to the scalar types trackers accept (`model_config.fusion`, lists as text, ...)."""
+    flat: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(config).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, item in items:
+            label = name if key is None else f"{name}.{key}"
+            flat[label] = item if isinstance(item, (int, float, str, bool)) else json.dumps(item)
+    return flat
+
+
+def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
+    """The final pipeline (EMA weights when EMA is on) as safetensors with its model card; pushed when asked."""
+    if run.ema is not None:
+        run.ema.copy_to(run.model.parameters())
+    validation_pipeline(run).save_pretrained(run.output_dir)
+    num_train_captions = len(run.data.train_set)
+    write_model_card(
+        run.output_dir, run.config, run.model, metrics, run.state, run.data.dataset, num_train_captions,
+        run.accelerator.num_processes,
     )
-    if config.init_backbone_weights:
-        return pretrained
-    # The original code's set-up: pretrained (frozen) word embeddings, randomly initialised transformer layers.
-    model = CLIPDiffusionLMModel(pretrained.config)
-    model.get_input_embeddings().weight.data.copy_(pretrained.get_input_embeddings().weight)
-    return model
+    if run.config.push_to_hub:
+        from .hub import push_pipeline_to_hub
+
+        push_pipeline_to_hub(run.output_dir, run.config.hub_model_id)
+
+
+# ----------------------------------------------------------------------------------------------------- the run
 
 
 def train(config: TrainingConfig) -> Path:
@@ -287,220 +595,75 @@ def train(config: TrainingConfig) -> Path:
     Trains a denoiser on cached CLIP features and saves a [`CLIPDiffusionCaptionPipeline`] (safetensors) with a model
     card in `config.output_dir`. Returns that directory.
     """
-    output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        # Accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU.
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = make_accelerator(config)
+    configure_logging(accelerator, config.log_level)
     set_seed(config.seed, device_specific=True)
+    output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    # Data and frozen CLIP features: computed once by the main process, read from the cache by the others.
-    dataset = load_datasets(config.datasets, config.images_dirs, config.on_bad_input)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
-    image_processor = CLIPImageProcessor.from_pretrained(config.clip_model)
-    model_config = CLIPDiffusionLMConfig(**config.model_config)
-    text_encoder = text_tokenizer = None
-    if model_config.use_text_condition:
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
-        text_tokenizer = AutoTokenizer.from_pretrained(config.clip_model)
-    cache = CLIPFeatureCache(
-        config.feature_cache_dir or output_dir / "feature_cache", image_encoder, image_processor, text_encoder,
-        text_tokenizer,
-    )
-    train_split = dataset["train"]
-    validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
-    train_captions, train_image_index = caption_pairs(train_split, config.captions_per_image)
-    with accelerator.main_process_first():
-        train_image_embeds = cache.image_features(train_split["image_path"], model_config.image_features)
-        validation_image_embeds = cache.image_features(validation_split["image_path"], model_config.image_features)
-        train_text_embeds = cache.text_features(train_captions) if text_encoder is not None else None
-
-    tokenizer = AutoTokenizer.from_pretrained(config.text_backbone)
-    caption_length = model_config.caption_length
-    train_ids = tokenize_captions(tokenizer, train_captions, caption_length)
-    rounding_vocabulary = None
-    if config.restrict_rounding_vocabulary:
-        rounding_vocabulary = sorted(set(train_ids.unique().tolist()) | set(tokenizer.all_special_ids))
-    denoiser = build_denoiser(config, image_encoder, rounding_vocabulary)
-    tensors = [train_ids, train_image_index] + ([train_text_embeds] if train_text_embeds is not None else [])
-    sampler = EpochShuffleSampler(len(train_ids), config.seed)
+    data = prepare_data(config, accelerator)
+    sampler = EpochShuffleSampler(len(data.train_set), config.seed)
     # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the global RNG
     # instead would shift every random draw after a resume.
     dataloader = DataLoader(
-        TensorDataset(*tensors), batch_size=config.batch_size, sampler=sampler,
+        data.train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.dataloader_num_workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
-
-    optimizer = torch.optim.AdamW(
-        [p for p in denoiser.parameters() if p.requires_grad], lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
-    steps_per_epoch = math.ceil(
-        math.ceil(len(train_ids) / (config.batch_size * accelerator.num_processes)) / config.gradient_accumulation_steps
-    )
+    batches_per_process = math.ceil(len(data.train_set) / (config.batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
     total_steps = config.max_steps or steps_per_epoch * config.num_epochs
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config, step, total_steps, steps_per_epoch)
-    )
-    # The LR scheduler stays outside `prepare`: Accelerate would step it once per process, and `lr_factor` counts
-    # optimizer updates.
-    denoiser, optimizer, dataloader = accelerator.prepare(denoiser, optimizer, dataloader)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    noise_scheduler = make_noise_scheduler(accelerator.unwrap_model(denoiser).config, DDPMScheduler)
+    optimizer, lr_scheduler = build_optimizer_and_schedule(config, data.denoiser, total_steps, steps_per_epoch)
+    # The LR scheduler stays outside `prepare`: Accelerate would step it once per process, and it counts optimizer
+    # updates.
+    denoiser, optimizer, dataloader = accelerator.prepare(data.denoiser, optimizer, dataloader)
     ema = None
     if config.ema_decay is not None:
         ema = EMAModel(accelerator.unwrap_model(denoiser).parameters(), decay=config.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    state = TrainingState()
-    accelerator.register_for_checkpointing(state)
-
-    history_path = output_dir / "loss_history.jsonl"
-    checkpoint = _resolve_checkpoint(config, output_dir)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if accelerator.is_main_process:
-            _truncate_history(history_path, state.global_step)
-        logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
-    elif accelerator.is_main_process and history_path.exists():
-        history_path.unlink()
-
-    train_image_embeds = train_image_embeds.to(accelerator.device)
+    run = TrainingRun(
+        config=config, accelerator=accelerator, data=data, denoiser=denoiser, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, ema=ema, state=TrainingState(),
+        noise_scheduler=make_noise_scheduler(data.denoiser.config, DDPMScheduler), total_steps=total_steps,
+    )
+    for stateful in (lr_scheduler, ema, run.state):
+        if stateful is not None:
+            accelerator.register_for_checkpointing(stateful)
+    resume_if_asked(run)
     if accelerator.is_main_process:
-        accelerator.init_trackers("clip_diffusionlm", config={"lr_schedule": config.lr_schedule})
+        accelerator.init_trackers("clip_diffusionlm", config=tracker_hyperparameters(config))
 
-    def pipeline_for_validation() -> CLIPDiffusionCaptionPipeline:
-        pipe = CLIPDiffusionCaptionPipeline(
-            denoiser=accelerator.unwrap_model(denoiser),
-            scheduler=make_noise_scheduler(accelerator.unwrap_model(denoiser).config),
-            image_encoder=image_encoder,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def save_checkpoint() -> None:
-        """Writes to a temporary folder, then renames: a kill mid-write never damages an existing checkpoint."""
-        final = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        temporary = output_dir / f".tmp-{CHECKPOINT_PREFIX}{state.global_step}"
-        if accelerator.is_main_process and temporary.exists():
-            shutil.rmtree(temporary)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-            if config.checkpoints_total_limit is not None:
-                for old in _checkpoints(output_dir)[: -config.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    def validate() -> dict[str, float]:
-        """Validation loss, sampled captions and the caption metric, on the main process with EMA weights."""
-        model = accelerator.unwrap_model(denoiser)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(config.seed)
-            ids = tokenize_captions(tokenizer, [c[0] for c in validation_split["captions"]],
-                                    model.config.caption_length).to(accelerator.device)
-            # Words never seen in training count as [UNK].
-            ids = torch.where(model.rounding_targets(ids) < 0, tokenizer.unk_token_id, ids)
-            loss = diffusion_loss(model, noise_scheduler, ids, validation_image_embeds.to(accelerator.device)).loss
-            captions = caption_embeddings(
-                pipeline_for_validation(), validation_image_embeds, config.validation_inference_steps,
-                config.validation_guidance_scale,
-            )
-        metrics = {"validation_loss": loss.item(), **score_split(captions, validation_split)}
-        with (output_dir / "validation_samples.jsonl").open("a") as samples:
-            for image_id, generated, references in list(
-                zip(validation_split["image_id"], captions, validation_split["captions"])
-            )[:VALIDATION_SAMPLES_LOGGED]:
-                record = {"step": state.global_step, "image_id": image_id, "caption": generated[0],
-                          "reference": references[0]}
-                samples.write(json.dumps(record) + "\n")
-        if ema is not None:
-            ema.restore(model.parameters())
-        model.train()
-        return metrics
-
+    state = run.state
     start_time = time.monotonic() - state.training_seconds
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="training")
     denoiser.train()
     stop_reason = None
-    with _StopRequest() as stop_request:
+    with StopRequest() as stop_request:
         while stop_reason is None and state.global_step < total_steps:
             sampler.epoch = state.epoch
             batches = dataloader
             if state.batches_done_in_epoch:
                 batches = accelerator.skip_first_batches(dataloader, state.batches_done_in_epoch)
             for batch in batches:
-                input_ids, image_index = batch[0], batch[1]
-                text_embeds = batch[2] if len(batch) > 2 else None
-                with accelerator.accumulate(denoiser):
-                    output = diffusion_loss(
-                        denoiser, noise_scheduler, input_ids, train_image_embeds[image_index], text_embeds,
-                        timesteps_per_caption=config.timesteps_per_caption,
-                    )
-                    flags = torch.tensor(
-                        [float(not torch.isfinite(output.loss)), float(stop_request.requested)],
-                        device=accelerator.device,
-                    )
-                    flags = accelerator.reduce(flags, reduction="sum")
-                    if flags[0] > 0:
-                        raise TrainingDivergedError(
-                            f"The loss became {output.loss.item()} at step {state.global_step + 1}; stopping. The "
-                            f"last good checkpoint is kept in {output_dir} (lower the learning rate or enable "
-                            "gradient clipping, then resume with --resume_from_checkpoint latest)."
-                        )
-                    accelerator.backward(output.loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(denoiser.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        lr_scheduler.step()
-                    optimizer.zero_grad()
+                output, stop_requested = training_step(run, batch, stop_request.requested)
                 state.batches_done_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
-
                 state.global_step += 1
                 if ema is not None:
-                    ema.step(accelerator.unwrap_model(denoiser).parameters())
-                progress.update(1)
-                # One collective for all terms instead of one per term.
-                stacked = torch.stack([getattr(output, name).detach().float() for name in LOSS_TERMS])
-                terms = dict(zip(LOSS_TERMS, accelerator.reduce(stacked, "mean").tolist()))
-                terms["lr"] = lr_scheduler.get_last_lr()[0]
-                terms["seconds"] = round(time.monotonic() - start_time, 3)
-                progress.set_postfix(loss=f"{terms['loss']:.4f}", rounding=f"{terms['rounding_loss']:.3f}")
-                if accelerator.is_main_process:
-                    with history_path.open("a") as history:
-                        history.write(json.dumps({"step": state.global_step, **terms}) + "\n")
-                    if state.global_step % config.logging_steps == 0:
-                        accelerator.log(terms, step=state.global_step)
+                    ema.step(run.model.parameters())
+                log_step(run, output, start_time, progress)
 
                 if config.validation_steps and state.global_step % config.validation_steps == 0:
-                    stop_reason = _validate_and_maybe_stop(accelerator, config, state, validate)
-                if flags[1] > 0:
+                    stop_reason = "early stopping" if validate_and_decide_stop(run) else None
+                if stop_requested:
                     stop_reason = "interrupted"
                 if stop_reason == "interrupted" or (
                     config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0
                 ):
                     state.training_seconds = time.monotonic() - start_time
-                    save_checkpoint()
+                    save_checkpoint(run)
                 if stop_reason is not None or state.global_step >= total_steps:
                     break
             else:
@@ -508,91 +671,13 @@ def train(config: TrainingConfig) -> Path:
                 state.batches_done_in_epoch = 0
     progress.close()
     state.training_seconds = time.monotonic() - start_time
+
     if stop_reason == "interrupted":
         logger.warning("Interrupted: checkpoint saved at step %d; resume with --resume_from_checkpoint latest.",
                        state.global_step)
-        accelerator.end_training()
-        return output_dir
-
-    final_metrics = validate() if accelerator.is_main_process and len(validation_split) else {}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(denoiser)
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        pipe = pipeline_for_validation()
-        pipe.save_pretrained(output_dir)
-        write_model_card(
-            output_dir, config, model, final_metrics, state, dataset, len(train_captions), accelerator.num_processes
-        )
-        if config.push_to_hub:
-            from .hub import push_pipeline_to_hub
-
-            push_pipeline_to_hub(output_dir, config.hub_model_id)
+    elif accelerator.is_main_process:
+        metrics = run_validation(run) if len(data.validation_split) else {}
+        save_pipeline(run, metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
-
-
-def _validate_and_maybe_stop(accelerator, config: TrainingConfig, state: TrainingState, validate) -> str | None:
-    """Runs validation on the main process, logs it, and decides early stopping for every process."""
-    stop = torch.zeros(1, device=accelerator.device)
-    if accelerator.is_main_process:
-        metrics = validate()
-        accelerator.log({f"validation/{key}": value for key, value in metrics.items()
-                         if isinstance(value, (int, float))}, step=state.global_step)
-        logger.info("step %d validation: %s", state.global_step, metrics)
-        value = metrics.get(config.early_stopping_metric)
-        if value is not None:
-            if state.best_metric is None or value > state.best_metric:
-                state.best_metric, state.validations_without_improvement = value, 0
-            else:
-                state.validations_without_improvement += 1
-            patience = config.early_stopping_patience
-            if patience is not None and state.validations_without_improvement >= patience:
-                stop += 1
-    stop = accelerator.reduce(stop, reduction="sum")
-    return "early stopping" if stop.item() > 0 else None
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def training_config_from_args(argv: list[str] | None = None) -> TrainingConfig:
-    """
-    `--config FILE.json` (fields of [`TrainingConfig`]) then one `--field value` flag per field, flags winning.
-    Lists take several values (`--datasets a b`), dicts a JSON string (`--model_config '{"fusion": "add"}'`).
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train CLIP-DiffusionLM.", prog="train")
-    parser.add_argument("--config", help="JSON file of TrainingConfig fields (see examples/configs/).")
-    for spec in dataclasses.fields(TrainingConfig):
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        kind = spec.type if isinstance(spec.type, str) else str(spec.type)
-        if kind.startswith("list"):
-            parser.add_argument(f"--{spec.name}", nargs="+", default=argparse.SUPPRESS)
-        elif kind.startswith("dict"):
-            parser.add_argument(f"--{spec.name}", type=json.loads, default=argparse.SUPPRESS)
-        elif kind.startswith("bool"):
-            parser.add_argument(f"--{spec.name}", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool) or kind.startswith(("int", "float")):
-            number = float if "float" in kind else int
-            parser.add_argument(f"--{spec.name}", type=number, default=argparse.SUPPRESS)
-        else:
-            parser.add_argument(f"--{spec.name}", default=argparse.SUPPRESS)
-    args = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    config_file = args.pop("config", None)
-    if config_file:
-        values.update(json.loads(Path(config_file).read_text()))
-        values.pop("description", None)
-    values.update(args)
-    unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainingConfig)}
-    if unknown:
-        raise ValueError(f"Unknown training options in {config_file}: {sorted(unknown)}.")
-    return TrainingConfig(**values)
