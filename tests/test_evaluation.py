@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.evaluation import evaluate_main
 from clip_diffusionlm.hub import eval_results_from_metrics
+from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
 
 
 def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, pipeline_from_assets, tmp_path):
@@ -27,8 +29,17 @@ def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, 
     rows = json.loads((output_dir / "metrics.json").read_text())
     assert len(rows) == 4
     for row in rows:
-        assert 0.0 <= row["BLEU-4"] <= 1.0 and row["CIDEr"] >= 0.0 and row["SPICE"] is None
-        assert 0.0 <= row["object_accuracy"] <= 1.0  # the shapes world knows its objects
+        # Each row scores exactly its own setting's first captions against the references.
+        own = [r for r in records if (r["num_inference_steps"], r["guidance_scale"]) ==
+               (row["num_inference_steps"], row["guidance_scale"])]
+        first = [r["captions"][0] for r in own]
+        expected = compute_caption_metrics(first, [r["references"] for r in own])
+        for name in ("BLEU-4", "CIDEr", "ROUGE-L"):
+            assert row[name] == pytest.approx(expected[name]), name
+        assert row["SPICE"] is None
+        assert row["object_accuracy"] == pytest.approx(
+            content_accuracy(first, test_split["objects"])["object_accuracy"]
+        )  # the shapes world knows its objects
         assert "self_bleu_4" in row and "distinct_1" in row  # two captions per image
     table = (output_dir / "metrics.md").read_text().splitlines()
     assert table[0].startswith("| steps | guidance |") and len(table) == 2 + 4
@@ -45,3 +56,22 @@ def test_eval_results_for_the_model_index():
 
     card = yaml.safe_load(ModelCardData(model_name="m", eval_results=results).to_yaml())
     assert card["model-index"][0]["results"][0]["task"]["type"] == "image-to-text"
+
+
+def test_help_documents_every_evaluation_and_clip_flag():
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig
+    from clip_diffusionlm.evaluation import EvaluationArguments
+
+    result = subprocess.run([sys.executable, "-m", "clip_diffusionlm.cli", "evaluate", "--help"], capture_output=True,
+                            text=True)
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    clip_help = subprocess.run([sys.executable, str(examples / "pretrain_clip.py"), "--help"], capture_output=True,
+                               text=True)
+    for text, spec_class in ((result.stdout, EvaluationArguments), (clip_help.stdout, CLIPPretrainingConfig)):
+        for spec in dataclasses.fields(spec_class):
+            assert f"--{spec.name}" in text and spec.metadata.get("help"), spec.name

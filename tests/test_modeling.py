@@ -32,18 +32,27 @@ def test_forward_shapes(tokenizer, fusion, use_text_condition):
     assert model.round_to_logits(output.prediction).shape == (BATCH, LENGTH, tokenizer.vocab_size)
 
 
+def _condition_tokens(model, *args, **kwargs) -> torch.Tensor:
+    """The conditioning tokens the backbone receives after the caption positions (segment embedding removed)."""
+    seen = {}
+    handle = model.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    model(torch.randn(BATCH, LENGTH, 32), torch.tensor([0, 500, 999]), *args, **kwargs)
+    handle.remove()
+    return seen["inputs_embeds"][:, LENGTH:] - model.segment_embedding.weight[1]
+
+
 @pytest.mark.parametrize("use_text_condition", [False, True])
 def test_image_condition_tokens_are_separate_slots(tokenizer, use_text_condition):
     model = tiny_denoiser(tokenizer, image_condition_tokens=3, use_text_condition=use_text_condition)
     image = torch.randn(BATCH, CONDITION_DIM)
-    tokens = model._condition_tokens(image, None, None)
+    tokens = _condition_tokens(model, image)
     assert tokens.shape == (BATCH, 3 + use_text_condition, 32)
     assert not torch.allclose(tokens[:, 0], tokens[:, 1])  # distinct projections, not one token repeated
-    dropped = model._condition_tokens(image, None, torch.tensor([True, False, True]))
+    dropped = _condition_tokens(model, image, drop_condition=torch.tensor([True, False, True]))
     torch.testing.assert_close(dropped[0], model.null_condition.detach())
     torch.testing.assert_close(dropped[1], tokens[1])
-    output = model(torch.randn(BATCH, LENGTH, 32), torch.tensor([0, 500, 999]), image)
-    assert output.prediction.shape == (BATCH, LENGTH, 32)
 
 
 @pytest.mark.parametrize("use_text_condition", [False, True])
@@ -54,9 +63,9 @@ def test_patch_features_get_their_own_tokens(tokenizer, use_text_condition):
     )
     patches = torch.randn(BATCH, 5, PATCH_DIM)  # [CLS] + 4 patches
     text = torch.randn(BATCH, CONDITION_DIM) if use_text_condition else None
-    tokens = model._condition_tokens(patches, text, None)
+    tokens = _condition_tokens(model, patches, text)
     assert tokens.shape == (BATCH, 5 * 2 + use_text_condition, 32)
-    dropped = model._condition_tokens(patches, text, torch.tensor([True, False, True]))
+    dropped = _condition_tokens(model, patches, text, drop_condition=torch.tensor([True, False, True]))
     null = torch.cat([model.null_condition[:2].repeat(5, 1), model.null_condition[2:]]).detach()
     torch.testing.assert_close(dropped[0], null)
     torch.testing.assert_close(dropped[1], tokens[1])

@@ -29,7 +29,9 @@ def caption_command(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             print(f"error: cannot read image {path!r}: {error}", file=sys.stderr)
             return 2
-    pipe = _load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    from .evaluation import best_device
+
+    pipe = _load_pipeline(args.model, allow_pickle=args.allow_pickle).to(args.device or best_device())
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed)
     captions = pipe(
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--steps", type=int, default=5, help="num_inference_steps (default 5).")
     caption.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance w (default 1).")
     caption.add_argument("--num-captions", type=int, default=1, help="Captions per image (default 1).")
-    caption.add_argument("--seed", type=int, default=0)
+    caption.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default 0).")
+    caption.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
     caption.add_argument("--json", action="store_true", help="One JSON object per image instead of TSV lines.")
     caption.add_argument("--allow-pickle", action="store_true", help="Also load .bin (pickle) weights.")
     caption.set_defaults(handler=caption_command)

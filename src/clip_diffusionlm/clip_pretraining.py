@@ -28,50 +28,35 @@ logger = logging.getLogger("clip_diffusionlm.clip_pretraining")
 
 @dataclass
 class CLIPPretrainingConfig:
-    """
-    Size and optimisation of the toy CLIP.
+    """Size and optimisation of the toy CLIP; each field's help text (also `examples/pretrain_clip.py --help`) says
+    what it does."""
 
-    Args:
-        image_size (`int`, *optional*, defaults to 96):
-            Input resolution of the vision tower.
-        patch_size (`int`, *optional*, defaults to 32):
-            ViT patch size. One patch per cell of the shapes world's 3x3 grid puts each object in a single patch,
-            whose linear embedding then sees the whole shape: with 8-px patches at 64 px (64 tokens) the same budget
-            left shapes barely above chance, with 9 tokens a step is also ~5x cheaper.
-        hidden_size (`int`, *optional*, defaults to 128):
-            Width of both towers.
-        num_layers (`int`, *optional*, defaults to 3):
-            Transformer layers of each tower.
-        projection_dim (`int`, *optional*, defaults to 128):
-            Size of the joint embedding (`image_embeds`), i.e. the denoiser's `condition_dim`.
-        max_text_length (`int`, *optional*, defaults to 32):
-            Token positions of the text tower.
-        epochs (`int`, *optional*, defaults to 12):
-            Passes over the training images (a random reference caption each time).
-        batch_size (`int`, *optional*, defaults to 128):
-            Image-caption pairs per contrastive batch.
-        learning_rate (`float`, *optional*, defaults to 2e-3):
-            Peak AdamW learning rate, cosine-decayed after a short warm-up.
-        seed (`int`, *optional*, defaults to 0):
-            Seed of initialisation and caption sampling.
-        hard_negative_swaps (`dict[str, list[str]]`, *optional*, defaults to `{}`):
-            Word → words that contradict it (e.g. `"circle"` → the other shape names). When given, every caption of
-            a batch gets a twin with one such word swapped, added to the image→text candidates only, as in NegCLIP
-            (Yuksekgonul et al., 2023): the image embedding must then tell those words apart, not just the easiest
-            cue (colour) that already separates most pairs of a random batch.
-    """
-
-    image_size: int = 96
-    patch_size: int = 32
-    hidden_size: int = 128
-    num_layers: int = 3
-    projection_dim: int = 128
-    max_text_length: int = 32
-    epochs: int = 12
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    seed: int = 0
-    hard_negative_swaps: dict[str, list[str]] = field(default_factory=dict)
+    image_size: int = field(default=96, metadata={"help": "Input resolution of the vision tower."})
+    patch_size: int = field(default=32, metadata={"help": (
+        "ViT patch size. One patch per cell of the shapes world's 3x3 grid puts each object in a single patch, whose "
+        "linear embedding then sees the whole shape: with 8-px patches at 64 px (64 tokens) the same budget left "
+        "shapes barely above chance, with 9 tokens a step is also ~5x cheaper."
+    )})
+    hidden_size: int = field(default=128, metadata={"help": "Width of both towers."})
+    num_layers: int = field(default=3, metadata={"help": "Transformer layers of each tower."})
+    projection_dim: int = field(default=128, metadata={
+        "help": "Size of the joint embedding (`image_embeds`), i.e. the denoiser's `condition_dim`."
+    })
+    max_text_length: int = field(default=32, metadata={"help": "Token positions of the text tower."})
+    epochs: int = field(default=12, metadata={
+        "help": "Passes over the training images (a random reference caption each time)."
+    })
+    batch_size: int = field(default=128, metadata={"help": "Image-caption pairs per contrastive batch."})
+    learning_rate: float = field(default=2e-3, metadata={
+        "help": "Peak AdamW learning rate, cosine-decayed after a short warm-up."
+    })
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation and caption sampling."})
+    hard_negative_swaps: dict | None = field(default=None, metadata={"help": (
+        "Word → words that contradict it (e.g. 'circle' → the other shape names). Every caption of a batch gets a "
+        "twin with one such word swapped, added to the image→text candidates only, as in NegCLIP (Yuksekgonul et "
+        "al., 2023): the image embedding must then tell those words apart, not just the easiest cue (colour). Set "
+        "from the command line with --hard_negatives."
+    )})
 
 
 def build_clip(config: CLIPPretrainingConfig, tokenizer) -> CLIPModel:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from .clip_features import encode_dataset_images
 from .data import load_datasets
@@ -149,32 +151,65 @@ def evaluate_pipeline(
     return rows
 
 
+def best_device() -> str:
+    """`cuda` when a GPU is available, else `mps` on Apple silicon, else `cpu`."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass
+class EvaluationArguments:
+    """The flags of `examples/evaluate.py` and `clip-diffusionlm evaluate`."""
+
+    model: str = field(metadata={"help": "Pipeline directory or Hub repository id."})
+    output_dir: str = field(metadata={"help": "Receives predictions.jsonl, metrics.json and metrics.md."})
+    datasets: list[str] = field(default_factory=list, metadata={
+        "help": "Dataset files or folders (any format of `clip_diffusionlm.data`), combined split-wise."
+    })
+    images_dirs: list[str] = field(default_factory=list, metadata={"help": "Image folder(s), one for all or one each."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "A Hugging Face dataset (Hub id, a path `datasets.load_dataset` reads, or a `save_to_disk` folder)."
+    })
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of `dataset_name`."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "An `imagefolder` with metadata."})
+    image_column: str = field(default="image", metadata={"help": "The image column."})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "The caption column; default: `text`, then `caption`, `captions` or `sentences`."
+    })
+    split: str = field(default="test", metadata={"help": "Split to evaluate."})
+    num_inference_steps: list[int] = field(default_factory=lambda: [5], metadata={"help": "Step counts to sweep."})
+    guidance_scale: list[float] = field(default_factory=lambda: [1.0], metadata={
+        "help": "Classifier-free guidance scales to sweep."
+    })
+    num_captions_per_image: int = field(default=1, metadata={"help": "Captions per image (diversity metrics > 1)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per pipeline call."})
+    max_images: int | None = field(default=None, metadata={"help": "Evaluate only the first this many images."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling noise."})
+    feature_cache_dir: str | None = field(default=None, metadata={
+        "help": "Reuse cached CLIP features (e.g. training's)."
+    })
+    device: str | None = field(default=None, metadata={"help": "`cuda`, `mps` or `cpu` (default: the best available)."})
+
+
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """`examples/evaluate.py` / `clip-diffusionlm evaluate`: pipeline + dataset split → predictions and metrics."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="evaluate", description=evaluate_main.__doc__)
-    parser.add_argument("--model", required=True, help="Pipeline directory or Hub repository id.")
-    parser.add_argument("--datasets", nargs="+", required=True, help="Dataset paths (combined split-wise).")
-    parser.add_argument("--split", default="test", help="Split to evaluate (default test).")
-    parser.add_argument("--images_dirs", nargs="+", default=[], help="Image folder(s), one for all or one each.")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_inference_steps", type=int, nargs="+", default=[5])
-    parser.add_argument("--guidance_scale", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--num_captions_per_image", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--feature_cache_dir", default=None, help="Reuse cached CLIP features (e.g. training's).")
-    args = parser.parse_args(argv)
-
-    dataset = load_datasets(args.datasets, args.images_dirs)
+    parser = HfArgumentParser(EvaluationArguments, prog="evaluate", description=evaluate_main.__doc__)
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    dataset = load_datasets(
+        args.datasets, args.images_dirs, dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir, train_data_dir=args.train_data_dir, image_column=args.image_column,
+        caption_column=args.caption_column,
+    )
     if args.split not in dataset:
         raise ValueError(f"Split {args.split!r} not found; the dataset has {sorted(dataset)}.")
     split = dataset[args.split]
     if args.max_images is not None:
         split = split.select(range(min(args.max_images, len(split))))
-    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(args.model)
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(args.model).to(args.device or best_device())
     pipe.set_progress_bar_config(disable=True)
     image_embeds = None
     if args.feature_cache_dir:
