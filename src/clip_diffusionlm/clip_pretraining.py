@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionModelWithProjection,
+    get_cosine_schedule_with_warmup,
+)
 
 from .clip_features import encode_dataset_images, encode_texts
 from .data.images import to_rgb
@@ -180,11 +187,7 @@ def pretrain_clip(
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.1)
     warmup = max(1, total_steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup)
-        * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / total_steps)).item()),
-    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     model.train()
     progress = tqdm(total=total_steps, desc="CLIP pre-training")
     for _ in range(config.epochs):
