@@ -350,3 +350,35 @@ def test_without_the_package_the_denoiser_loads_as_remote_code_and_the_pipeline_
         """
     )
     assert INSTALL_COMMAND in run_offline(script, hf_home, without_package=True)
+
+
+# --- training: the repository is checked before any compute, the output folder is pushed at the end ----------------
+
+
+def test_training_push_to_hub_uploads_the_output_folder(training_assets, tmp_path, hub):
+    from conftest import tiny_training_config
+
+    from clip_diffusionlm.training import train
+
+    output = train(tiny_training_config(training_assets, tmp_path / "out", max_steps=2, push_to_hub=True,
+                                        hub_model_id=f"{USER}/trained"))
+
+    resaved = tmp_path / "resaved"
+    CLIPDiffusionCaptionPipeline.from_pretrained(output).save_pretrained(resaved)
+    examples = {f"examples/{name}" for name in os.listdir(output / "examples")}
+    assert set(hub.pushed) == set(folder_files(resaved)) | examples | {"training_results.json"}
+    assert hub.pushed["README.md"] == (output / "README.md").read_bytes()
+    assert ModelCard.load(output / "README.md").data.model_name == f"{USER}/trained"
+    assert hub.commits[0]["message"] == "Training run: 2 steps"
+
+
+def test_training_refuses_an_invalid_repo_id_before_any_compute(training_assets, tmp_path, hub):
+    from conftest import tiny_training_config
+
+    from clip_diffusionlm.training import train
+
+    config = tiny_training_config(training_assets, tmp_path / "out", push_to_hub=True, hub_model_id="me/not valid")
+    with pytest.raises(HubRepositoryError, match="'me/not valid' is not a valid Hub repository id"):
+        train(config)
+    assert not (tmp_path / "out").exists()  # no output folder, feature cache or step was made
+    assert hub.repos == [] and hub.commits == []

@@ -51,7 +51,7 @@ from .data import load_datasets
 from .diffusion import DiffusionLossOutput, diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
 from .feature_cache import CLIPFeatureCache
-from .hub import write_model_card
+from .hub import check_hub_repo, push_folder_to_hub, write_model_card
 from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 from .training_args import TrainingConfig, training_config_from_args
@@ -582,9 +582,9 @@ def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
         run.accelerator.num_processes,
     )
     if run.config.push_to_hub:
-        from .hub import push_pipeline_to_hub
-
-        push_pipeline_to_hub(run.output_dir, run.config.hub_model_id)
+        push_folder_to_hub(
+            run.output_dir, run.config.hub_model_id, commit_message=f"Training run: {run.state.global_step} steps"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- the run
@@ -597,6 +597,9 @@ def train(config: TrainingConfig) -> Path:
     """
     accelerator = make_accelerator(config)
     configure_logging(accelerator, config.log_level)
+    if config.push_to_hub and accelerator.is_main_process:
+        # A bad token or repository id fails here, in seconds, instead of after training.
+        config.hub_model_id = check_hub_repo(config.hub_model_id)
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
