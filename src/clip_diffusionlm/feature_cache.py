@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -141,8 +142,27 @@ def _cached_features(
         progress.close()
         del array
     _barrier(accelerator)
-    # Copy-on-write mapping: pages are read from the file only when a batch touches them, and nothing is written back.
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    return open_features(path)
+
+
+def open_features(path: str | os.PathLike) -> torch.Tensor:
+    """
+    A cached `.npy` feature array as a memory-mapped tensor: the file's pages are read only when a batch indexes
+    their rows. The mapping is copy-on-write (writes never reach the file) and advised as random access, which turns
+    off the kernel's read-around and fault-around, so a batch maps the pages of its own rows and not their
+    neighbours'.
+    """
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(file)
+        offset = file.tell()
+        if fortran_order:
+            raise ValueError(f"{path} is a Fortran-ordered array; the feature cache writes C order.")
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    if hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
+    return torch.from_numpy(np.ndarray(shape, dtype=dtype, buffer=mapping, offset=offset))
 
 
 class CLIPFeatureCache:
