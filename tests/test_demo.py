@@ -32,10 +32,19 @@ def _tiny_demo(backbone) -> DemoConfig:
     )
 
 
-def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_path, capsys):
+def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_path, capfd):
     results = run_demo(tmp_path, _tiny_demo(training_assets["backbone"]))
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
     assert "| split | steps | BLEU-4 | CIDEr |" in printed and "| holdout | 2 |" in printed
+    # Quiet by default: the stages, the table, where things are and the time; no library chatter.
+    assert [line for line in printed.splitlines() if line.startswith("== ")] == [
+        "== 1/5 shapes world: 24 training images", "== 2/5 CLIP pre-training (contrastive, on the training split)",
+        "== 3/5 CLIP-DiffusionLM training (features cached)",
+        "== 4/5 evaluation on the test and held-out-combination splits", "== 5/5 pictures",
+    ]
+    for chatter in ("Generating train split", "UNEXPECTED", "PTBTokenizer", "tokenized", "validation:"):
+        assert chatter not in captured.out + captured.err, chatter
     world = load_image_folder(tmp_path / "shapes")
     for split in ("test", "holdout"):
         # The reported figures are those of the captions the demo wrote.
@@ -47,7 +56,8 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
             content_accuracy(first, world[split]["objects"])["object_accuracy"]
         )
     assert results["clip_retrieval"] == zero_shot_retrieval(tmp_path / "clip", world["test"])
-    for name in ("captions.png", "loss_curve.png", "results.json", "pipeline/model_index.json",
+    assert len(results["denoising"]) == 10  # the caption after each of the figure's denoising steps
+    for name in ("captions.png", "denoising.png", "loss_curve.png", "results.json", "pipeline/model_index.json",
                  "evaluation/test/metrics.md", "evaluation/holdout/predictions.jsonl"):
         assert (tmp_path / name).is_file(), name
 
@@ -58,7 +68,7 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
         for path in tmp_path.glob(pattern)
     }
     again = run_demo(tmp_path, _tiny_demo(training_assets["backbone"]))
-    assert "Reusing the trained pipeline" in capsys.readouterr().out
+    assert "Reusing the trained pipeline" in capfd.readouterr().out
     assert {path: path.stat().st_mtime_ns for path in produced} == produced
     assert again["test"][0]["CIDEr"] == results["test"][0]["CIDEr"]
     assert json.loads((tmp_path / "results.json").read_text())["test"][0]["num_inference_steps"] == 2
@@ -72,3 +82,12 @@ def test_attribute_probe_is_perfect_against_itself(training_assets):
     assert attribute_probe(training_assets["clip"], world["train"], world["train"]) == {
         "same_colours": 1.0, "same_shapes": 1.0, "same_objects": 1.0
     }
+
+
+def test_caption_errors_mark_the_differing_words():
+    from clip_diffusionlm.demo import caption_errors
+
+    wrong, missed = caption_errors("a red square and a red square", "a red square and a blue circle")
+    assert wrong == {5, 6} and missed == {5, 6}
+    assert caption_errors("an red circle", "a red circle") == ({0}, {0})
+    assert caption_errors("a red circle", "a red circle") == (set(), set())

@@ -69,9 +69,9 @@ FORWARDED_COMMANDS = {"train": train_command, "evaluate": evaluate_command}
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoConfig, run_demo
 
-    run_demo(args.output_dir)
+    run_demo(args.output_dir, DemoConfig(seed=args.seed), verbose=args.verbose)
     return 0
 
 
@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     card.set_defaults(handler=card_command)
 
     demo = commands.add_parser("demo", help="The offline end-to-end demo on the shapes world.")
-    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--output-dir", default="outputs/demo", help="Where every stage writes (default outputs/demo).")
+    demo.add_argument("--seed", type=int, default=0, help="Seed of the world, CLIP and denoiser (default 0).")
+    demo.add_argument("--verbose", action="store_true", help="Show the libraries' logs and progress bars too.")
     demo.set_defaults(handler=demo_command)
     return parser
 

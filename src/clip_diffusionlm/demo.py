@@ -4,24 +4,32 @@ evaluation, a picture of captioned test images and a loss curve. Every stage reu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import diffusers
 import PIL.Image
 import PIL.ImageDraw
+import torch
+import transformers
 
 from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_clip, zero_shot_retrieval
 from .data import load_image_folder
 from .data.shapes import ShapesWorldConfig, build_shapes_world, contradicting_words
 from .evaluation import evaluate_pipeline
 from .feature_cache import CLIPFeatureCache
-from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline, decode_captions
 from .training import TrainingConfig, train
 
 logger = logging.getLogger("clip_diffusionlm.demo")
@@ -85,24 +93,101 @@ class DemoConfig:
     num_inference_steps: tuple[int, ...] = (5,)
 
 
-def _stage(name: str):
-    print(f"\n== {name}", flush=True)
-    return time.monotonic()
+def _stage(name: str) -> None:
+    print(f"== {name}", flush=True)
+
+
+@contextlib.contextmanager
+def library_chatter(verbose: bool) -> Iterator[None]:
+    """Unless `verbose`, the libraries' info logs, warnings and their own progress bars stay off for the duration, so
+    that the demo prints only its stages, one progress bar per long stage and its results."""
+    if verbose:
+        yield
+        return
+    libraries = (datasets, transformers, diffusers)
+    levels = [library.utils.logging.get_verbosity() for library in libraries]
+    package_logger = logging.getLogger("clip_diffusionlm")
+    package_level = package_logger.level
+    for library in libraries:
+        library.utils.logging.set_verbosity_error()
+    package_logger.setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        datasets.enable_progress_bars()
+        package_logger.setLevel(package_level)
+        for library, level in zip(libraries, levels):
+            library.utils.logging.set_verbosity(level)
+
+
+def _marked_words(draw, position: tuple[int, int], label: str, words: list[str], wrong: set[int], colour) -> None:
+    """Draws `label` then the words, those at the `wrong` indices in red."""
+    x, y = position
+    draw.text((x, y), label, fill=(90, 90, 90))
+    x += int(draw.textlength(label)) + 6
+    for index, word in enumerate(words):
+        draw.text((x, y), word, fill=(200, 0, 0) if index in wrong else colour)
+        x += int(draw.textlength(word + " "))
+
+
+def caption_errors(generated: str, reference: str) -> tuple[set[int], set[int]]:
+    """Indices of the words that differ between a generated caption and its reference (a word-level diff): the
+    generated words to mark wrong and the reference words they replace or miss."""
+    generated_words, reference_words = generated.split(), reference.split()
+    wrong_generated, missed_reference = set(), set()
+    matcher = difflib.SequenceMatcher(a=generated_words, b=reference_words, autojunk=False)
+    for operation, a_start, a_end, b_start, b_end in matcher.get_opcodes():
+        if operation != "equal":
+            wrong_generated.update(range(a_start, a_end))
+            missed_reference.update(range(b_start, b_end))
+    return wrong_generated, missed_reference
 
 
 def captioned_grid(split, predictions: list[str], path: Path, count: int = 8) -> None:
-    """Saves test images side by side with their generated caption and one reference."""
-    count = min(count, len(split))
-    thumb, text_width, row_height = 96, 520, 104
-    canvas = PIL.Image.new("RGB", (thumb + text_width, row_height * count), "white")
+    """Test images beside their generated caption and the canonical reference; words that differ are red. Images with
+    an error come first (up to half of the rows), so the picture shows what goes wrong as well as what goes right."""
+    rows = list(range(len(split)))
+    with_errors = [row for row in rows if predictions[row] != split[row]["captions"][0]]
+    chosen = with_errors[: count // 2]
+    chosen += [row for row in rows if row not in chosen][: count - len(chosen)]
+    thumb, text_width, row_height = 96, 560, 104
+    canvas = PIL.Image.new("RGB", (thumb + text_width, row_height * len(chosen)), "white")
     draw = PIL.ImageDraw.Draw(canvas)
-    for row in range(count):
+    for position, row in enumerate(chosen):
         image = split[row]["image"].convert("RGB").resize((thumb, thumb))
-        top = row * row_height
+        top = position * row_height
         canvas.paste(image, (0, top + 4))
-        draw.text((thumb + 10, top + 20), f"generated: {predictions[row]}", fill=(0, 0, 160))
-        draw.text((thumb + 10, top + 50), f"reference: {split[row]['captions'][0]}", fill=(60, 60, 60))
+        reference = split[row]["captions"][0]
+        wrong, missed = caption_errors(predictions[row], reference)
+        _marked_words(draw, (thumb + 10, top + 24), "generated:", predictions[row].split(), wrong, (0, 0, 160))
+        _marked_words(draw, (thumb + 10, top + 54), "reference:", reference.split(), missed, (60, 60, 60))
     canvas.save(path)
+
+
+def denoising_figure(pipe: CLIPDiffusionCaptionPipeline, image, path: Path, num_inference_steps: int = 10) -> list[str]:
+    """One caption forming: the rounded x̂0 after each denoising step, under the image. Returns the captions."""
+    tokenizer = pipe.tokenizer
+
+    def record(pipeline, step_index, timestep, callback_kwargs):
+        token_ids = pipeline.denoiser.round_to_token_ids(callback_kwargs["original_estimate"])
+        steps.append((int(timestep), decode_captions(tokenizer, token_ids)[0]))
+        return {}
+
+    steps: list[tuple[int, str]] = []
+    pipe([image], num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(0),
+         callback_on_step_end=record)
+    thumb, line_height = 96, 20
+    canvas = PIL.Image.new("RGB", (thumb + 560, max(thumb, line_height * (len(steps) + 1)) + 8), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    canvas.paste(image.convert("RGB").resize((thumb, thumb)), (0, 4))
+    draw.text((thumb + 10, 4), "step  t     x̂0 rounded to words", fill=(90, 90, 90))
+    for index, (timestep, caption) in enumerate(steps, start=1):
+        draw.text((thumb + 10, 4 + index * line_height), f"{index:>4}  {timestep:>4}  {caption}", fill=(0, 0, 160))
+    canvas.save(path)
+    return [caption for _, caption in steps]
 
 
 def loss_curve(history_path: Path, path: Path) -> None:
@@ -128,39 +213,41 @@ def loss_curve(history_path: Path, path: Path) -> None:
     plt.close(figure)
 
 
-def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig | None = None) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """
     Runs every stage and prints a metrics table. Returns the test and held-out metrics and the CLIP retrieval.
 
     Args:
         output_dir (`str` or `os.PathLike`, *optional*, defaults to `"outputs/demo"`):
             Everything goes here: `shapes/`, `clip/`, `pipeline/` (the saved captioner), `evaluation/`,
-            `captions.png`, `loss_curve.png`, `results.json`.
+            `captions.png`, `denoising.png`, `loss_curve.png`, `results.json`.
         config (`DemoConfig`, *optional*):
             Stage sizes; the default is the README's demo.
+        verbose (`bool`, *optional*, defaults to `False`):
+            Let the libraries log and show their own progress bars.
     """
-    config = config or DemoConfig()
-    output_dir = Path(output_dir)
+    with library_chatter(verbose):
+        return _run_stages(Path(output_dir), config or DemoConfig(), verbose)
+
+
+def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     text_backbone = config.text_backbone or default_text_backbone()
     started = time.monotonic()
 
-    _stage("1/5 shapes world")
+    _stage(f"1/5 shapes world: {config.num_train} training images")
     world_dir = build_shapes_world(
         output_dir / "shapes", config.num_train, config.num_validation, config.num_test, config.num_holdout,
         seed=config.seed, config=config.world,
     )
     world = load_image_folder(world_dir)
-    print({split: len(rows) for split, rows in world.items()})
 
     _stage("2/5 CLIP pre-training (contrastive, on the training split)")
     clip_dir = pretrain_clip(world["train"], output_dir / "clip", text_backbone, config.clip)
     retrieval = zero_shot_retrieval(clip_dir, world["test"])
-    print(f"CLIP zero-shot image→text retrieval on test: R@1 {retrieval['recall@1']:.3f}, "
-          f"R@5 {retrieval['recall@5']:.3f}")
     probe = attribute_probe(clip_dir, world["train"], world["test"])
-    print("CLIP nearest-neighbour probe (test → train), same " + ", ".join(
-        f"{name.removeprefix('same_')} {value:.3f}" for name, value in probe.items()))
 
     _stage("3/5 CLIP-DiffusionLM training (features cached)")
     pipeline_dir = output_dir / "pipeline"
@@ -171,6 +258,7 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
         text_backbone=text_backbone,
         feature_cache_dir=str(output_dir / "feature_cache"),
         seed=config.seed,
+        log_level="info" if verbose else "warning",
         **config.training,
     )
     recorded = pipeline_dir / "training_config.json"
@@ -200,12 +288,14 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", config: DemoConfig 
 
     _stage("5/5 pictures")
     captioned_grid(world["test"], predictions, output_dir / "captions.png")
+    results["denoising"] = denoising_figure(pipe, world["test"][0]["image"], output_dir / "denoising.png")
     loss_curve(pipeline_dir / "loss_history.jsonl", output_dir / "loss_curve.png")
     results["seconds"] = round(time.monotonic() - started, 1)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
-    print("\n" + demo_table(results))
-    print(f"Pipeline: {pipeline_dir}  |  pictures: {output_dir / 'captions.png'}, {output_dir / 'loss_curve.png'}")
+    print("\n" + demo_table(results) + "\n")
+    pictures = ", ".join(str(output_dir / name) for name in ("captions.png", "denoising.png", "loss_curve.png"))
+    print(f"Pipeline: {pipeline_dir}\nPictures: {pictures}")
     print(f"Total time: {results['seconds']:.0f} s")
     return results
 
@@ -221,4 +311,10 @@ def demo_table(results: dict[str, Any]) -> str:
             cells = [row.get(key) for key in ("BLEU-4", "CIDEr", "METEOR", "object_accuracy", "exact_match")]
             formatted = " | ".join("–" if value is None else f"{value:.3f}" for value in cells)
             lines.append(f"| {split_name} | {row['num_inference_steps']} | {formatted} |")
+    retrieval, probe = results["clip_retrieval"], results["clip_probe"]
+    lines.append(
+        f"\nCLIP on test: image→text R@1 {retrieval['recall@1']:.3f}, R@5 {retrieval['recall@5']:.3f}; nearest "
+        "training image has the same " + ", ".join(f"{name.removeprefix('same_')} {value:.3f}"
+                                                   for name, value in probe.items())
+    )
     return "\n".join(lines)

@@ -5,7 +5,9 @@
 [`run_validation`] and [`save_checkpoint`] beside it) → [`save_pipeline`]. Each step is a module-level function over a
 [`TrainingRun`], testable alone. The same code runs on one process, under `accelerate launch` or `torchrun` (data
 parallel), and resumes exactly: a resumed run sees the same batches and the same random draws as one that was never
-interrupted, and validation never shifts the training random stream.
+interrupted, and validation never shifts the training random stream. With `model_type="ar"` the same loop trains the
+autoregressive baseline (`modeling_clip_captioner_ar`): only the model, the loss, the validation captions and the saved
+pipeline differ ([`build_denoiser`], [`model_loss`], [`run_validation`], [`save_pipeline`]).
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
+from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
 from .data import load_datasets
 from .diffusion import DiffusionLossOutput, diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
 from .feature_cache import CLIPFeatureCache
-from .hub import check_hub_repo, push_folder_to_hub, write_model_card
+from .hub import check_hub_repo, push_folder_to_hub, write_model_card, write_training_record
+from .modeling_clip_captioner_ar import CaptionerLossOutput, CLIPCaptionerARForCausalLM, captioner_loss
 from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
+from .pipeline_clip_ar_caption import CLIPARCaptionPipeline
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 from .training_args import TrainingConfig, training_config_from_args
 
@@ -134,7 +139,7 @@ class TrainingData:
     image_encoder: CLIPVisionModelWithProjection
     image_processor: CLIPImageProcessor
     tokenizer: Any
-    denoiser: CLIPDiffusionLMModel
+    denoiser: CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM  # the AR baseline when `model_type="ar"`
     train_set: CaptionFeatureDataset
     validation_split: Dataset
     validation_features: torch.Tensor
@@ -152,7 +157,7 @@ class TrainingRun:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     dataloader: DataLoader
     sampler: EpochShuffleSampler
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: DDPMScheduler | None  # None for the AR baseline
     ema: EMAModel | None
     state: TrainingState
     total_steps: int
@@ -162,8 +167,12 @@ class TrainingRun:
         return Path(self.config.output_dir)
 
     @property
-    def model(self) -> CLIPDiffusionLMModel:
+    def model(self) -> CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM:
         return self.accelerator.unwrap_model(self.denoiser)
+
+    @property
+    def autoregressive(self) -> bool:
+        return self.config.model_type == "ar"
 
 
 # ---------------------------------------------------------------------------------------------------------- set-up
@@ -183,13 +192,15 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
 
 
 def configure_logging(accelerator: Accelerator, log_level: str) -> None:
-    """`log_level` on the main process, warnings elsewhere; the libraries' own chatter at warning level (error on the
-    other processes)."""
+    """`log_level` for this package on the main process; other processes log warnings only and silence the
+    libraries (the main process keeps the verbosity its caller chose)."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S")
-    main = accelerator.is_local_main_process
-    logging.getLogger("clip_diffusionlm").setLevel(getattr(logging, log_level.upper()) if main else logging.WARNING)
+    if accelerator.is_local_main_process:
+        logging.getLogger("clip_diffusionlm").setLevel(getattr(logging, log_level.upper()))
+        return
+    logging.getLogger("clip_diffusionlm").setLevel(logging.WARNING)
     for library in (datasets, transformers, diffusers):
-        library.utils.logging.set_verbosity(logging.WARNING if main else logging.ERROR)
+        library.utils.logging.set_verbosity_error()
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -221,22 +232,26 @@ def caption_pairs(split: Dataset, captions_per_image: int | None = None) -> tupl
 
 def build_denoiser(
     config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, rounding_vocabulary: list[int] | None = None
-) -> CLIPDiffusionLMModel:
-    """The denoiser on the pretrained text backbone, sized for the CLIP it reads; its config is the run's one."""
+) -> CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM:
+    """The denoiser (or the AR baseline, `model_type="ar"`) on the pretrained text backbone, sized for the CLIP it
+    reads; its config is the run's one (the baseline takes the conditioning and length keys it shares)."""
     model_kwargs = {
         "condition_dim": image_encoder.config.projection_dim,
         "patch_dim": image_encoder.config.hidden_size,
         "rounding_vocabulary": rounding_vocabulary,
         **config.model_config,
     }
-    pretrained = CLIPDiffusionLMModel.from_text_backbone(
+    model_class = CLIPDiffusionLMModel
+    if config.model_type == "ar":
+        model_class, model_kwargs = CLIPCaptionerARForCausalLM, CLIPCaptionerARConfig.shared_kwargs(model_kwargs)
+    pretrained = model_class.from_text_backbone(
         config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
     )
     if config.attn_implementation is not None:
         pretrained.set_attn_implementation(config.attn_implementation)
     if not config.init_backbone_weights:
         # The original code's set-up: pretrained (frozen) word embeddings, randomly initialised transformer layers.
-        model = CLIPDiffusionLMModel(pretrained.config)
+        model = model_class(pretrained.config)
         model.get_input_embeddings().weight.data.copy_(pretrained.get_input_embeddings().weight)
         pretrained = model
     if config.gradient_checkpointing:
@@ -271,7 +286,7 @@ def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingDa
     model_config = denoiser.config
 
     text_encoder = text_tokenizer = None
-    if model_config.use_text_condition:
+    if getattr(model_config, "use_text_condition", False):
         text_encoder = CLIPTextModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
         text_encoder.to(accelerator.device, dtype=dtype).requires_grad_(False)
         text_tokenizer = AutoTokenizer.from_pretrained(config.clip_model)
@@ -357,7 +372,25 @@ def any_process(accelerator: Accelerator, *flags: bool) -> list[bool]:
     return [value > 0 for value in summed.tolist()]
 
 
-def training_step(run: TrainingRun, batch: dict[str, torch.Tensor], stop_requested: bool) -> tuple[DiffusionLossOutput, bool]:
+def model_loss(
+    run: TrainingRun,
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    image_embeds: torch.FloatTensor,
+    text_embeds: torch.FloatTensor | None = None,
+) -> DiffusionLossOutput | CaptionerLossOutput:
+    """The run's objective: `diffusion_loss`, or the AR baseline's next-token cross-entropy (`captioner_loss`)."""
+    if run.autoregressive:
+        return captioner_loss(model, input_ids, image_embeds)
+    return diffusion_loss(
+        model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
+        timesteps_per_caption=run.config.timesteps_per_caption,
+    )
+
+
+def training_step(
+    run: TrainingRun, batch: dict[str, torch.Tensor], stop_requested: bool
+) -> tuple[DiffusionLossOutput | CaptionerLossOutput, bool]:
     """
     One forward/backward pass (and an optimizer step once gradients are accumulated). Raises
     [`TrainingDivergedError`] before touching the weights when the loss is not finite on any process; returns the loss
@@ -367,10 +400,9 @@ def training_step(run: TrainingRun, batch: dict[str, torch.Tensor], stop_request
     dtype = run.model.dtype
     text_embeds = batch.get("text_embeds")
     with accelerator.accumulate(denoiser):
-        output = diffusion_loss(
-            denoiser, run.noise_scheduler, batch["input_ids"], batch["image_embeds"].to(dtype),
+        output = model_loss(
+            run, denoiser, batch["input_ids"], batch["image_embeds"].to(dtype),
             None if text_embeds is None else text_embeds.to(dtype),
-            timesteps_per_caption=run.config.timesteps_per_caption,
         )
         diverged, stop_requested = any_process(accelerator, not torch.isfinite(output.loss).item(), stop_requested)
         if diverged:
@@ -389,14 +421,17 @@ def training_step(run: TrainingRun, batch: dict[str, torch.Tensor], stop_request
     return output, stop_requested
 
 
-def log_step(run: TrainingRun, output: DiffusionLossOutput, start_time: float, progress: tqdm) -> None:
+def log_step(
+    run: TrainingRun, output: DiffusionLossOutput | CaptionerLossOutput, start_time: float, progress: tqdm
+) -> None:
     """Averages the loss terms over processes, appends them to `loss_history.jsonl` and sends them to the tracker."""
-    stacked = torch.stack([getattr(output, name).detach().float() for name in LOSS_TERMS])
-    terms = dict(zip(LOSS_TERMS, run.accelerator.reduce(stacked, "mean").tolist()))
+    names = [name for name in LOSS_TERMS if getattr(output, name, None) is not None]  # the AR loss has one term
+    stacked = torch.stack([getattr(output, name).detach().float() for name in names])
+    terms = dict(zip(names, run.accelerator.reduce(stacked, "mean").tolist()))
     terms["lr"] = run.lr_scheduler.get_last_lr()[0]
     terms["seconds"] = round(time.monotonic() - start_time, 3)
     progress.update(1)
-    progress.set_postfix(loss=f"{terms['loss']:.4f}", rounding=f"{terms['rounding_loss']:.3f}")
+    progress.set_postfix({name: f"{terms[name]:.4f}" for name in ("loss", "rounding_loss") if name in terms})
     if run.accelerator.is_main_process:
         with (run.output_dir / "loss_history.jsonl").open("a") as history:
             history.write(json.dumps({"step": run.state.global_step, **terms}) + "\n")
@@ -404,8 +439,13 @@ def log_step(run: TrainingRun, output: DiffusionLossOutput, start_time: float, p
             run.accelerator.log(terms, step=run.state.global_step)
 
 
-def validation_pipeline(run: TrainingRun) -> CLIPDiffusionCaptionPipeline:
-    """The pipeline around the current denoiser (EMA weights when they are swapped in)."""
+def validation_pipeline(run: TrainingRun) -> CLIPDiffusionCaptionPipeline | CLIPARCaptionPipeline:
+    """The pipeline around the current model (EMA weights when they are swapped in)."""
+    if run.autoregressive:
+        return CLIPARCaptionPipeline(
+            captioner=run.model, image_encoder=run.data.image_encoder, image_processor=run.data.image_processor,
+            tokenizer=run.data.tokenizer,
+        )
     pipe = CLIPDiffusionCaptionPipeline(
         denoiser=run.model,
         scheduler=make_noise_scheduler(run.model.config),
@@ -442,11 +482,14 @@ def run_validation(run: TrainingRun) -> dict[str, Any]:
         ids = ids.to(device)
         # Words never seen in training count as [UNK].
         ids = torch.where(model.rounding_targets(ids) < 0, run.data.tokenizer.unk_token_id, ids)
-        loss = diffusion_loss(model, run.noise_scheduler, ids, features.to(device, model.dtype)).loss
-        captions = caption_embeddings(
-            validation_pipeline(run), features, run.config.validation_inference_steps,
-            run.config.validation_guidance_scale, seed=run.config.seed,
-        )
+        loss = model_loss(run, model, ids, features.to(device, model.dtype)).loss
+        if run.autoregressive:  # greedy, all validation images in one `generate()`
+            captions = [[caption] for caption in validation_pipeline(run)(image_embeds=features).captions]
+        else:
+            captions = caption_embeddings(
+                validation_pipeline(run), features, run.config.validation_inference_steps,
+                run.config.validation_guidance_scale, seed=run.config.seed,
+            )
     model.train()
     metrics = {"validation_loss": loss.item(), **score_split(captions, split)}
     samples = [
@@ -577,10 +620,14 @@ def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
         run.ema.copy_to(run.model.parameters())
     validation_pipeline(run).save_pretrained(run.output_dir)
     num_train_captions = len(run.data.train_set)
-    write_model_card(
+    record_args = (
         run.output_dir, run.config, run.model, metrics, run.state, run.data.dataset, num_train_captions,
         run.accelerator.num_processes,
     )
+    if run.autoregressive:  # the model card describes the diffusion pipeline; the baseline keeps the record only
+        write_training_record(*record_args)
+    else:
+        write_model_card(*record_args)
     if run.config.push_to_hub:
         push_folder_to_hub(
             run.output_dir, run.config.hub_model_id, commit_message=f"Training run: {run.state.global_step} steps"
@@ -627,7 +674,10 @@ def train(config: TrainingConfig) -> Path:
     run = TrainingRun(
         config=config, accelerator=accelerator, data=data, denoiser=denoiser, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, ema=ema, state=TrainingState(),
-        noise_scheduler=make_noise_scheduler(data.denoiser.config, DDPMScheduler), total_steps=total_steps,
+        noise_scheduler=None if config.model_type == "ar" else make_noise_scheduler(
+            data.denoiser.config, DDPMScheduler
+        ),
+        total_steps=total_steps,
     )
     for stateful in (lr_scheduler, ema, run.state):
         if stateful is not None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -166,6 +169,25 @@ def _resolve_metrics(metrics: Sequence[str] | None) -> list[str]:
     return [name for name in AVAILABLE_METRICS if name in resolved]
 
 
+@contextlib.contextmanager
+def _stderr_to_debug_log(name: str) -> Iterator[None]:
+    """Keeps what a Java subprocess writes to the inherited stderr (the PTB tokenizer's "tokenized N tokens at ..."
+    line on every call) out of the user's terminal: captured at the file-descriptor level, logged at DEBUG."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace").strip()
+            if text:
+                logger.debug("%s: %s", name, text)
+
+
 def _tokenize(
     hypotheses: list[str], references: list[list[str]], use_ptb: bool, skipped: dict[str, str]
 ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
@@ -177,7 +199,8 @@ def _tokenize(
             for index, (hypothesis, refs) in enumerate(zip(hypotheses, references, strict=True))
         }
         try:
-            tokenized = PTBTokenizer().tokenize(captions)
+            with _stderr_to_debug_log("PTBTokenizer"):
+                tokenized = PTBTokenizer().tokenize(captions)
         except OSError as error:
             # The tokenizer writes its input file next to its jar, inside site-packages, which may be read-only.
             skipped["PTBTokenizer"] = (
