@@ -649,11 +649,11 @@ def train(config: TrainingConfig) -> Path:
         config.hub_model_id = check_hub_repo(config.hub_model_id)
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
+    # Bad data fails inside `prepare_data`, before anything but the feature cache is written.
+    data = prepare_data(config, accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-
-    data = prepare_data(config, accelerator)
     sampler = EpochShuffleSampler(len(data.train_set), config.seed)
     # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the global RNG
     # instead would shift every random draw after a resume.
