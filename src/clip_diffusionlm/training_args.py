@@ -20,6 +20,7 @@ from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
 LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODEL_TYPES = ("diffusion", "ar")
 
 
 def _option(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = (), **kwargs) -> Any:
@@ -72,6 +73,12 @@ class TrainingConfig:
     dataloader_num_workers: int = _option(0, "Worker processes that read training batches.")
 
     # Models
+    model_type: str = _option(
+        "diffusion", "`diffusion` trains the CLIP-DiffusionLM denoiser; `ar` trains the autoregressive baseline "
+        "(`CLIPCaptionerARForCausalLM`: the same CLIP features as a prefix, the same first backbone layers run causally, "
+        "the same output vocabulary) with the same data, schedule and loop, to compare the two. `model_config` keys "
+        "the baseline does not have (noise, fusion, losses) are ignored for it.", choices=list(MODEL_TYPES),
+    )
     clip_model: str = _option("openai/clip-vit-base-patch32", "The CLIP checkpoint; its towers are frozen.")
     text_backbone: str = _option(
         "distilbert-base-uncased", "A BERT-family encoder: word embeddings (frozen), tokenizer and initial layers."
@@ -161,6 +168,7 @@ class TrainingConfig:
             "on_bad_input": ("error", "skip"),
             "mixed_precision": (None, *MIXED_PRECISION),
             "log_level": LOG_LEVELS,
+            "model_type": MODEL_TYPES,
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:

@@ -1,0 +1,164 @@
+"""The autoregressive baseline: trained by the same loop, saved and reloaded, generating with transformers' KV cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    CONDITION_DIM,
+    tiny_backbone_config,
+    tiny_image_encoder,
+    tiny_image_processor,
+    tiny_training_config,
+)
+from transformers import BertModel
+
+from clip_diffusionlm import CLIPARCaptionPipeline, CLIPCaptionerARConfig, CLIPCaptionerARForCausalLM, captioner_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_captioner(tokenizer, **config_kwargs) -> CLIPCaptionerARForCausalLM:
+    config = CLIPCaptionerARConfig(
+        condition_dim=CONDITION_DIM, backbone_config=tiny_backbone_config(tokenizer), caption_length=8,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        **config_kwargs,
+    )
+    torch.manual_seed(0)
+    return CLIPCaptionerARForCausalLM(config).eval()
+
+
+def sharpen(captioner: CLIPCaptionerARForCausalLM, factor: float = 10.0) -> CLIPCaptionerARForCausalLM:
+    """Scales the random weights up so that the prefix steers the captions (at BERT's initial scale every image gets
+    the same caption, and a lost prefix would go unnoticed)."""
+    with torch.no_grad():
+        for parameter in [*captioner.backbone.encoder.parameters(), captioner.image_projection.linear_2.weight]:
+            if parameter.ndim == 2:
+                parameter.mul_(factor)
+    return captioner
+
+
+def argmax_loop(model, image_embeds, max_length):
+    """Greedy decoding written out: the whole sequence through the model at every step, no cache."""
+    config = model.config
+    ids = torch.full((len(image_embeds), 1), config.bos_token_id)
+    finished = torch.zeros(len(image_embeds), dtype=torch.bool)
+    with torch.no_grad():
+        while ids.shape[1] < max_length and not finished.all():
+            logits = model(ids, image_embeds, use_cache=False).logits[:, -1]
+            next_ids = torch.where(finished, config.pad_token_id, logits.argmax(dim=-1))
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            finished |= next_ids == config.eos_token_id
+    return ids
+
+
+@pytest.fixture(scope="module")
+def trained_ar(training_assets, tmp_path_factory):
+    """Two steps of `examples/train.py --model_type ar` on the tiny shapes world."""
+    output_dir = tmp_path_factory.mktemp("ar") / "run"
+    config = tiny_training_config(training_assets, output_dir, max_steps=2, learning_rate=1e-2)
+    config_file = output_dir.parent / "config.json"
+    config_file.write_text(json.dumps(config.__dict__))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "train.py"), "--config", str(config_file), "--model_type", "ar",
+         "--restrict_rounding_vocabulary", "true"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_trains_through_the_training_script_and_reloads(trained_ar, training_assets):
+    history = [json.loads(line) for line in (trained_ar / "loss_history.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in history] == [1, 2]
+    assert all(set(record) == {"step", "loss", "lr", "seconds"} for record in history)
+    assert history[1]["loss"] < history[0]["loss"]  # the second step's batch, after one update at a high rate
+    assert json.loads((trained_ar / "training_config.json").read_text())["model_type"] == "ar"
+    assert list((trained_ar / "captioner").glob("*.safetensors"))
+
+    pipe = CLIPARCaptionPipeline.from_pretrained(trained_ar)
+    captioner = pipe.captioner
+    assert isinstance(captioner, CLIPCaptionerARForCausalLM)
+    assert captioner.config.caption_length == 12 and captioner.backbone.config.is_decoder
+    # The word embeddings (input and tied head) stay the pretrained backbone's, as the denoiser's do.
+    backbone = BertModel.from_pretrained(training_assets["backbone"])
+    assert torch.equal(captioner.get_input_embeddings().weight, backbone.get_input_embeddings().weight)
+    assert not torch.equal(captioner.backbone.encoder.layer[0].output.dense.weight,
+                           backbone.encoder.layer[0].output.dense.weight)
+    vocabulary = set(captioner.config.rounding_vocabulary)
+    ids = pipe(torch.rand(3, 3, 32, 32), output_type="token_ids").captions
+    assert set(ids.flatten().tolist()) <= vocabulary and ids.shape[1] <= 12
+    assert all(isinstance(caption, str) for caption in pipe(torch.rand(2, 3, 32, 32), num_beams=3).captions)
+
+
+def test_save_and_reload_give_equal_outputs(tokenizer, tmp_path):
+    captioner = tiny_captioner(tokenizer, rounding_vocabulary=list(range(tokenizer.vocab_size))[::2] + [3])
+    pipe = CLIPARCaptionPipeline(captioner, tiny_image_encoder(), tiny_image_processor(), tokenizer)
+    images = torch.rand(2, 3, 32, 32)
+    image_embeds = torch.randn(4, CONDITION_DIM)
+    ids = tokenizer(["a red circle", "two shapes", "a star", "the blue square"], return_tensors="pt",
+                    padding="max_length", max_length=8).input_ids
+    expected_logits = captioner(ids, image_embeds, use_cache=False).logits
+    expected = pipe(images, output_type="token_ids").captions
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert not list((tmp_path / "pipe").rglob("*.bin"))
+
+    reloaded = CLIPARCaptionPipeline.from_pretrained(tmp_path / "pipe")
+    assert torch.equal(reloaded.captioner.rounding_token_ids, captioner.rounding_token_ids)
+    torch.testing.assert_close(reloaded.captioner(ids, image_embeds, use_cache=False).logits, expected_logits)
+    assert torch.equal(reloaded(images, output_type="token_ids").captions, expected)
+
+
+@pytest.mark.parametrize("image_features", ["pooled", "patches"])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_greedy_generate_equals_an_argmax_loop_without_cache(tokenizer, image_features, restricted):
+    vocabulary = [0, 1, 2, 3, 5, 6, 8, 13, 14, 16, 17, 18] if restricted else None
+    captioner = tiny_captioner(tokenizer, image_features=image_features, patch_dim=24, rounding_vocabulary=vocabulary)
+    torch.manual_seed(1)
+    image_embeds = torch.randn(5, 4, 24) if image_features == "patches" else torch.randn(5, CONDITION_DIM)
+    sharpen(captioner)
+    generated = captioner.generate(image_embeds=image_embeds, do_sample=False, num_beams=1)
+    expected = argmax_loop(captioner, image_embeds, captioner.config.caption_length)
+    assert torch.equal(generated, expected)
+    assert len({tuple(row) for row in generated.tolist()}) > 1  # the prefix matters at every step
+    if restricted:
+        assert set(generated.flatten().tolist()) <= set(vocabulary)
+
+
+def test_beam_search_returns_valid_captions(tokenizer):
+    vocabulary = [0, 1, 2, 3, 5, 6, 8, 13, 14, 16, 17, 18]
+    captioner = sharpen(tiny_captioner(tokenizer, rounding_vocabulary=vocabulary))
+    image_embeds = torch.randn(4, CONDITION_DIM)
+    beams = captioner.generate(image_embeds=image_embeds, num_beams=3, num_return_sequences=3, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True)
+    sequences = beams.sequences.view(4, 3, -1)
+    assert (sequences[..., 0] == tokenizer.cls_token_id).all()
+    assert set(sequences.flatten().tolist()) <= set(vocabulary)
+    # Beams come best first, and the best beam scores at least as well as greedy decoding under the same length
+    # normalisation.
+    scores = beams.sequences_scores.view(4, 3)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    greedy = captioner.generate(image_embeds=image_embeds, do_sample=False)
+    assert all(len(set(map(tuple, image_beams.tolist()))) == 3 for image_beams in sequences)  # distinct beams
+    captions = CLIPARCaptionPipeline(captioner, tiny_image_encoder(), tiny_image_processor(), tokenizer)(
+        image_embeds=image_embeds, num_beams=3
+    ).captions
+    assert len(captions) == 4 and all(isinstance(caption, str) and "[" not in caption for caption in captions)
+    assert greedy.shape[0] == 4
+
+
+def test_loss_scores_caption_tokens_and_ignores_padding(tokenizer):
+    captioner = tiny_captioner(tokenizer)
+    image_embeds = torch.randn(2, CONDITION_DIM)
+    ids = tokenizer(["a red circle", "two shapes"], return_tensors="pt", padding="max_length", max_length=8).input_ids
+    loss = captioner_loss(captioner, ids, image_embeds).loss
+    logits = captioner(ids, image_embeds, use_cache=False).logits[:, :-1]
+    targets = ids[:, 1:]
+    keep = targets != tokenizer.pad_token_id
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
