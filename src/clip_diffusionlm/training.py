@@ -192,13 +192,15 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
 
 
 def configure_logging(accelerator: Accelerator, log_level: str) -> None:
-    """`log_level` on the main process, warnings elsewhere; the libraries' own chatter at warning level (error on the
-    other processes)."""
+    """`log_level` for this package on the main process; other processes log warnings only and silence the
+    libraries (the main process keeps the verbosity its caller chose)."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S")
-    main = accelerator.is_local_main_process
-    logging.getLogger("clip_diffusionlm").setLevel(getattr(logging, log_level.upper()) if main else logging.WARNING)
+    if accelerator.is_local_main_process:
+        logging.getLogger("clip_diffusionlm").setLevel(getattr(logging, log_level.upper()))
+        return
+    logging.getLogger("clip_diffusionlm").setLevel(logging.WARNING)
     for library in (datasets, transformers, diffusers):
-        library.utils.logging.set_verbosity(logging.WARNING if main else logging.ERROR)
+        library.utils.logging.set_verbosity_error()
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -647,11 +649,11 @@ def train(config: TrainingConfig) -> Path:
         config.hub_model_id = check_hub_repo(config.hub_model_id)
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
+    # Bad data fails inside `prepare_data`, before anything but the feature cache is written.
+    data = prepare_data(config, accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-
-    data = prepare_data(config, accelerator)
     sampler = EpochShuffleSampler(len(data.train_set), config.seed)
     # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the global RNG
     # instead would shift every random draw after a resume.
