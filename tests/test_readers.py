@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from clip_diffusionlm.data import LoadOptions
 from clip_diffusionlm.data.images import load_rgb_image, validate_images
 from clip_diffusionlm.data.readers import (
     SCHEMA_FEATURES,
@@ -27,6 +28,10 @@ from clip_diffusionlm.data.readers import (
 )
 
 LOGGER = "clip_diffusionlm.data"
+# Every image in the train split, so that a test can list the rows it expects.
+UNSPLIT = LoadOptions(validation_fraction=0, test_fraction=0)
+UNSPLIT_SKIP = LoadOptions(validation_fraction=0, test_fraction=0, on_bad_input="skip")
+NO_IMAGE_CHECK = LoadOptions(check_images=False)
 
 
 def make_image(path: Path, image_format: str = "PNG", color: tuple[int, int, int] = (200, 30, 30)) -> Path:
@@ -166,7 +171,7 @@ def test_flickr8k_captions_txt_groups_quoted_captions(tmp_path):
     ]
     path = write_kaggle(tmp_path / "captions.txt", tmp_path / "Images", rows)
 
-    dataset_dict = load_flickr8k_captions_txt(path, tmp_path / "Images", validation_fraction=0.0, test_fraction=0.0)
+    dataset_dict = load_flickr8k_captions_txt(path, tmp_path / "Images", options=UNSPLIT)
 
     assert_schema(dataset_dict)
     assert dataset_dict["train"]["image_id"][:] == ["flickr8k/1.jpg", "flickr8k/2.jpg", "flickr8k/3.jpg"]
@@ -180,7 +185,7 @@ def test_flickr8k_captions_txt_groups_quoted_captions(tmp_path):
 def test_flickr8k_captions_txt_rejects_wrong_header(tmp_path):
     (tmp_path / "captions.txt").write_text("file,text\na.jpg,A dog\n")
     with pytest.raises(ValueError, match=r"columns \['image', 'caption'\]"):
-        load_flickr8k_captions_txt(tmp_path / "captions.txt", tmp_path, check_images=False)
+        load_flickr8k_captions_txt(tmp_path / "captions.txt", tmp_path, options=NO_IMAGE_CHECK)
 
 
 def test_flickr8k_token_txt_with_split_files(tmp_path, caplog):
@@ -208,7 +213,9 @@ def test_flickr8k_token_txt_without_split_files_uses_seeded_split(tmp_path):
     captions = {f"{i}.jpg": ["A caption .", "Another caption ."] for i in range(10)}
     token = write_token_txt(tmp_path / "Flickr8k.token.txt", tmp_path / "images", captions)
 
-    dataset_dict = load_flickr8k_token_txt(token, tmp_path / "images", validation_fraction=0.2, test_fraction=0.1)
+    dataset_dict = load_flickr8k_token_txt(
+        token, tmp_path / "images", options=LoadOptions(validation_fraction=0.2, test_fraction=0.1)
+    )
 
     assert_schema(dataset_dict)
     assert [dataset_dict[split].num_rows for split in SPLITS] == [7, 2, 1]
@@ -217,7 +224,7 @@ def test_flickr8k_token_txt_without_split_files_uses_seeded_split(tmp_path):
 def test_flickr8k_token_txt_rejects_malformed_line(tmp_path):
     (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\tA dog\na.jpg A cat\n")
     with pytest.raises(ValueError, match=r"Flickr8k.token.txt:2"):
-        load_flickr8k_token_txt(tmp_path / "Flickr8k.token.txt", tmp_path, check_images=False)
+        load_flickr8k_token_txt(tmp_path / "Flickr8k.token.txt", tmp_path, options=NO_IMAGE_CHECK)
 
 
 def test_coco_captions_json(tmp_path):
@@ -245,7 +252,7 @@ def test_coco_captions_json_rejects_unknown_image_and_mismatched_dirs(tmp_path):
         json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "x"}]})
     )
     with pytest.raises(ValueError, match="image_id 2 is not in 'images'"):
-        load_coco_captions_json({"validation": path}, {"validation": tmp_path}, check_images=False)
+        load_coco_captions_json({"validation": path}, {"validation": tmp_path}, options=NO_IMAGE_CHECK)
     with pytest.raises(ValueError, match="images_dirs must have the splits"):
         load_coco_captions_json({"validation": path}, {"train": tmp_path})
     with pytest.raises(ValueError, match="annotation_files must map split names"):
@@ -281,7 +288,7 @@ def test_image_folder_csv_groups_rows_and_uses_seeded_split(tmp_path):
     ]
     folder = write_folder(tmp_path / "synth", rows, "metadata.csv")
 
-    dataset_dict = load_image_folder(folder, dataset_name="s", seed=3)
+    dataset_dict = load_image_folder(folder, dataset_name="s", options=LoadOptions(seed=3))
 
     assert_schema(dataset_dict)
     assert sum(dataset_dict[split].num_rows for split in SPLITS) == 10
@@ -397,13 +404,11 @@ def test_load_caption_dataset_detects_every_format(tmp_path):
     assert load_caption_dataset(coco, images_dir=tmp_path / "val2014", split="test")["test"].num_rows == 1
 
     kaggle = write_kaggle(tmp_path / "captions.txt", tmp_path / "Images", kaggle_rows(3))
-    loaded = load_caption_dataset(kaggle, images_dir=tmp_path / "Images", validation_fraction=0, test_fraction=0)
+    loaded = load_caption_dataset(kaggle, images_dir=tmp_path / "Images", options=UNSPLIT)
     assert loaded["train"].num_rows == 3
 
     token = write_token_txt(tmp_path / "Flickr8k.token.txt", tmp_path / "Flicker8k_Dataset", {"t.jpg": ["x", "y"]})
-    loaded = load_caption_dataset(
-        token, images_dir=tmp_path / "Flicker8k_Dataset", test_fraction=0, validation_fraction=0
-    )
+    loaded = load_caption_dataset(token, images_dir=tmp_path / "Flicker8k_Dataset", options=UNSPLIT)
     assert loaded["train"]["captions"][:] == [["x", "y"]]
 
     folder = write_folder(tmp_path / "synth", [{"file_name": "0.png", "captions": ["x"], "split": "test"}])
@@ -466,12 +471,10 @@ def test_bad_image_is_reported_or_skipped(tmp_path, kind, caplog):
     ):
         load_flickr8k_captions_txt(path, images_dir)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        dataset_dict = load_flickr8k_captions_txt(
-            path, images_dir, on_bad_input="skip", test_fraction=0, validation_fraction=0
-        )
+        dataset_dict = load_flickr8k_captions_txt(path, images_dir, options=UNSPLIT_SKIP)
     assert dataset_dict["train"]["image_id"][:] == ["flickr8k/000.jpg", "flickr8k/002.jpg", "flickr8k/003.jpg"]
     assert "Skipped bad images (1 in total" in caplog.text
-    assert load_flickr8k_captions_txt(path, images_dir, check_images=False)  # opting out does not open images
+    assert load_flickr8k_captions_txt(path, images_dir, options=NO_IMAGE_CHECK)  # opting out does not open images
 
 
 def test_bad_images_error_lists_at_most_max_report(tmp_path):
@@ -480,7 +483,7 @@ def test_bad_images_error_lists_at_most_max_report(tmp_path):
     for i in range(4):
         (images_dir / f"00{i}.jpg").unlink()
     with pytest.raises(ValueError, match=r"Bad images \(4 in total\)") as error:
-        load_flickr8k_captions_txt(path, images_dir, max_report=2)
+        load_flickr8k_captions_txt(path, images_dir, options=LoadOptions(max_report=2))
     assert str(error.value).count("missing file") == 2 and "and 2 more" in str(error.value)
 
 
@@ -508,9 +511,7 @@ def test_empty_captions_are_dropped_and_uncaptioned_images_are_bad(tmp_path, cap
     ):
         load_flickr8k_captions_txt(path, tmp_path / "Images")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        dataset_dict = load_flickr8k_captions_txt(
-            path, tmp_path / "Images", on_bad_input="skip", validation_fraction=0, test_fraction=0
-        )
+        dataset_dict = load_flickr8k_captions_txt(path, tmp_path / "Images", options=UNSPLIT_SKIP)
     assert dataset_dict["train"]["captions"][:] == [["A dog"], ["A cat"]]
     assert (
         "Dropped 3 empty caption(s)" in caplog.text
@@ -527,16 +528,14 @@ def test_non_utf8_caption_file_raises_or_is_replaced(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"Flickr8k.token.txt is not valid UTF-8: byte 0xe9 at offset 24 \(line 2\)"):
         load_flickr8k_token_txt(token, tmp_path / "images")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        dataset_dict = load_flickr8k_token_txt(
-            token, tmp_path / "images", on_bad_input="skip", test_fraction=0, validation_fraction=0
-        )
+        dataset_dict = load_flickr8k_token_txt(token, tmp_path / "images", options=UNSPLIT_SKIP)
     assert dataset_dict["train"]["captions"][:] == [["ok"], ["A caf\ufffd"]]
     assert "Replaced undecodable bytes on 1 line(s)" in caplog.text
 
 
 def test_bad_policy_and_missing_files_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="on_bad_input must be one of"):
-        load_flickr8k_captions_txt(tmp_path / "captions.txt", tmp_path, on_bad_input="ignore")
+        load_flickr8k_captions_txt(tmp_path / "captions.txt", tmp_path, options=LoadOptions(on_bad_input="ignore"))
     with pytest.raises(ValueError, match="does not exist or is not a file"):
         load_flickr8k_captions_txt(tmp_path / "captions.txt", tmp_path)
     with pytest.raises(ValueError, match="images_dir .* is not a directory"):

@@ -450,26 +450,25 @@ def save_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> Mo
     return card
 
 
-def write_model_card(
-    output_dir: str | os.PathLike,
-    config,
-    denoiser,
-    metrics: dict[str, Any],
-    state,
-    dataset,
-    num_train_captions: int,
-    num_processes: int = 1,
-    num_examples: int = 3,
-) -> ModelCard:
+def write_model_card(output_dir: str | os.PathLike, config, dataset, num_examples: int = 3) -> ModelCard:
     """
-    The card of a finished training run: writes the training record, captions the first `num_examples` validation
-    images (training images when there is no validation split) with the saved pipeline, and saves the card for
-    `config.hub_model_id` (or the folder's name). Arguments as in [`write_training_record`].
+    The card of a finished training run, once [`write_training_record`] has saved the run's record: captions the first
+    `num_examples` validation images (training images when there is no validation split) with the saved pipeline, and
+    saves the card for `config.hub_model_id` (or the folder's name).
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            The saved pipeline's folder.
+        config (`TrainingConfig`):
+            The run's configuration: the repository id and how the examples are sampled.
+        dataset (`datasets.DatasetDict`):
+            The training data, whose images become the examples.
+        num_examples (`int`, *optional*, defaults to 3):
+            How many images to caption for the card.
     """
     # Imported here: the pipeline module imports this one to write its repository files.
     from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 
-    write_training_record(output_dir, config, denoiser, metrics, state, dataset, num_train_captions, num_processes)
     split = dataset["validation"] if len(dataset["validation"]) else dataset["train"]
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)

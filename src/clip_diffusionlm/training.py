@@ -619,15 +619,12 @@ def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
     if run.ema is not None:
         run.ema.copy_to(run.model.parameters())
     validation_pipeline(run).save_pretrained(run.output_dir)
-    num_train_captions = len(run.data.train_set)
-    record_args = (
-        run.output_dir, run.config, run.model, metrics, run.state, run.data.dataset, num_train_captions,
+    write_training_record(
+        run.output_dir, run.config, run.model, metrics, run.state, run.data.dataset, len(run.data.train_set),
         run.accelerator.num_processes,
     )
-    if run.autoregressive:  # the model card describes the diffusion pipeline; the baseline keeps the record only
-        write_training_record(*record_args)
-    else:
-        write_model_card(*record_args)
+    if not run.autoregressive:  # the model card describes the diffusion pipeline; the baseline keeps the record only
+        write_model_card(run.output_dir, run.config, run.data.dataset)
     if run.config.push_to_hub:
         push_folder_to_hub(
             run.output_dir, run.config.hub_model_id, commit_message=f"Training run: {run.state.global_step} steps"

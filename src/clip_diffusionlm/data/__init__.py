@@ -17,7 +17,7 @@ from .readers import (
     load_flickr8k_token_txt,
     load_karpathy_json,
 )
-from .schema import SCHEMA_FEATURES, SPLITS, split_by_image
+from .schema import SCHEMA_FEATURES, SPLITS, LoadOptions, split_by_image
 from .shapes import build_shapes_world, canonical_caption
 
 
@@ -70,9 +70,10 @@ def load_datasets(
             f"Give one images_dir for all datasets or one per dataset ({len(paths)}), got {len(images_dirs)}."
         )
     hf_options = {"cache_dir": cache_dir, "image_column": image_column, "caption_column": caption_column}
+    options = LoadOptions(on_bad_input=on_bad_input)
     loaded = []
     for index, path in enumerate(paths):
-        kwargs = {"on_bad_input": on_bad_input, **hf_options}
+        kwargs = {"options": options, **hf_options}
         if images_dirs:
             kwargs["images_dir"] = images_dirs[index] if len(images_dirs) == len(paths) else images_dirs[0]
         loaded.append(load_caption_dataset(path, **kwargs))
@@ -80,7 +81,7 @@ def load_datasets(
         if next(iter(source.values())) is not None:
             loaded.append(
                 load_hf_caption_dataset(
-                    **source, dataset_config_name=dataset_config_name, on_bad_input=on_bad_input, **hf_options
+                    **source, dataset_config_name=dataset_config_name, options=options, **hf_options
                 )
             )
     return loaded[0] if len(loaded) == 1 else combine_datasets(*loaded)
@@ -89,6 +90,7 @@ def load_datasets(
 __all__ = [
     "SCHEMA_FEATURES",
     "SPLITS",
+    "LoadOptions",
     "build_shapes_world",
     "canonical_caption",
     "combine_datasets",

@@ -19,16 +19,13 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict, Image, List, Value, concatenate_datasets
 
-from .images import BadInputPolicy, handle_bad_items
+from .images import handle_bad_items
 from .schema import (
-    DEFAULT_SEED,
-    DEFAULT_TEST_FRACTION,
-    DEFAULT_VALIDATION_FRACTION,
+    DEFAULT_LOAD_OPTIONS,
     SCHEMA_FEATURES,
     SPLIT_NAMES,
     LoadOptions,
     clean_captions,
-    document_load_options,
     finish_caption_dataset,
 )
 
@@ -227,7 +224,6 @@ def _splits_from_column(dataset: Dataset, source: str) -> dict[str, Dataset]:
     return {name: dataset.select([i for i, split in enumerate(names) if split == name]) for name in dict.fromkeys(names)}
 
 
-@document_load_options
 def load_hf_caption_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -238,12 +234,7 @@ def load_hf_caption_dataset(
     caption_column: str | None = None,
     images_dir: PathLike | None = None,
     id_prefix: str | None = None,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads a caption dataset with `datasets`, from the Hub or a local layout, into the package's schema.
 
@@ -270,22 +261,22 @@ def load_hf_caption_dataset(
             Folder that relative image paths are relative to.
         id_prefix (`str`, *optional*):
             Prefix of the image ids. Defaults to the folder, file or dataset name.
-        {load_options}
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy.
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, in the schema of :mod:`clip_diffusionlm.data.schema`, plus the
         source's other columns.
     """
-    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("Give exactly one of dataset_name (--dataset_name) and train_data_dir (--train_data_dir).")
     try:
         raw, source, base_dir, prefix = _load_raw(dataset_name, dataset_config_name, cache_dir, train_data_dir)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ValueError(
-            f"Cannot load dataset_name={dataset_name!r}: {str(error).rstrip('.')}. Give a Hub dataset id, a local folder or data file, "
-            "or a save_to_disk folder; to work offline, load a Hub dataset once online so it is in the datasets "
-            "cache (--cache_dir)."
+            f"Cannot load dataset_name={dataset_name!r}: {str(error).rstrip('.')}. Give a Hub dataset id, a local "
+            "folder or data file, or a save_to_disk folder; to work offline, load a Hub dataset once online so it is "
+            "in the datasets cache (--cache_dir)."
         ) from error
     except datasets.exceptions.DatasetGenerationError as error:
         raise ValueError(f"datasets cannot read {dataset_name or train_data_dir}: {error.__cause__ or error}") from error
@@ -305,19 +296,13 @@ def load_hf_caption_dataset(
     return finish_caption_dataset(splits, source, options)
 
 
-@document_load_options
 def load_image_folder(
     folder: PathLike,
     *,
     dataset_name: str | None = None,
     cache_dir: PathLike | None = None,
     caption_column: str | None = None,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads an image folder (`datasets`' `imagefolder`) described by `metadata.jsonl` or `metadata.csv`.
 
@@ -336,7 +321,8 @@ def load_image_folder(
             Cache folder of `datasets`.
         caption_column (`str`, *optional*):
             Caption column; defaults to the first of `text`, `caption`, `captions`, `sentences`.
-        {load_options}
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy.
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, in the schema of :mod:`clip_diffusionlm.data.schema`, plus the
@@ -344,7 +330,6 @@ def load_image_folder(
     """
     return load_hf_caption_dataset(
         train_data_dir=folder, cache_dir=cache_dir, caption_column=caption_column, id_prefix=dataset_name,
-        validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, check_images=check_images,
-        on_bad_input=on_bad_input, max_report=max_report,
+        options=options,
     )
 

@@ -22,15 +22,12 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from .hf_datasets import DATA_FILE_BUILDERS, load_hf_caption_dataset, load_image_folder
 from .images import BadInputPolicy
 from .schema import (
-    DEFAULT_SEED,
-    DEFAULT_TEST_FRACTION,
-    DEFAULT_VALIDATION_FRACTION,
+    DEFAULT_LOAD_OPTIONS,
     KARPATHY_SPLITS,
     SCHEMA_FEATURES,
     SPLITS,
     LoadOptions,
     clean_captions,
-    document_load_options,
     finish_caption_dataset,
     split_by_image,
 )
@@ -203,18 +200,12 @@ def _to_dataset_dict(table: _ImageTable, source: PathLike, options: LoadOptions)
     return finish_caption_dataset(by_split, source, options)
 
 
-@document_load_options
 def load_karpathy_json(
     json_path: PathLike,
     images_dir: PathLike,
     *,
     dataset_name: str | None = None,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads a Karpathy split file (`dataset_flickr8k.json`, `dataset_flickr30k.json` or `dataset_coco.json`).
 
@@ -229,14 +220,14 @@ def load_karpathy_json(
             each image).
         dataset_name (`str`, *optional*):
             Prefix of the image ids. Defaults to the `"dataset"` field of the file, e.g. `"flickr8k"`.
-        {load_options}
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy.
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
     _check_images_dir(options, images_dir, "images_dir")
-    data = _read_json(json_path, on_bad_input)
+    data = _read_json(json_path, options.on_bad_input)
     images = _field(data, "images", list, str(json_path))
     if dataset_name is None:
         if not isinstance(data.get("dataset"), str):
@@ -263,18 +254,12 @@ def load_karpathy_json(
     return _to_dataset_dict(table, json_path, options)
 
 
-@document_load_options
 def load_flickr8k_captions_txt(
     captions_txt: PathLike,
     images_dir: PathLike,
     *,
     dataset_name: str = "flickr8k",
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads the Kaggle Flickr8k `captions.txt`: a CSV with the header `image,caption` and one row per caption.
 
@@ -287,15 +272,15 @@ def load_flickr8k_captions_txt(
             Folder of the images (`Images/` in the Kaggle download).
         dataset_name (`str`, *optional*, defaults to `"flickr8k"`):
             Prefix of the image ids.
-        {load_options}
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy.
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
     _check_images_dir(options, images_dir, "images_dir")
     table = _ImageTable()
-    for where, row in _read_csv(captions_txt, ("image", "caption"), on_bad_input):
+    for where, row in _read_csv(captions_txt, ("image", "caption"), options.on_bad_input):
         filename = _file_name(row, "image", where)
         caption = _field(row, "caption", str, where)
         table.add(f"{dataset_name}/{filename}", _image_path(images_dir, filename), [caption], where)
@@ -314,19 +299,13 @@ def _read_split_files(split_files: Mapping[str, PathLike], on_bad_input: BadInpu
     return split_of
 
 
-@document_load_options
 def load_flickr8k_token_txt(
     token_txt: PathLike,
     images_dir: PathLike,
     split_files: Mapping[str, PathLike] | None = None,
     *,
     dataset_name: str = "flickr8k",
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads the original `Flickr8k.token.txt` (also Flickr30k's `results_20130124.token`).
 
@@ -343,18 +322,18 @@ def load_flickr8k_token_txt(
             them are dropped with a logged count. Without split files the images are split with
             :func:`split_by_image`.
         dataset_name (`str`, *optional*, defaults to `"flickr8k"`):
-            Prefix of the image ids.
-        {load_options}
+            Prefix of the image ids; `"flickr30k"` for Flickr30k's token file.
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy.
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
     """
-    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
     _check_images_dir(options, images_dir, "images_dir")
-    split_of = None if split_files is None else _read_split_files(split_files, on_bad_input)
+    split_of = None if split_files is None else _read_split_files(split_files, options.on_bad_input)
     table = _ImageTable()
     unlisted = set()
-    for number, line in _lines(_read_text(token_txt, on_bad_input)):
+    for number, line in _lines(_read_text(token_txt, options.on_bad_input)):
         if not line.strip():
             continue
         where = f"{token_txt}:{number}"
@@ -375,35 +354,30 @@ def load_flickr8k_token_txt(
     return _to_dataset_dict(table, token_txt, options)
 
 
-@document_load_options
 def load_coco_captions_json(
     annotation_files: Mapping[str, PathLike],
     images_dirs: Mapping[str, PathLike],
     *,
     dataset_name: str = "coco",
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
-    check_images: bool = True,
-    on_bad_input: BadInputPolicy = "error",
-    max_report: int = 10,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads official COCO caption annotations (`captions_train2014.json`, `captions_val2014.json`, ...).
 
     Args:
         annotation_files (`Mapping[str, str or os.PathLike]`):
             Maps split names (`"train"`, `"validation"`, `"test"`) to annotation files, e.g.
-            `{"train": "captions_train2014.json", "validation": "captions_val2014.json"}`. Missing splits are empty.
+            `{"train": "captions_train2014.json", "validation": "captions_val2014.json"}`.
         images_dirs (`Mapping[str, str or os.PathLike]`):
             Maps the same split names to the image folders, e.g. `{"train": "train2014", "validation": "val2014"}`.
         dataset_name (`str`, *optional*, defaults to `"coco"`):
             Prefix of the image ids.
-        {load_options}
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy.
 
     Returns:
-        `datasets.DatasetDict`: The caption dataset, see the module docstring for its schema.
+        `datasets.DatasetDict`: The splits of `annotation_files`, the missing ones empty, see the module docstring
+        for the schema.
     """
-    options = LoadOptions(validation_fraction, test_fraction, seed, check_images, on_bad_input, max_report)
     _check_split_keys(annotation_files, "annotation_files")
     if not isinstance(images_dirs, Mapping) or set(images_dirs) != set(annotation_files):
         raise ValueError(
@@ -413,7 +387,7 @@ def load_coco_captions_json(
     table = _ImageTable()
     for split, path in annotation_files.items():
         _check_images_dir(options, images_dirs[split], f"images_dirs[{split!r}]")
-        data = _read_json(path, on_bad_input)
+        data = _read_json(path, options.on_bad_input)
         file_names: dict[int, str] = {}
         for index, image in enumerate(_field(data, "images", list, str(path))):
             where = f"{path}: images[{index}]"
@@ -511,6 +485,7 @@ def load_caption_dataset(
     image_column: str = "image",
     caption_column: str | None = None,
     cache_dir: PathLike | None = None,
+    options: LoadOptions = DEFAULT_LOAD_OPTIONS,
     **kwargs: Any,
 ) -> DatasetDict:
     """Loads a caption dataset in any supported format, detected from the path.
@@ -536,8 +511,10 @@ def load_caption_dataset(
             `sentences`.
         cache_dir (`str` or `os.PathLike`, *optional*):
             Cache folder of `datasets`.
+        options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
+            Splitting, image checks and the bad-input policy, for every format.
         **kwargs:
-            Keyword arguments of the detected reader, e.g. `images_dir` or `on_bad_input`.
+            Keyword arguments of the detected reader, e.g. `images_dir` or `dataset_name`.
 
     Returns:
         `datasets.DatasetDict`: The caption dataset, in the schema of :mod:`clip_diffusionlm.data.schema`.
@@ -545,6 +522,7 @@ def load_caption_dataset(
     path = Path(name_or_path)
     if not path.exists():
         raise ValueError(f"{str(name_or_path)!r} does not exist.")
+    kwargs["options"] = options
     hf_kwargs = {"image_column": image_column, "caption_column": caption_column, "cache_dir": cache_dir, **kwargs}
     if path.is_dir():
         return load_hf_caption_dataset(str(path), **hf_kwargs)
@@ -555,7 +533,7 @@ def load_caption_dataset(
     if path.suffix in (".txt", ".csv") and _is_kaggle_captions_csv(path):
         return load_flickr8k_captions_txt(path, **kwargs)
     if path.suffix == ".json":
-        data = _read_json(path, kwargs.get("on_bad_input", "error"))
+        data = _read_json(path, options.on_bad_input)
         images = data.get("images") if isinstance(data, dict) else None
         if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
             return load_karpathy_json(path, **kwargs)

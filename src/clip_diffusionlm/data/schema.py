@@ -14,15 +14,15 @@ columns:
 Splits are always by image, so no image has captions in two splits: the splits the source defines where it has
 them, otherwise a seeded :func:`split_by_image`. Bad input (missing or corrupt images, images without captions, files
 that are not UTF-8) is handled by one policy, `on_bad_input`: `"error"` raises a `ValueError` while loading, before
-any training starts, and `"skip"` drops it and logs a count on the `clip_diffusionlm.data` logger.
+any training starts, and `"skip"` drops it and logs a count on the `clip_diffusionlm.data` logger. Every reader takes
+this policy, the split fractions and seed and the image check as one [`LoadOptions`].
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
@@ -30,6 +30,7 @@ from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from .images import BadInputPolicy, check_bad_input_policy, handle_bad_items, validate_images
 
 __all__ = [
+    "DEFAULT_LOAD_OPTIONS",
     "DEFAULT_SEED",
     "DEFAULT_TEST_FRACTION",
     "DEFAULT_VALIDATION_FRACTION",
@@ -38,7 +39,6 @@ __all__ = [
     "SPLITS",
     "LoadOptions",
     "clean_captions",
-    "document_load_options",
     "finish_caption_dataset",
     "split_by_image",
 ]
@@ -56,28 +56,6 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.1
 DEFAULT_SEED = 42
 
-LOAD_OPTIONS_DOC = """validation_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images (rounded to the nearest count) in the validation split when the source has no
-            splits.
-        test_fraction (`float`, *optional*, defaults to 0.1):
-            Fraction of the images in the test split when the source has no splits.
-        seed (`int`, *optional*, defaults to 42):
-            Seed of the split when the source has no splits.
-        check_images (`bool`, *optional*, defaults to `True`):
-            Whether to check that every image exists and decodes, see :func:`validate_images`.
-        on_bad_input (`str`, *optional*, defaults to `"error"`):
-            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
-        max_report (`int`, *optional*, defaults to 10):
-            Maximum number of bad images listed in an error message."""
-
-_Function = TypeVar("_Function", bound=Callable)
-
-
-def document_load_options(function: _Function) -> _Function:
-    """Fills the `{load_options}` placeholder of a reader's docstring with the options all readers share."""
-    function.__doc__ = function.__doc__.replace("{load_options}", LOAD_OPTIONS_DOC)
-    return function
-
 
 def check_fractions(validation_fraction: float, test_fraction: float) -> None:
     for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
@@ -91,7 +69,25 @@ def check_fractions(validation_fraction: float, test_fraction: float) -> None:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Options shared by all readers (see `LOAD_OPTIONS_DOC`), validated before any file is read so typos fail fast."""
+    """
+    How every reader splits, checks and forgives its input. Validated on creation, before any file is read, so that
+    a typo fails fast.
+
+    Args:
+        validation_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images (rounded to the nearest count) in the validation split when the source has no
+            splits.
+        test_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the images in the test split when the source has no splits.
+        seed (`int`, *optional*, defaults to 42):
+            Seed of the split when the source has no splits.
+        check_images (`bool`, *optional*, defaults to `True`):
+            Whether to check that every image exists and decodes, see :func:`validate_images`.
+        on_bad_input (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` on bad input; `"skip"` drops it and logs a count.
+        max_report (`int`, *optional*, defaults to 10):
+            Maximum number of bad images listed in an error message.
+    """
 
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     test_fraction: float = DEFAULT_TEST_FRACTION
@@ -103,6 +99,10 @@ class LoadOptions:
     def __post_init__(self) -> None:
         check_bad_input_policy(self.on_bad_input, self.max_report)
         check_fractions(self.validation_fraction, self.test_fraction)
+
+
+# The readers' default; sharing one instance is safe because `LoadOptions` is frozen.
+DEFAULT_LOAD_OPTIONS = LoadOptions()
 
 
 def clean_captions(
