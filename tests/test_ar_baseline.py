@@ -162,3 +162,34 @@ def test_loss_scores_caption_tokens_and_ignores_padding(tokenizer):
     keep = targets != tokenizer.pad_token_id
     expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, expected)
+
+
+def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "caption_speed_quality.py"), "--tiny", "--work_dir",
+         str(tmp_path / "work"), "--output_dir", str(tmp_path / "results")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "caption_speed_quality_tiny.json").read_text())
+    assert (tmp_path / "results" / "caption_speed_quality_tiny.png").stat().st_size > 0
+    assert "| AR beam 3 |" in (tmp_path / "results" / "caption_speed_quality_tiny.md").read_text()
+    names = [row["name"] for row in results["settings"]]
+    assert {f"DDIM {steps} step{'s' * (steps > 1)}" for steps in (1, 2, 3, 5, 10, 20)} <= set(names)
+    assert {"AR greedy", "AR beam 3", "DDIM 5 steps, clamped", "DDIM 5 steps, guidance 2"} <= set(names)
+    for row in results["settings"]:
+        assert set(row["speed"]) == {"1", "16", "64"}
+        assert all(speed["captions_per_s"] > 0 and speed["p90_s"] >= speed["median_s"] for speed in row["speed"].values())
+        assert {"CIDEr", "BLEU-4", "object_accuracy"} <= set(row)
+    assert {(row["caption_length"], row["batch_size"]) for row in results["length_scaling"]} == {
+        (length, batch) for length in (16, 32, 64) for batch in (1, 16, 64)
+    }
+    flops = results["flops"]
+    assert flops["denoiser_forward_flops_batch64"] > 0 and 0 < flops["fraction_of_matmul_peak"]
+    per_caption = flops["flops_per_caption"]
+    # Five denoising steps cost about five times one; beam 3 about three times greedy.
+    assert 4 < per_caption["diffusion 5 step(s)"] / per_caption["diffusion 1 step(s)"] < 6
+    assert per_caption["AR beam 3"] > 2 * per_caption["AR greedy"]
+    assert {"batch1", "batch64", "matmul_peak"} <= set(results["targets"])
+    assert results["command"].endswith("--tiny --work_dir " + str(tmp_path / "work") + " --output_dir "
+                                       + str(tmp_path / "results"))

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .clip_features import ImageInput, encode_images
 from .modeling_clip_captioner_ar import CLIPCaptionerARForCausalLM
@@ -56,7 +57,7 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
         self,
         captioner: CLIPCaptionerARForCausalLM,
         image_encoder: CLIPVisionModelWithProjection,
-        image_processor: CLIPImageProcessor,
+        image_processor: BaseImageProcessor,
         tokenizer: PreTrainedTokenizerBase,
     ):
         super().__init__()

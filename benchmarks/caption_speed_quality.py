@@ -1,0 +1,710 @@
+"""Speed and quality of CLIP-DiffusionLM against its autoregressive baseline, side by side in one run.
+
+    python benchmarks/caption_speed_quality.py            # the demo's models when outputs/demo holds a current one
+    python benchmarks/caption_speed_quality.py --tiny     # toy models, seconds (what the tests run)
+
+Both models read the same frozen CLIP features (the demo's patch tokens), start from the same pretrained text layers,
+round to / predict over the same restricted vocabulary, and were trained by the same loop with the same data, steps,
+batch and learning-rate schedule (`TrainingConfig.model_type` "diffusion" vs "ar"). On the shapes test split it
+measures, for every setting (diffusion at 1-20 DDIM steps, refinement, clamping, guidance; AR greedy and beam 3):
+captions/s and latency (median, p90) at batch 1, 16 and 64 from cached CLIP features, and CIDEr, BLEU-4 and content
+accuracy of the whole split; CLIP encoding alone and end to end; cost as caption length (16, 32, 64) and batch grow,
+with the peak resident-memory growth of each call; FLOPs of both models; the denoiser's achieved FLOP/s at batch 64
+against the best `torch.matmul` rate measured in the same run; and the inference switches tried (attention kernel,
+no_grad vs inference_mode, threads, bf16, torch.compile, restricted rounding).
+
+Writes `caption_speed_quality.json`, `caption_speed_quality.md` and `caption_speed_quality.png` (quality vs captions/s
+of both families) to `--output_dir`. Where `outputs/demo` holds no current demo, the pair is trained here on a shapes
+world of `--num_train` images (the demo's recipe at that size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+
+from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
+from clip_diffusionlm.clip_features import encode_dataset_images, encode_images
+from clip_diffusionlm.data import build_shapes_world, load_image_folder
+from clip_diffusionlm.data.images import to_rgb
+from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
+from clip_diffusionlm.training import TrainingConfig, train
+
+BATCH_SIZES = (1, 16, 64)
+CAPTION_LENGTHS = (16, 32, 64)
+QUALITY_BATCH = 64
+RESULT_NAME = "caption_speed_quality"
+# Timed calls per measurement at least (after a warm-up call); `--tiny` sets 1, as its figures are not the point.
+MIN_CALLS = {"value": 3}
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """Peak growth of this process's resident memory while the block runs, sampled every millisecond from
+    /proc/self/statm (CPU tensors are invisible to tracemalloc); `torch.cuda.max_memory_allocated` on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        self._start = self._peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, self._rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = (max(self._peak, self._rss()) - self._start) / 2**20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, min_seconds: float, max_calls: int = 50) -> list[float]:
+    """Wall-clock seconds of repeated calls after one warm-up call, until `min_seconds` and `MIN_CALLS` are reached."""
+    min_calls = MIN_CALLS["value"]
+    fn()
+    synchronize(device)
+    times: list[float] = []
+    while len(times) < max_calls and (len(times) < min_calls or sum(times) < min_seconds):
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def latency_row(times: list[float], batch_size: int) -> dict[str, float]:
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    median = statistics.median(ordered)
+    return {"median_s": median, "p90_s": p90, "captions_per_s": batch_size / median, "calls": len(times)}
+
+
+def batch_of(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The first `batch_size` rows, the split repeated when it is smaller."""
+    repeats = -(-batch_size // len(tensor))
+    return tensor.repeat(repeats, *[1] * (tensor.ndim - 1))[:batch_size]
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, shapes: list[tuple[int, int, int]], min_seconds: float) -> dict[str, Any]:
+    """GFLOP/s of `torch.matmul` on the denoiser's own shapes `(m, k, n)` and on square sizes; the best is the peak."""
+    rates = {}
+    sizes = [*shapes, *[(n, n, n) for n in (256, 512, 1024, 2048)]]
+    for m, k, n in sizes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        times = time_calls(lambda a=a, b=b: torch.matmul(a, b), device, min_seconds / len(sizes))
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(times) / 1e9
+    best = max(rates, key=rates.get)
+    return {"gflops_by_shape": rates, "peak_gflops": rates[best], "peak_shape": best}
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+
+def tiny_assets(work_dir: Path) -> dict[str, Any]:
+    """A 32-px shapes world, a tokenizer of its words, a random 2-layer BERT and a random tiny CLIP, saved to disk."""
+    from transformers import BertConfig, BertModel, BertTokenizer, CLIPImageProcessorPil
+
+    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
+    from clip_diffusionlm.data.shapes import ShapesWorldConfig
+
+    world_dir = build_shapes_world(work_dir / "shapes", num_train=32, num_validation=4, num_test=8, num_holdout=0,
+                                   seed=0, config=ShapesWorldConfig(image_size=32))
+    words = set()
+    for split in load_image_folder(world_dir).values():
+        for captions in split["captions"]:
+            for caption in captions:
+                words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
+    vocab_file = work_dir / "vocab.txt"
+    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
+    tokenizer = BertTokenizer(str(vocab_file))
+    torch.manual_seed(0)
+    backbone = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
+    backbone.save_pretrained(work_dir / "bert")
+    tokenizer.save_pretrained(work_dir / "bert")
+    clip_config = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16)
+    build_clip(clip_config, tokenizer).save_pretrained(work_dir / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        work_dir / "clip")
+    tokenizer.save_pretrained(work_dir / "clip")
+    training = {
+        "text_backbone": str(work_dir / "bert"), "restrict_rounding_vocabulary": True,
+        "model_config": {"caption_length": 14, "image_features": "patches", "self_conditioning": True,
+                         "x1_restoring_loss": False},
+        "batch_size": 8, "max_steps": 4, "learning_rate": 1e-3, "validation_steps": 0, "checkpointing_steps": 0,
+        "validation_images": 4,
+    }
+    return {"world": world_dir, "clip": work_dir / "clip", "training": training}
+
+
+def current_demo(demo_dir: Path) -> dict[str, Any] | None:
+    """The demo's recorded training config when its pipeline is complete and was trained with today's `DemoConfig`."""
+    from clip_diffusionlm.demo import DemoConfig
+
+    recorded = demo_dir / "pipeline" / "training_config.json"
+    if not ((demo_dir / "pipeline" / "model_index.json").is_file() and recorded.is_file()):
+        return None
+    config = json.loads(recorded.read_text())
+    wanted = DemoConfig().training
+    if any(config.get(key) != value for key, value in wanted.items()) or config.get("model_type", "diffusion") != "diffusion":
+        return None
+    return config
+
+
+def train_if_needed(config: TrainingConfig) -> Path:
+    """Trains unless the output folder already holds a pipeline trained with exactly this config."""
+    output_dir = Path(config.output_dir)
+    recorded = output_dir / "training_config.json"
+    if (output_dir / "model_index.json").is_file() and recorded.is_file() and json.loads(
+        recorded.read_text()
+    ) == dataclasses.asdict(config):
+        print(f"Reusing {output_dir}.", flush=True)
+        return output_dir
+    started = time.monotonic()
+    train(config)
+    print(f"Trained {output_dir} in {time.monotonic() - started:.0f} s.", flush=True)
+    return output_dir
+
+
+def prepare_models(args) -> dict[str, Any]:
+    """Both pipelines, the world's test split and where they came from."""
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    training_fields = {spec.name for spec in dataclasses.fields(TrainingConfig)}
+    if args.tiny:
+        assets = tiny_assets(work_dir)
+        base = {"datasets": [str(assets["world"])], "clip_model": str(assets["clip"]), "report_to": "none",
+                "feature_cache_dir": str(work_dir / "feature_cache"), "log_level": "warning", **assets["training"]}
+        source, world_dir = "tiny toy models trained here", assets["world"]
+        diffusion_dir = train_if_needed(TrainingConfig(**base, output_dir=str(work_dir / "diffusion")))
+    elif (demo := current_demo(Path(args.demo_dir))) is not None:
+        base = {key: value for key, value in demo.items() if key in training_fields and key != "output_dir"}
+        base.update(report_to="none", log_level="warning")
+        source, world_dir = f"the demo's pipeline ({args.demo_dir}/pipeline) and an AR baseline trained here", Path(
+            demo["datasets"][0])
+        diffusion_dir = Path(args.demo_dir) / "pipeline"
+    else:
+        from clip_diffusionlm.clip_pretraining import pretrain_clip
+        from clip_diffusionlm.demo import DemoConfig, default_text_backbone
+
+        demo_config = DemoConfig()
+        world_dir = build_shapes_world(work_dir / "shapes", args.num_train, demo_config.num_validation,
+                                       demo_config.num_test, 0, seed=0, config=demo_config.world)
+        world = load_image_folder(world_dir)
+        clip_dir = pretrain_clip(world["train"], work_dir / "clip", default_text_backbone(), demo_config.clip)
+        base = {**demo_config.training, "datasets": [str(world_dir)], "clip_model": str(clip_dir),
+                "text_backbone": default_text_backbone(), "feature_cache_dir": str(work_dir / "feature_cache"),
+                "report_to": "none", "log_level": "warning"}
+        if args.max_steps:
+            base["max_steps"] = args.max_steps
+        source = f"a pair trained here on {args.num_train} shapes-world images with the demo's recipe"
+        diffusion_dir = train_if_needed(TrainingConfig(**base, output_dir=str(work_dir / "diffusion")))
+    ar_dir = train_if_needed(TrainingConfig(**{**base, "model_type": "ar"}, output_dir=str(work_dir / "ar")))
+
+    diffusion = CLIPDiffusionCaptionPipeline.from_pretrained(diffusion_dir).to(args.device)
+    diffusion.set_progress_bar_config(disable=True)
+    ar = CLIPARCaptionPipeline.from_pretrained(ar_dir).to(args.device)
+    ar.set_progress_bar_config(disable=True)
+    test = load_image_folder(world_dir)["test"]
+    if args.num_test:
+        test = test.select(range(min(args.num_test, len(test))))
+    return {"diffusion": diffusion, "ar": ar, "test": test, "source": source,
+            "diffusion_dir": str(diffusion_dir), "ar_dir": str(ar_dir)}
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def settings() -> list[dict[str, Any]]:
+    """Every captioning setting of the table: family, label and the pipeline arguments."""
+    rows = [{"family": "diffusion", "name": f"DDIM {steps} step{'s' * (steps > 1)}",
+             "kwargs": {"num_inference_steps": steps}} for steps in (1, 2, 3, 5, 10, 20)]
+    rows += [
+        {"family": "diffusion", "name": "DDIM 1 step + 1 refinement",
+         "kwargs": {"num_inference_steps": 1, "num_refinement_steps": 1}},
+        {"family": "diffusion", "name": "DDIM 2 steps + 2 refinements",
+         "kwargs": {"num_inference_steps": 2, "num_refinement_steps": 2}},
+        {"family": "diffusion", "name": "DDIM 2 steps + 2 refinements, clamped",
+         "kwargs": {"num_inference_steps": 2, "num_refinement_steps": 2, "clamp_to_vocabulary": True}},
+        {"family": "diffusion", "name": "DDIM 5 steps, clamped",
+         "kwargs": {"num_inference_steps": 5, "clamp_to_vocabulary": True}},
+        {"family": "diffusion", "name": "DDIM 5 steps, guidance 2",
+         "kwargs": {"num_inference_steps": 5, "guidance_scale": 2.0}},
+        {"family": "diffusion", "name": "DDIM 2 steps + 2 refinements, clamped, guidance 2",
+         "kwargs": {"num_inference_steps": 2, "num_refinement_steps": 2, "clamp_to_vocabulary": True,
+                    "guidance_scale": 2.0}},
+        {"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}},
+        {"family": "ar", "name": "AR beam 3", "kwargs": {"num_beams": 3}},
+    ]
+    return rows
+
+
+def caption_fn(models: dict[str, Any], setting: dict[str, Any], seed: int = 0) -> Callable[..., list[str]]:
+    """`fn(image_embeds=... | images=...)` → captions for a setting (a fresh seeded generator per call)."""
+    pipe = models[setting["family"]]
+    kwargs = dict(setting["kwargs"])
+
+    def run(**inputs) -> list[str]:
+        extra = {"generator": torch.Generator().manual_seed(seed)} if setting["family"] == "diffusion" else {}
+        return pipe(**inputs, **kwargs, **extra).captions
+
+    return run
+
+
+def score(captions: list[str], split) -> dict[str, float]:
+    metrics = compute_caption_metrics(captions, split["captions"], metrics=["BLEU", "CIDEr"])
+    content = content_accuracy(captions, split["objects"])
+    return {"CIDEr": metrics["CIDEr"], "BLEU-4": metrics["BLEU-4"], "object_accuracy": content["object_accuracy"],
+            "exact_match": content["exact_match"]}
+
+
+@contextlib.contextmanager
+def caption_length(models: dict[str, Any], length: int) -> Iterator[None]:
+    """The denoiser's `caption_length` set to `length` for the duration (cost only: it was trained at its own)."""
+    config = models["diffusion"].denoiser.config
+    original = config.caption_length
+    config.caption_length = length
+    try:
+        yield
+    finally:
+        config.caption_length = original
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="Toy models and a toy world: runs in seconds.")
+    parser.add_argument("--demo_dir", default="outputs/demo", help="The demo's output folder, reused when current.")
+    parser.add_argument("--work_dir", default="outputs/benchmarks/caption_speed_quality",
+                        help="Where models trained here go (reused by a second run).")
+    parser.add_argument("--output_dir", default="benchmarks/results", help="Where the JSON, table and picture go.")
+    parser.add_argument("--num_train", type=int, default=8000, help="World size when no demo is reused.")
+    parser.add_argument("--max_steps", type=int, default=None, help="Training steps when no demo is reused.")
+    parser.add_argument("--num_test", type=int, default=None, help="Score only the first this many test images.")
+    parser.add_argument("--min_seconds", type=float, default=None, help="Time each measurement at least this long.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip_compile", action="store_true", help="Do not try torch.compile.")
+    args = parser.parse_args(argv)
+    # Guidance on a denoiser trained without condition dropout warns at every call; its cost is what is measured.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.tiny else 1.5)
+    MIN_CALLS["value"] = 1 if args.tiny else 3
+    if args.tiny:
+        # Toy matmuls gain nothing from a second thread, and OpenMP threads spinning on a busy machine lose a lot.
+        torch.set_num_threads(1)
+    command = "python benchmarks/caption_speed_quality.py" + "".join(f" {arg}" for arg in (argv or sys.argv[1:]))
+    started = time.monotonic()
+
+    models = prepare_models(args)
+    print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
+    test = models["test"]
+    image_features = models["diffusion"].denoiser.config.image_features
+    clip, processor = models["diffusion"].image_encoder, models["diffusion"].image_processor
+    features = encode_dataset_images(clip, processor, test, QUALITY_BATCH, image_features, num_workers=0)
+    images = [to_rgb(image) for image in test["image"]]
+    print(f"Models: {models['source']}; {len(test)} test images; threads {torch.get_num_threads()}.", flush=True)
+
+    results: dict[str, Any] = {
+        "command": command,
+        "source": models["source"],
+        "models": {"diffusion": models["diffusion_dir"], "ar": models["ar_dir"]},
+        "machine": {"device": str(device), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "num_test_images": len(test),
+        "settings": [],
+    }
+
+    # 1. Every setting: quality over the split, then speed at each batch size, from cached features.
+    with torch.inference_mode():
+        for setting in settings():
+            run = caption_fn(models, setting)
+            captions = [caption for start in range(0, len(features), QUALITY_BATCH)
+                        for caption in run(image_embeds=features[start:start + QUALITY_BATCH])]
+            row = {"family": setting["family"], "name": setting["name"], "kwargs": setting["kwargs"],
+                   **score(captions, test), "example": captions[0], "speed": {}}
+            for batch_size in BATCH_SIZES:
+                inputs = batch_of(features, batch_size)
+                row["speed"][batch_size] = latency_row(
+                    time_calls(lambda run=run, inputs=inputs: run(image_embeds=inputs), device, min_seconds), batch_size)
+            results["settings"].append(row)
+            print(f"{row['name']:<52} CIDEr {row['CIDEr']:.3f}  "
+                  + "  ".join(f"b{b} {row['speed'][b]['captions_per_s']:.1f}/s" for b in BATCH_SIZES), flush=True)
+
+        # 2. CLIP encoding alone, and images → captions end to end.
+        results["clip_encoding"] = {
+            batch_size: latency_row(time_calls(
+                lambda batch_size=batch_size: encode_images(clip, processor, batch_of_list(images, batch_size),
+                                                            image_features), device, min_seconds), batch_size)
+            for batch_size in BATCH_SIZES
+        }
+        end_to_end = [s for s in settings() if s["name"] in ("DDIM 1 step", "DDIM 5 steps", "AR greedy")]
+        results["end_to_end"] = {}
+        for setting in end_to_end:
+            run = caption_fn(models, setting)
+            results["end_to_end"][setting["name"]] = {}
+            for batch_size in BATCH_SIZES:
+                batch = batch_of_list(images, batch_size)
+                times = time_calls(lambda run=run, batch=batch: run(images=batch), device, min_seconds)
+                results["end_to_end"][setting["name"]][batch_size] = latency_row(times, batch_size)
+        print(f"CLIP and end to end done at {time.monotonic() - started:.0f} s.", flush=True)
+
+        # 3. Cost as caption length and batch grow (untrained lengths: cost only), with peak memory.
+        results["length_scaling"] = []
+        for length in CAPTION_LENGTHS:
+            for setting in end_to_end:
+                kwargs = dict(setting["kwargs"])
+                if setting["family"] == "ar":  # forced to the full length, as the denoiser always writes all L
+                    kwargs.update(max_new_tokens=length - 1, min_new_tokens=length - 1)
+                forced = {**setting, "kwargs": kwargs}
+                for batch_size in BATCH_SIZES:
+                    inputs = batch_of(features, batch_size)
+                    run = caption_fn(models, forced)
+                    with caption_length(models, length):
+                        times = time_calls(lambda run=run, inputs=inputs: run(image_embeds=inputs), device,
+                                           min_seconds / 2)
+                        with PeakMemory(device) as memory:
+                            run(image_embeds=inputs)
+                    results["length_scaling"].append({"name": setting["name"], "caption_length": length,
+                                                      "batch_size": batch_size, **latency_row(times, batch_size),
+                                                      "peak_memory_mb": memory.peak_mb})
+
+        print(f"Length scaling done at {time.monotonic() - started:.0f} s.", flush=True)
+        # 4. FLOPs of both models and the denoiser's achieved rate at batch 64 against the matmul peak.
+        results["flops"] = flops_and_peak(models, features, device, min_seconds)
+
+    # 5. Inference switches, each against the shipped defaults.
+    print(f"FLOPs done at {time.monotonic() - started:.0f} s.", flush=True)
+    # torch.compile takes minutes on a CPU: not in the toy run.
+    try_compile = not (args.skip_compile or args.tiny)
+    results["speedups"] = speedups(models, features, device, min_seconds, try_compile=try_compile)
+    results["targets"] = targets(results)
+    results["seconds"] = round(time.monotonic() - started, 1)
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = RESULT_NAME + ("_tiny" if args.tiny else "")
+    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    table = markdown(results)
+    (output_dir / f"{name}.md").write_text(table)
+    frontier_plot(results, output_dir / f"{name}.png")
+    print("\n" + table)
+    return results
+
+
+def batch_of_list(items: list, batch_size: int) -> list:
+    return [items[index % len(items)] for index in range(batch_size)]
+
+
+def flops_and_peak(models: dict[str, Any], features: torch.Tensor, device: torch.device,
+                   min_seconds: float) -> dict[str, Any]:
+    """FLOPs per caption of both families, and the denoiser forward's achieved FLOP/s at batch 64 vs matmul peak."""
+    diffusion, ar = models["diffusion"], models["ar"]
+    denoiser = diffusion.denoiser
+    inputs = batch_of(features, 64).to(device, denoiser.dtype)
+    config = denoiser.config
+    noisy = torch.randn(64, config.caption_length, denoiser.hidden_size, device=device)
+    timesteps = torch.full((64,), 999, device=device)
+
+    def forward():
+        return denoiser(noisy, timesteps, inputs)
+
+    forward_flops = count_flops(forward)
+    forward_times = time_calls(forward, device, min_seconds)
+    condition_tokens = 0
+    if config.fusion == "concat":
+        condition_tokens = (inputs.shape[1] if inputs.ndim == 3 else 1) * config.image_condition_tokens
+        condition_tokens += int(config.use_text_condition)
+    tokens = 64 * (config.caption_length + condition_tokens)
+    hidden = denoiser.hidden_size
+    intermediate = denoiser.backbone.config.intermediate_size
+    peak = matmul_peak(device, [(tokens, hidden, hidden), (tokens, hidden, intermediate), (tokens, intermediate, hidden)],
+                       min_seconds)
+    achieved = forward_flops / statistics.median(forward_times) / 1e9
+    per_caption = {}
+    for steps in (1, 5):
+        per_caption[f"diffusion {steps} step(s)"] = count_flops(
+            lambda steps=steps: diffusion(image_embeds=inputs, num_inference_steps=steps,
+                                          generator=torch.Generator().manual_seed(0))) / 64
+    for beams in (1, 3):
+        per_caption[f"AR {'greedy' if beams == 1 else 'beam 3'}"] = count_flops(
+            lambda beams=beams: ar(image_embeds=inputs, num_beams=beams)) / 64
+    ar_forced = count_flops(lambda: ar(image_embeds=inputs, max_new_tokens=config.caption_length - 1,
+                                       min_new_tokens=config.caption_length - 1)) / 64
+    per_caption["AR greedy, forced to caption_length"] = ar_forced
+    return {
+        "denoiser_forward_flops_batch64": forward_flops,
+        "denoiser_forward_seconds_batch64": statistics.median(forward_times),
+        "denoiser_achieved_gflops": achieved,
+        "matmul": peak,
+        "fraction_of_matmul_peak": achieved / peak["peak_gflops"],
+        "flops_per_caption": per_caption,
+        "parameters": {"diffusion": sum(p.numel() for p in denoiser.parameters()),
+                       "ar": sum(p.numel() for p in ar.captioner.parameters())},
+    }
+
+
+def speedups(models: dict[str, Any], features: torch.Tensor, device: torch.device, min_seconds: float,
+             try_compile: bool) -> list[dict[str, Any]]:
+    """Captions/s of each switch against the defaults, for diffusion (1 and 5 steps) and AR greedy, batch 1 and 64."""
+    diffusion, ar = models["diffusion"], models["ar"]
+    cases = [("diffusion", {"num_inference_steps": 1}), ("diffusion", {"num_inference_steps": 5}),
+             ("ar", {"num_beams": 1})]
+
+    def measure(label: str, context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                grad_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode,
+                families: tuple[str, ...] = ("diffusion", "ar")) -> None:
+        for family, kwargs in cases:
+            if family not in families:
+                continue
+            run = caption_fn(models, {"family": family, "kwargs": kwargs})
+            for batch_size in (1, 64):
+                inputs = batch_of(features, batch_size)
+                try:
+                    with context(), grad_mode():
+                        times = time_calls(lambda run=run, inputs=inputs: run(image_embeds=inputs), device,
+                                           min_seconds / 2)
+                    value = latency_row(times, batch_size)["captions_per_s"]
+                except Exception as error:  # a switch this machine or library cannot do is reported, not fatal
+                    value = f"failed: {type(error).__name__}: {str(error)[:160]}"
+                rows.append({"switch": label, "family": family, "kwargs": kwargs, "batch_size": batch_size,
+                             "captions_per_s": value})
+
+    rows: list[dict[str, Any]] = []
+    models_by_family = {"diffusion": diffusion.denoiser, "ar": ar.captioner}
+    measure("defaults (inference_mode, SDPA, all threads, fp32)")
+    measure("torch.no_grad instead of inference_mode", grad_mode=torch.no_grad)
+
+    @contextlib.contextmanager
+    def attention(kind: str):
+        for model in models_by_family.values():
+            model.set_attn_implementation(kind)
+        try:
+            yield
+        finally:
+            for model in models_by_family.values():
+                model.set_attn_implementation("sdpa")
+
+    measure("eager attention", context=lambda: attention("eager"))
+
+    @contextlib.contextmanager
+    def threads(count: int):
+        before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        measure("1 thread", context=lambda: threads(1))
+
+    @contextlib.contextmanager
+    def full_vocabulary():
+        saved = {family: model.rounding_token_ids for family, model in models_by_family.items()}
+        for model in models_by_family.values():
+            model.rounding_token_ids = model.rounding_token_ids[:0]
+        try:
+            yield
+        finally:
+            for family, model in models_by_family.items():
+                model.rounding_token_ids = saved[family]
+
+    measure("full vocabulary instead of the restricted one", context=full_vocabulary)
+
+    @contextlib.contextmanager
+    def bfloat16():
+        for model in models_by_family.values():
+            model.to(torch.bfloat16)
+        try:
+            yield
+        finally:
+            for model in models_by_family.values():
+                model.to(torch.float32)
+
+    measure("bf16 weights", context=bfloat16)
+
+    if try_compile:
+        @contextlib.contextmanager
+        def compiled():
+            backbone = diffusion.denoiser.backbone
+            diffusion.denoiser.backbone = torch.compile(backbone, dynamic=False)
+            try:
+                yield
+            finally:
+                diffusion.denoiser.backbone = backbone
+
+        measure("torch.compile(denoiser backbone)", context=compiled, families=("diffusion",))
+    return rows
+
+
+def best_within(results: dict[str, Any], batch_size: int, tolerance: float = 0.10) -> dict[str, Any]:
+    """The fastest diffusion setting within `tolerance` of AR greedy's CIDEr at `batch_size`, and the ratio."""
+    rows = results["settings"]
+    ar = next(row for row in rows if row["name"] == "AR greedy")
+    eligible = [row for row in rows if row["family"] == "diffusion" and row["CIDEr"] >= (1 - tolerance) * ar["CIDEr"]]
+    ar_speed = ar["speed"][batch_size]["captions_per_s"]
+    if not eligible:
+        best_quality = max((row for row in rows if row["family"] == "diffusion"), key=lambda row: row["CIDEr"])
+        return {"eligible": None, "ar_captions_per_s": ar_speed, "best_diffusion_CIDEr": best_quality["CIDEr"],
+                "best_diffusion_setting": best_quality["name"], "ar_CIDEr": ar["CIDEr"], "speedup": None}
+    best = max(eligible, key=lambda row: row["speed"][batch_size]["captions_per_s"])
+    speed = best["speed"][batch_size]["captions_per_s"]
+    return {"eligible": best["name"], "CIDEr": best["CIDEr"], "ar_CIDEr": ar["CIDEr"], "captions_per_s": speed,
+            "ar_captions_per_s": ar_speed, "speedup": speed / ar_speed}
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets as measured: ≥ 4× AR greedy at batch 1, ≥ 1.5× at batch 64 (within 10% of its CIDEr), and
+    the denoiser at ≥ 60% of the matmul peak."""
+    batch1, batch64 = best_within(results, 1), best_within(results, 64)
+    fraction = results["flops"]["fraction_of_matmul_peak"]
+    return {
+        "batch1": {**batch1, "target": 4.0, "met": bool(batch1["speedup"] and batch1["speedup"] >= 4.0)},
+        "batch64": {**batch64, "target": 1.5, "met": bool(batch64["speedup"] and batch64["speedup"] >= 1.5)},
+        "matmul_peak": {"fraction": fraction, "target": 0.6, "met": fraction >= 0.6},
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's tables."""
+    lines = [f"`{results['command']}` — {results['source']}; {results['num_test_images']} test images; "
+             f"{results['machine']['cpus']} CPUs, {results['machine']['threads']} threads, torch "
+             f"{results['machine']['torch']}.", "",
+             "| setting | CIDEr | BLEU-4 | object acc. | exact | captions/s b1 | b16 | b64 | latency b1 median / p90 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results["settings"]:
+        speed = row["speed"]
+        lines.append(
+            f"| {row['name']} | {row['CIDEr']:.3f} | {row['BLEU-4']:.3f} | {row['object_accuracy']:.3f} | "
+            f"{row['exact_match']:.3f} | " + " | ".join(f"{speed[b]['captions_per_s']:.1f}" for b in BATCH_SIZES)
+            + f" | {1000 * speed[1]['median_s']:.1f} / {1000 * speed[1]['p90_s']:.1f} |")
+    lines += ["", "| images → captions (captions/s) | b1 | b16 | b64 |", "|---|---:|---:|---:|"]
+    lines.append("| CLIP encoding alone | " + " | ".join(
+        f"{results['clip_encoding'][b]['captions_per_s']:.1f}" for b in BATCH_SIZES) + " |")
+    for name, speed in results["end_to_end"].items():
+        lines.append(f"| {name}, end to end | " + " | ".join(f"{speed[b]['captions_per_s']:.1f}" for b in BATCH_SIZES)
+                     + " |")
+    lines += ["", "| caption length | setting | " + " | ".join(f"b{b} captions/s (peak MB)" for b in BATCH_SIZES)
+              + " |", "|---:|---|" + "---:|" * len(BATCH_SIZES)]
+    scaling = results["length_scaling"]
+    for length in CAPTION_LENGTHS:
+        for name in dict.fromkeys(row["name"] for row in scaling):
+            cells = [next(r for r in scaling if r["name"] == name and r["caption_length"] == length
+                          and r["batch_size"] == b) for b in BATCH_SIZES]
+            lines.append(f"| {length} | {name} | " + " | ".join(
+                f"{c['captions_per_s']:.1f} ({c['peak_memory_mb']:.0f})" for c in cells) + " |")
+    flops = results["flops"]
+    lines += ["", f"Denoiser forward at batch 64: {flops['denoiser_forward_flops_batch64'] / 1e9:.2f} GFLOP in "
+              f"{1000 * flops['denoiser_forward_seconds_batch64']:.1f} ms = {flops['denoiser_achieved_gflops']:.1f} "
+              f"GFLOP/s, {100 * flops['fraction_of_matmul_peak']:.0f}% of the best torch.matmul rate measured "
+              f"({flops['matmul']['peak_gflops']:.1f} GFLOP/s at {flops['matmul']['peak_shape']}).", "",
+              "| FLOPs per caption | MFLOP |", "|---|---:|"]
+    lines += [f"| {name} | {value / 1e6:.1f} |" for name, value in flops["flops_per_caption"].items()]
+    lines += ["", "| switch | family | setting | b1 captions/s | b64 captions/s |", "|---|---|---|---:|---:|"]
+    groups: dict[tuple, dict[int, Any]] = {}
+    for row in results["speedups"]:
+        groups.setdefault((row["switch"], row["family"], json.dumps(row["kwargs"])), {})[row["batch_size"]] = row[
+            "captions_per_s"]
+    for (switch, family, kwargs), values in groups.items():
+        cells = [f"{values[b]:.1f}" if isinstance(values.get(b), float) else str(values.get(b, "–"))[:60]
+                 for b in (1, 64)]
+        lines.append(f"| {switch} | {family} | {kwargs} | {cells[0]} | {cells[1]} |")
+    goal = results["targets"]
+    lines += [""]
+    for key, label in (("batch1", "batch 1"), ("batch64", "batch 64")):
+        target = goal[key]
+        if target["eligible"] is None:
+            lines.append(f"- {label}: no diffusion setting within 10% of AR greedy's CIDEr ({target['ar_CIDEr']:.3f}; "
+                         f"best diffusion {target['best_diffusion_CIDEr']:.3f}, {target['best_diffusion_setting']}): "
+                         f"target ≥ {target['target']}× not met.")
+        else:
+            lines.append(f"- {label}: {target['eligible']} (CIDEr {target['CIDEr']:.3f} vs AR {target['ar_CIDEr']:.3f}) "
+                         f"at {target['captions_per_s']:.1f} captions/s = {target['speedup']:.2f}× AR greedy "
+                         f"({target['ar_captions_per_s']:.1f}/s); target ≥ {target['target']}×: "
+                         f"{'met' if target['met'] else 'missed'}.")
+    peak = goal["matmul_peak"]
+    lines.append(f"- denoiser at {100 * peak['fraction']:.0f}% of the matmul peak; target ≥ 60%: "
+                 f"{'met' if peak['met'] else 'missed'}.")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(results: dict[str, Any], path: Path) -> None:
+    """Quality (CIDEr) against captions/s at batch 1 and 64, both families, one panel per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, batch_size in zip(axes, (1, 64)):
+        for family, marker, colour in (("diffusion", "o", "tab:blue"), ("ar", "s", "tab:red")):
+            rows = [row for row in results["settings"] if row["family"] == family]
+            axis.scatter([row["speed"][batch_size]["captions_per_s"] for row in rows], [row["CIDEr"] for row in rows],
+                         marker=marker, color=colour, label="diffusion" if family == "diffusion" else "autoregressive")
+            for row in rows:
+                axis.annotate(row["name"].replace("DDIM ", ""), (row["speed"][batch_size]["captions_per_s"], row["CIDEr"]),
+                              fontsize=6, xytext=(3, 3), textcoords="offset points")
+        axis.set_xscale("log")
+        axis.set_xlabel(f"captions/s at batch {batch_size}")
+        axis.set_ylabel("CIDEr (shapes test)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("Quality vs speed: CLIP-DiffusionLM and its autoregressive baseline, same features and layers")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
