@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source": models["source"],
         "models": {"diffusion": models["diffusion_dir"], "ar": models["ar_dir"]},
         "machine": {"device": str(device), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    # Other work on the machine slows every figure (and multi-threaded ones most): recorded, not hidden.
+                    "load_average_at_start": os.getloadavg()},
         "num_test_images": len(test),
         "settings": [],
     }
@@ -430,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["speedups"] = speedups(models, features, device, min_seconds, try_compile=try_compile)
     results["targets"] = targets(results)
     results["seconds"] = round(time.monotonic() - started, 1)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -620,7 +623,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The README's tables."""
     lines = [f"`{results['command']}` — {results['source']}; {results['num_test_images']} test images; "
              f"{results['machine']['cpus']} CPUs, {results['machine']['threads']} threads, torch "
-             f"{results['machine']['torch']}.", "",
+             f"{results['machine']['torch']}; load average {results['machine']['load_average_at_start'][0]:.1f} at the "
+             f"start, {results['machine']['load_average_at_end'][0]:.1f} at the end.", "",
              "| setting | CIDEr | BLEU-4 | object acc. | exact | captions/s b1 | b16 | b64 | latency b1 median / p90 (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["settings"]:

@@ -10,6 +10,7 @@ transformers' `generate()` and its KV cache (greedy, beam search, sampling).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
 from .modeling_clip_diffusionlm import CLIPDiffusionLMModel, ConditionProjection
 
 IGNORE_INDEX = -100  # transformers' label value for positions without a loss
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
         self.output_projection = nn.Linear(hidden_size, hidden_size)
         rounding_token_ids = config.rounding_vocabulary if config.rounding_vocabulary is not None else []
         self.register_buffer("rounding_token_ids", torch.tensor(rounding_token_ids, dtype=torch.long))
+        # True while `generate()` runs over the head's classes (see `generate`): input ids are class indices then.
+        self._class_space = False
         self.post_init()
         self.get_input_embeddings().weight.requires_grad_(False)
         if self.generation_config is not None:
@@ -186,6 +190,8 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
                 Return a `CausalLMOutputWithPast` instead of a tuple.
         """
         past_length = cache.get_seq_length() if cache is not None else 0
+        if self._class_space:
+            input_ids = self.rounding_token_ids[input_ids]
         text_embeds = self.get_input_embeddings()(input_ids)  # (batch, n, hidden)
         token_type_ids = torch.zeros_like(input_ids)
         prefix_length = 0 if image_embeds is None else self.prefix_length(image_embeds)
@@ -212,10 +218,52 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
             logits = self.head_logits(hidden_states[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), classes.flatten(), ignore_index=IGNORE_INDEX)
 
-        logits = self.vocabulary_logits(hidden_states[:, -logits_to_keep:])
+        kept = hidden_states[:, -logits_to_keep:]
+        logits = self.head_logits(kept) if self._class_space else self.vocabulary_logits(kept)
         if not return_dict:
             return tuple(value for value in (loss, logits, outputs.cache) if value is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+    def generate(self, *args, **kwargs):
+        """
+        transformers' `generate()` (greedy, beam search, sampling, with the KV cache). With a restricted vocabulary it
+        runs over the head's classes: ids are mapped to class indices on the way in (prompt and special tokens) and
+        back to token ids on the way out, so each step's logits, logits processors, sorting and beam bookkeeping
+        cover those few classes instead of a vocabulary-wide tensor that is almost all padding (on a CPU, filling
+        and scanning 30,522 logits per caption per step costs more than the two-layer decoder itself). The returned
+        ids are token ids either way; `scores`/`logits`, when asked for, are over the classes. Token-id arguments
+        other than the special tokens and `input_ids` (e.g. `bad_words_ids`) are not mapped.
+        """
+        if not self.rounding_token_ids.numel():
+            return super().generate(*args, **kwargs)
+
+        def to_classes(ids):
+            if ids is None:
+                return None
+            classes = self.rounding_targets(torch.as_tensor(ids, device=self.rounding_token_ids.device))
+            if (classes < 0).any():
+                raise ValueError(f"Token ids {ids} are outside `config.rounding_vocabulary`.")
+            return classes.tolist() if not isinstance(ids, torch.Tensor) else classes
+
+        generation_config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        for name in SPECIAL_TOKEN_FIELDS:
+            value = kwargs.pop(name, getattr(generation_config, name, None))
+            setattr(generation_config, name, to_classes(value))
+        args = list(args)
+        if args:
+            args[0] = to_classes(args[0])
+        elif kwargs.get("input_ids") is not None:
+            kwargs["input_ids"] = to_classes(kwargs["input_ids"])
+        self._class_space = True
+        try:
+            output = super().generate(*args, generation_config=generation_config, **kwargs)
+        finally:
+            self._class_space = False
+        if isinstance(output, torch.Tensor):
+            return self.rounding_token_ids[output]
+        output.sequences = self.rounding_token_ids[output.sequences]
+        return output
 
 
 def captioner_loss(
