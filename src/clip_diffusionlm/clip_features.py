@@ -14,7 +14,8 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import DataLoader
-from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .configuration_clip_diffusionlm import IMAGE_FEATURES
 from .data.images import to_rgb
@@ -101,7 +102,7 @@ def encode_pixel_values(
 
 def encode_images(
     image_encoder: CLIPVisionModelWithProjection,
-    image_processor: CLIPImageProcessor,
+    image_processor: BaseImageProcessor,
     images: ImageInput | Sequence[ImageInput],
     image_features: str = "pooled",
 ) -> torch.FloatTensor:
@@ -132,7 +133,7 @@ class ProcessedImages(torch.utils.data.Dataset):
             CLIP's preprocessing.
     """
 
-    def __init__(self, dataset: datasets.Dataset, image_processor: CLIPImageProcessor):
+    def __init__(self, dataset: datasets.Dataset, image_processor: BaseImageProcessor):
         if "image" not in dataset.column_names:
             raise ValueError(f"The dataset has no 'image' column (columns: {dataset.column_names}).")
         self.images = dataset.select_columns(["image"])
@@ -153,7 +154,7 @@ def default_num_workers() -> int:
 
 def image_loader(
     dataset: datasets.Dataset,
-    image_processor: CLIPImageProcessor,
+    image_processor: BaseImageProcessor,
     batches: Sequence[Sequence[int]],
     num_workers: int | None = None,
 ) -> DataLoader:
@@ -167,7 +168,7 @@ def image_loader(
 
 def encode_dataset_images(
     image_encoder: CLIPVisionModelWithProjection,
-    image_processor: CLIPImageProcessor,
+    image_processor: BaseImageProcessor,
     dataset: datasets.Dataset,
     batch_size: int = 64,
     image_features: str = "pooled",

@@ -19,13 +19,15 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import (
+    AutoImageProcessor,
     AutoTokenizer,
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionModelWithProjection,
     get_cosine_schedule_with_warmup,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .clip_features import encode_dataset_images, encode_texts
 from .data.images import to_rgb
@@ -135,7 +137,7 @@ def contrastive_loss(logits_per_image: torch.FloatTensor, batch_size: int) -> to
     return (image_to_text + text_to_image) / 2
 
 
-def _pixel_values(image_processor: CLIPImageProcessor, split: Dataset) -> torch.FloatTensor:
+def _pixel_values(image_processor: BaseImageProcessor, split: Dataset) -> torch.FloatTensor:
     images = [to_rgb(image) for image in split["image"]]
     return image_processor(images=images, return_tensors="pt").pixel_values
 
@@ -171,7 +173,7 @@ def pretrain_clip(
         return output_dir
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
     )
@@ -235,7 +237,7 @@ def zero_shot_retrieval(clip_dir: str | os.PathLike, split: Dataset, batch_size:
 
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     text_encoder = CLIPTextModelWithProjection.from_pretrained(clip_dir).eval()
-    image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    image_processor = AutoImageProcessor.from_pretrained(clip_dir)
     tokenizer = AutoTokenizer.from_pretrained(clip_dir)
     references = split["captions"][:]
     candidates = [captions[0] for captions in references]
@@ -264,7 +266,7 @@ def attribute_probe(
     conditioned on this embedding can hardly name objects better than this.
     """
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
-    image_processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    image_processor = AutoImageProcessor.from_pretrained(clip_dir)
 
     query_embeds = encode_dataset_images(image_encoder, image_processor, query_split, batch_size)
     reference_embeds = encode_dataset_images(image_encoder, image_processor, reference_split, batch_size)

@@ -17,7 +17,8 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .clip_features import ImageInput, encode_images
 from .diffusion import predicted_original_sample
@@ -87,7 +88,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         denoiser: CLIPDiffusionLMModel,
         scheduler: SchedulerMixin,
         image_encoder: CLIPVisionModelWithProjection,
-        image_processor: CLIPImageProcessor,
+        image_processor: BaseImageProcessor,
         tokenizer: PreTrainedTokenizerBase,
     ):
         super().__init__()

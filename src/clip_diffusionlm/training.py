@@ -39,8 +39,8 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import (
+    AutoImageProcessor,
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
     get_constant_schedule_with_warmup,
@@ -48,6 +48,7 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
     get_polynomial_decay_schedule_with_warmup,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
 from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
 from .data import load_datasets
@@ -137,7 +138,7 @@ class TrainingData:
 
     dataset: DatasetDict
     image_encoder: CLIPVisionModelWithProjection
-    image_processor: CLIPImageProcessor
+    image_processor: BaseImageProcessor
     tokenizer: Any
     denoiser: CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM  # the AR baseline when `model_type="ar"`
     train_set: CaptionFeatureDataset
@@ -273,7 +274,7 @@ def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingDa
     dtype = weight_dtype(accelerator)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(config.clip_model, use_safetensors=True)
     image_encoder.to(accelerator.device, dtype=dtype).requires_grad_(False)
-    image_processor = CLIPImageProcessor.from_pretrained(config.clip_model)
+    image_processor = AutoImageProcessor.from_pretrained(config.clip_model)
     tokenizer = AutoTokenizer.from_pretrained(config.text_backbone)
 
     train_split = dataset["train"]
