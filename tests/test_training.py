@@ -221,7 +221,7 @@ def test_two_process_data_parallel_run(training_assets, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     card = (tmp_path / "run" / "README.md").read_text()
-    assert "× 2 process(es)" in card
+    assert "on 2 process(es)" in card
     assert (tmp_path / "run" / "checkpoint-4" / "random_states_1.pkl").exists()
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "run")
     pipe.set_progress_bar_config(disable=True)
