@@ -183,7 +183,7 @@ def denoising_figure(pipe: CLIPDiffusionCaptionPipeline, image, path: Path, num_
     canvas = PIL.Image.new("RGB", (thumb + 560, max(thumb, line_height * (len(steps) + 1)) + 8), "white")
     draw = PIL.ImageDraw.Draw(canvas)
     canvas.paste(image.convert("RGB").resize((thumb, thumb)), (0, 4))
-    draw.text((thumb + 10, 4), "step  t     x̂0 rounded to words", fill=(90, 90, 90))
+    draw.text((thumb + 10, 4), "step  t     estimate of x0, rounded to words", fill=(90, 90, 90))
     for index, (timestep, caption) in enumerate(steps, start=1):
         draw.text((thumb + 10, 4 + index * line_height), f"{index:>4}  {timestep:>4}  {caption}", fill=(0, 0, 160))
     canvas.save(path)
