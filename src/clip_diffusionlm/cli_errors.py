@@ -41,7 +41,8 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
             The arguments; defaults to `sys.argv[1:]`.
 
     Returns:
-        `int`: The exit status: `main`'s, 0 for success, 2 for a user error.
+        `int`: The exit status: `main`'s, 0 for success, 2 for a user error (the argument parser's own status for a
+        bad flag or `--help`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
@@ -54,4 +55,8 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
         hint = "" if debug else f" (run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)"
         print(f"error: {message}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except SystemExit as exit_request:
+        # The argument parsers (argparse, HfArgumentParser) exit after printing usage errors and `--help`: their
+        # status (2 or 0) is the entry point's status, returned like any other instead of unwinding the caller.
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_USER_ERROR
     return status if isinstance(status, int) else 0
