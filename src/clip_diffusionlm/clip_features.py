@@ -76,6 +76,19 @@ def as_rgb_images(images: ImageInput | Sequence[ImageInput]) -> list[PIL.Image.I
     return converted
 
 
+def check_image_embeds(image_embeds: torch.Tensor, config) -> None:
+    """Raises a `ValueError` naming the expected shape when `image_embeds` do not fit a model reading
+    `config.image_features` (pooled: `(batch, condition_dim)`; patches: `(batch, num_patches + 1, patch_dim)`)."""
+    patches = config.image_features == "patches"
+    width = config.patch_dim if patches else config.condition_dim
+    if image_embeds.ndim != (3 if patches else 2) or image_embeds.shape[-1] != width or image_embeds.shape[0] == 0:
+        expected = f"(batch_size >= 1, num_patches + 1, {width})" if patches else f"(batch_size >= 1, {width})"
+        raise ValueError(
+            f"`image_embeds` must have shape {expected} for image_features={config.image_features!r}, got "
+            f"{tuple(image_embeds.shape)}."
+        )
+
+
 def check_image_features(image_features: str) -> None:
     if image_features not in IMAGE_FEATURES:
         raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {image_features!r}.")

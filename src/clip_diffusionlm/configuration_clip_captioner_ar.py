@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .configuration_clip_diffusionlm import IMAGE_FEATURES
+from .configuration_clip_diffusionlm import IMAGE_FEATURES, backbone_config_as_dict
 
 # The `CLIPDiffusionLMConfig` arguments that mean the same thing for the baseline: what it reads of the image and how
 # long its captions are. A training run's `model_config` is shared by both model types; the other (diffusion-only)
@@ -71,15 +71,7 @@ class CLIPCaptionerARConfig(PretrainedConfig):
         text_backbone_name_or_path: str = "bert-base-uncased",
         **kwargs,
     ):
-        if backbone_config is None:
-            backbone_config = {"model_type": "bert"}
-        if isinstance(backbone_config, PretrainedConfig):
-            backbone_config = backbone_config.to_dict()
-        if not isinstance(backbone_config, dict) or "model_type" not in backbone_config:
-            raise ValueError(
-                "`backbone_config` must be a transformers config or a dict with a 'model_type' key, got "
-                f"{backbone_config!r}."
-            )
+        backbone_config = backbone_config_as_dict(backbone_config, default_model_type="bert")
         # A decoder without cross-attention: the image arrives as prefix tokens, not as encoder states.
         backbone_config = {**backbone_config, "is_decoder": True, "add_cross_attention": False}
         self.caption_length = caption_length

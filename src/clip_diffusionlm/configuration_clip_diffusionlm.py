@@ -12,6 +12,23 @@ PREDICTION_TYPES = ("sample", "previous_sample")
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "sqrt", "linear")
 
 
+def backbone_config_as_dict(
+    backbone_config: dict[str, Any] | PretrainedConfig | None, default_model_type: str
+) -> dict[str, Any]:
+    """The text backbone's configuration as a dict: a transformers config, a dict with a `model_type`, or `None` for
+    `default_model_type`'s defaults."""
+    if backbone_config is None:
+        backbone_config = {"model_type": default_model_type}
+    if isinstance(backbone_config, PretrainedConfig):
+        backbone_config = backbone_config.to_dict()
+    if not isinstance(backbone_config, dict) or "model_type" not in backbone_config:
+        raise ValueError(
+            "`backbone_config` must be a transformers config or a dict with a 'model_type' key (e.g. "
+            f"{{'model_type': 'bert', 'hidden_size': 384}}), got {backbone_config!r}."
+        )
+    return backbone_config
+
+
 class CLIPDiffusionLMConfig(PretrainedConfig):
     r"""
     Configuration of a [`CLIPDiffusionLMModel`], the denoiser of CLIP-DiffusionLM (Xu, 2022, arXiv 2210.04559).
@@ -113,15 +130,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         text_backbone_name_or_path: str = "distilbert-base-uncased",
         **kwargs,
     ):
-        if backbone_config is None:
-            backbone_config = {"model_type": "distilbert"}
-        if isinstance(backbone_config, PretrainedConfig):
-            backbone_config = backbone_config.to_dict()
-        if not isinstance(backbone_config, dict) or "model_type" not in backbone_config:
-            raise ValueError(
-                "`backbone_config` must be a transformers config or a dict with a 'model_type' key (e.g. "
-                f"{{'model_type': 'bert', 'hidden_size': 384}}), got {backbone_config!r}."
-            )
+        backbone_config = backbone_config_as_dict(backbone_config, default_model_type="distilbert")
 
         self.caption_length = caption_length
         self.condition_dim = condition_dim

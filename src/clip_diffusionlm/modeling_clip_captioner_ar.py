@@ -16,13 +16,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
-from .modeling_clip_diffusionlm import CLIPDiffusionLMModel, ConditionProjection
+from .modeling_clip_diffusionlm import (
+    CLIPDiffusionLMModel,
+    ConditionProjection,
+    build_backbone,
+    copy_backbone_weights,
+    load_text_backbone,
+)
 
 IGNORE_INDEX = -100  # transformers' label value for positions without a loss
 SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -61,11 +67,7 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
 
     def __init__(self, config: CLIPCaptionerARConfig):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(
-            config.get_backbone_config(), attn_implementation=config._attn_implementation
-        )
-        if getattr(self.backbone, "pooler", None) is not None:
-            self.backbone.pooler = None  # unused; would leave parameters without gradient under DDP
+        self.backbone = build_backbone(config)
         hidden_size = self.backbone.config.hidden_size
         image_dim = config.patch_dim if config.image_features == "patches" else config.condition_dim
         self.image_projection = ConditionProjection(
@@ -109,15 +111,7 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
             config_kwargs:
                 Any other [`CLIPCaptionerARConfig`] argument.
         """
-        pretrained = AutoModel.from_pretrained(text_backbone_name_or_path, use_safetensors=True)
-        backbone_config = pretrained.config.to_dict()
-        if num_backbone_layers is not None:
-            layer_key = "n_layers" if "n_layers" in backbone_config else "num_hidden_layers"
-            if not 1 <= num_backbone_layers <= backbone_config[layer_key]:
-                raise ValueError(
-                    f"`num_backbone_layers` must be in [1, {backbone_config[layer_key]}], got {num_backbone_layers}."
-                )
-            backbone_config[layer_key] = num_backbone_layers
+        pretrained, backbone_config = load_text_backbone(text_backbone_name_or_path, num_backbone_layers)
         tokenizer = AutoTokenizer.from_pretrained(text_backbone_name_or_path)
         config_kwargs.setdefault("bos_token_id", tokenizer.cls_token_id)
         config_kwargs.setdefault("eos_token_id", tokenizer.sep_token_id)
@@ -127,12 +121,7 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
             **config_kwargs,
         )
         model = cls(config)
-        result = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
-        if result.missing_keys:
-            raise ValueError(
-                f"The pretrained text model at {text_backbone_name_or_path!r} lacks backbone weights: "
-                f"{result.missing_keys[:5]}."
-            )
+        copy_backbone_weights(model.backbone, pretrained, text_backbone_name_or_path)
         model.get_input_embeddings().weight.requires_grad_(False)
         return model
 

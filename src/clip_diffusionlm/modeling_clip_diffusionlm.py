@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
@@ -34,6 +35,39 @@ class CLIPDiffusionLMOutput(ModelOutput):
     """
 
     prediction: torch.FloatTensor | None = None
+
+
+def build_backbone(config: PretrainedConfig) -> PreTrainedModel:
+    """The transformer encoder of `config.backbone_config`, randomly initialised, with the model's attention
+    implementation and without a pooler (unused; it would leave parameters without gradient under DDP)."""
+    backbone = AutoModel.from_config(config.get_backbone_config(), attn_implementation=config._attn_implementation)
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None
+    return backbone
+
+
+def load_text_backbone(
+    name_or_path: str, num_layers: int | None = None
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """A pretrained BERT-family encoder (safetensors) and its config as a dict, cut to its first `num_layers` layers
+    when given, for a model built from that config to take the kept layers' weights ([`copy_backbone_weights`])."""
+    pretrained = AutoModel.from_pretrained(name_or_path, use_safetensors=True)
+    backbone_config = pretrained.config.to_dict()
+    if num_layers is not None:
+        layer_key = "n_layers" if "n_layers" in backbone_config else "num_hidden_layers"
+        if not 1 <= num_layers <= backbone_config[layer_key]:
+            raise ValueError(f"`num_backbone_layers` must be in [1, {backbone_config[layer_key]}], got {num_layers}.")
+        backbone_config[layer_key] = num_layers
+    return pretrained, backbone_config
+
+
+def copy_backbone_weights(backbone: nn.Module, pretrained: PreTrainedModel, name_or_path: str) -> None:
+    """Loads the pretrained encoder's weights into `backbone` (its extra layers, if any, are left out)."""
+    result = backbone.load_state_dict(pretrained.state_dict(), strict=False)
+    if result.missing_keys:
+        raise ValueError(
+            f"The pretrained text model at {name_or_path!r} lacks backbone weights: {result.missing_keys[:5]}."
+        )
 
 
 class SinusoidalTimestepEmbedding(nn.Module):
@@ -114,11 +148,7 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
 
     def __init__(self, config: CLIPDiffusionLMConfig):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(
-            config.get_backbone_config(), attn_implementation=config._attn_implementation
-        )
-        if getattr(self.backbone, "pooler", None) is not None:
-            self.backbone.pooler = None  # unused; would leave parameters without gradient under DDP
+        self.backbone = build_backbone(config)
         hidden_size = self.backbone.config.hidden_size
         act = config.condition_hidden_act
 
@@ -171,27 +201,14 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             config_kwargs:
                 Any other [`CLIPDiffusionLMConfig`] argument.
         """
-        pretrained = AutoModel.from_pretrained(text_backbone_name_or_path, use_safetensors=True)
-        backbone_config = pretrained.config.to_dict()
-        if num_backbone_layers is not None:
-            layer_key = "n_layers" if "n_layers" in backbone_config else "num_hidden_layers"
-            if not 1 <= num_backbone_layers <= backbone_config[layer_key]:
-                raise ValueError(
-                    f"`num_backbone_layers` must be in [1, {backbone_config[layer_key]}], got {num_backbone_layers}."
-                )
-            backbone_config[layer_key] = num_backbone_layers
+        pretrained, backbone_config = load_text_backbone(text_backbone_name_or_path, num_backbone_layers)
         config = CLIPDiffusionLMConfig(
             backbone_config=backbone_config,
             text_backbone_name_or_path=str(text_backbone_name_or_path),
             **config_kwargs,
         )
         model = cls(config)
-        result = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
-        if result.missing_keys:
-            raise ValueError(
-                f"The pretrained text model at {text_backbone_name_or_path!r} lacks backbone weights: "
-                f"{result.missing_keys[:5]}."
-            )
+        copy_backbone_weights(model.backbone, pretrained, text_backbone_name_or_path)
         model.get_input_embeddings().weight.requires_grad_(False)
         return model
 

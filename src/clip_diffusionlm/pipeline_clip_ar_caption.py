@@ -12,7 +12,7 @@ from diffusers.utils import BaseOutput
 from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .clip_features import ImageInput, encode_images
+from .clip_features import ImageInput, check_image_embeds, encode_images
 from .modeling_clip_captioner_ar import CLIPCaptionerARForCausalLM
 from .pipeline_clip_diffusion_caption import OUTPUT_TYPES, decode_captions
 
@@ -125,14 +125,7 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
         config = self.captioner.config
         if image_embeds is None:
             image_embeds = self.encode_images(images)
-        patches = config.image_features == "patches"
-        width = config.patch_dim if patches else config.condition_dim
-        if image_embeds.ndim != (3 if patches else 2) or image_embeds.shape[-1] != width or image_embeds.shape[0] == 0:
-            expected = f"(batch_size >= 1, num_patches + 1, {width})" if patches else f"(batch_size >= 1, {width})"
-            raise ValueError(
-                f"`image_embeds` must have shape {expected} for image_features={config.image_features!r}, got "
-                f"{tuple(image_embeds.shape)}."
-            )
+        check_image_embeds(image_embeds, config)
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         if max_new_tokens is not None:

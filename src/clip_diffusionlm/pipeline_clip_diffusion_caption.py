@@ -20,7 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .clip_features import ImageInput, encode_images
+from .clip_features import ImageInput, check_image_embeds, encode_images
 from .diffusion import predicted_original_sample
 from .hub import (
     PIPELINE_MODULE_NAME,
@@ -353,14 +353,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.denoiser.dtype
         if image_embeds is None:
             image_embeds = self.encode_images(images)
-        patches = config.image_features == "patches"
-        width = config.patch_dim if patches else config.condition_dim
-        if image_embeds.ndim != (3 if patches else 2) or image_embeds.shape[-1] != width or image_embeds.shape[0] == 0:
-            expected = f"(batch_size >= 1, num_patches + 1, {width})" if patches else f"(batch_size >= 1, {width})"
-            raise ValueError(
-                f"`image_embeds` must have shape {expected} for image_features={config.image_features!r}, got "
-                f"{tuple(image_embeds.shape)}."
-            )
+        check_image_embeds(image_embeds, config)
         if text_embeds is not None and text_embeds.shape != (image_embeds.shape[0], config.condition_dim):
             raise ValueError(
                 f"`text_embeds` must have shape ({image_embeds.shape[0]}, {config.condition_dim}), got "
