@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 import re
@@ -335,8 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip_compile", action="store_true", help="Do not try torch.compile.")
     args = parser.parse_args(argv)
     # Guidance on a denoiser trained without condition dropout warns at every call; its cost is what is measured.
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
     device = torch.device(args.device)
     min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.tiny else 1.5)
     MIN_CALLS["value"] = 1 if args.tiny else 3
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
 
     models = prepare_models(args)
+    logging.getLogger("clip_diffusionlm").setLevel(logging.ERROR)  # after training, which sets its own level
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     test = models["test"]
     image_features = models["diffusion"].denoiser.config.image_features

@@ -236,9 +236,10 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
             return classes.tolist() if not isinstance(ids, torch.Tensor) else classes
 
         generation_config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        # Generation arguments go into the (class-space) config; what is left are model inputs such as image_embeds.
+        kwargs = generation_config.update(**kwargs)
         for name in SPECIAL_TOKEN_FIELDS:
-            value = kwargs.pop(name, getattr(generation_config, name, None))
-            setattr(generation_config, name, to_classes(value))
+            setattr(generation_config, name, to_classes(getattr(generation_config, name, None)))
         args = list(args)
         if args:
             args[0] = to_classes(args[0])
