@@ -144,6 +144,7 @@ class TrainingData:
     train_set: CaptionFeatureDataset
     validation_split: Dataset
     validation_features: torch.Tensor
+    validation_ids: torch.LongTensor  # first reference of each validation image; unseen words as [UNK]
 
 
 @dataclass
@@ -302,6 +303,11 @@ def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingDa
         text_features = cache.text_features(train_captions) if text_encoder is not None else None
 
     input_ids = tokenize_captions(tokenizer, train_captions, model_config.caption_length)
+    validation_ids = tokenize_captions(
+        tokenizer, [captions[0] for captions in validation_split["captions"]], model_config.caption_length
+    )
+    # Words never seen in training count as [UNK].
+    validation_ids = torch.where(denoiser.rounding_targets(validation_ids) < 0, tokenizer.unk_token_id, validation_ids)
     return TrainingData(
         dataset=dataset,
         image_encoder=image_encoder,
@@ -311,6 +317,7 @@ def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingDa
         train_set=CaptionFeatureDataset(input_ids, image_index, train_features, text_features),
         validation_split=validation_split,
         validation_features=validation_features,
+        validation_ids=validation_ids,
     )
 
 
@@ -479,10 +486,7 @@ def run_validation(run: TrainingRun) -> dict[str, Any]:
     features = run.data.validation_features
     model.eval()
     with ema_weights(run), forked_rng(run.accelerator, run.config.seed), torch.no_grad():
-        ids = tokenize_captions(run.data.tokenizer, [c[0] for c in split["captions"]], model.config.caption_length)
-        ids = ids.to(device)
-        # Words never seen in training count as [UNK].
-        ids = torch.where(model.rounding_targets(ids) < 0, run.data.tokenizer.unk_token_id, ids)
+        ids = run.data.validation_ids.to(device)
         loss = model_loss(run, model, ids, features.to(device, model.dtype)).loss
         if run.autoregressive:  # greedy, all validation images in one `generate()`
             captions = [[caption] for caption in validation_pipeline(run)(image_embeds=features).captions]
