@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import BertTokenizer
 
@@ -61,3 +62,22 @@ def test_contrastive_loss_without_negatives_is_clips_own_loss(tmp_path):
     # A negative identical to image 0's caption is as likely as its positive, so the loss must grow.
     logits = torch.cat([output.logits_per_image, output.logits_per_image[:, :1]], dim=1)
     assert contrastive_loss(logits, 3) > output.loss
+
+
+def test_contrastive_texts_draw_from_the_first_references_then_add_negatives():
+    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, contrastive_texts
+
+    references = [["a red circle", "a big red disc", "there is a red circle"], ["a blue star", "one blue star"]] * 20
+    drawn = set()
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        drawn.update(contrastive_texts(references, CLIPPretrainingConfig(), generator))
+    assert {"a big red disc", "there is a red circle", "one blue star"} <= drawn
+
+    config = CLIPPretrainingConfig(captions_per_image=1, hard_negative_swaps=contradicting_words())
+    texts = contrastive_texts(references, config, torch.Generator().manual_seed(0))
+    assert texts[:40] == [captions[0] for captions in references]
+    assert len(texts) == 80 and all(negative not in ("a red circle", "a blue star") for negative in texts[40:])
+
+    with pytest.raises(ValueError, match="captions_per_image"):
+        CLIPPretrainingConfig(captions_per_image=0)

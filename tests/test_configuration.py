@@ -54,6 +54,7 @@ def test_round_trip(tmp_path):
         ({"caption_length": 1}, "caption_length"),
         ({"prediction_step_offset": 1000}, "prediction_step_offset"),
         ({"embedding_scale": 0}, "embedding_scale"),
+        ({"rounding_logit_scale": -1.0}, "rounding_logit_scale"),
         ({"backbone_config": {"hidden_size": 8}}, "backbone_config"),
         ({"image_condition_tokens": 0}, "image_condition_tokens"),
         ({"image_condition_tokens": 4, "fusion": "add"}, "image_condition_tokens"),

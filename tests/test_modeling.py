@@ -104,13 +104,26 @@ def test_timestep_conditioning_switch(tokenizer):
 
 
 def test_word_embeddings_frozen_and_tied(tokenizer):
-    model = tiny_denoiser(tokenizer, embedding_scale=4.0)
+    model = tiny_denoiser(tokenizer, embedding_scale=4.0, rounding_logit_scale=10.0)
     embeddings = model.get_input_embeddings()
     assert not embeddings.weight.requires_grad
     ids = _ids(tokenizer)
     x0 = model.embed_captions(ids)
     torch.testing.assert_close(x0, embeddings(ids) * 4.0)
-    torch.testing.assert_close(model.round_to_logits(x0), embeddings(ids) @ embeddings.weight.T)
+    torch.testing.assert_close(model.round_to_logits(x0), 10.0 * embeddings(ids) @ embeddings.weight.T)
+
+
+def test_rounding_logit_scale_sharpens_the_loss_not_the_decoding(tokenizer):
+    flat, sharp = tiny_denoiser(tokenizer), tiny_denoiser(tokenizer, rounding_logit_scale=10.0)
+    sharp.load_state_dict(flat.state_dict())
+    ids = _ids(tokenizer)
+    x0 = flat.embed_captions(ids) + 0.01 * torch.randn(BATCH, LENGTH, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flat.round_to_token_ids(x0), sharp.round_to_token_ids(x0))
+    flat_loss, sharp_loss = (
+        torch.nn.functional.cross_entropy(model.round_to_logits(x0).flatten(0, 1), ids.flatten())
+        for model in (flat, sharp)
+    )
+    assert sharp_loss < flat_loss
 
 
 def _loss(model, tokenizer, image_embeds=None, **kwargs):
@@ -134,7 +147,7 @@ def _check_noising(noisy, x0, timesteps, alphas_cumprod):
 
 def test_loss_terms_follow_the_paper(tokenizer):
     """Every term recomputed from what the denoiser saw and returned: one call holding x_t and x_1."""
-    model = tiny_denoiser(tokenizer, rounding_weight=0.5, caption_length=LENGTH)
+    model = tiny_denoiser(tokenizer, rounding_weight=0.5, rounding_logit_scale=3.0, caption_length=LENGTH)
     calls = ModelCalls(model)
     scheduler = make_noise_scheduler(model.config, DDPMScheduler)
     image = torch.randn(BATCH, CONDITION_DIM)
@@ -153,7 +166,7 @@ def test_loss_terms_follow_the_paper(tokenizer):
     prediction = call["prediction"]
     torch.testing.assert_close(output.restoring_loss, _squared_error(prediction[:batch], x0))
     torch.testing.assert_close(output.x1_restoring_loss, _squared_error(prediction[batch:], x0))
-    logits = prediction[:batch] @ model.get_input_embeddings().weight.T
+    logits = 3.0 * prediction[:batch] @ model.get_input_embeddings().weight.T
     rounding = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
     torch.testing.assert_close(output.rounding_loss, rounding)
     assert output.rounding_weight.item() == pytest.approx(0.5)

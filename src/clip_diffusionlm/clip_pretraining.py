@@ -55,6 +55,10 @@ class CLIPPretrainingConfig:
     epochs: int = field(default=12, metadata={
         "help": "Passes over the training images (a random reference caption each time)."
     })
+    captions_per_image: int | None = field(default=None, metadata={"help": (
+        "Sample each image's caption from its first k references only (the shapes world's first is its canonical "
+        "caption); all of them by default."
+    )})
     batch_size: int = field(default=128, metadata={"help": "Image-caption pairs per contrastive batch."})
     learning_rate: float = field(default=2e-3, metadata={
         "help": "Peak AdamW learning rate, cosine-decayed after a short warm-up."
@@ -66,6 +70,13 @@ class CLIPPretrainingConfig:
         "al., 2023): the image embedding must then tell those words apart, not just the easiest cue (colour). Set "
         "from the command line with --hard_negatives."
     )})
+
+    def __post_init__(self):
+        if self.captions_per_image is not None and (
+            isinstance(self.captions_per_image, bool) or not isinstance(self.captions_per_image, int)
+            or self.captions_per_image < 1
+        ):
+            raise ValueError(f"captions_per_image must be a positive int or None, got {self.captions_per_image!r}.")
 
 
 def build_clip(config: CLIPPretrainingConfig, tokenizer) -> CLIPModel:
@@ -123,6 +134,24 @@ def hard_negative(caption: str, swaps: dict[str, list[str]], generator: torch.Ge
         position = pick(candidates)
         put(position, pick(swaps[stems[position]]))
     return " ".join(words)
+
+
+def contrastive_texts(
+    references: list[list[str]], config: CLIPPretrainingConfig, generator: torch.Generator
+) -> list[str]:
+    """
+    The text candidates of one contrastive batch: per image, one caption drawn from its first
+    `config.captions_per_image` references, then the hard negatives of those captions that have one (fewer than
+    the images when some caption has no swappable word).
+    """
+    texts = []
+    for captions in references:
+        captions = captions[: config.captions_per_image]
+        texts.append(captions[torch.randint(len(captions), (), generator=generator).item()])
+    if config.hard_negative_swaps:
+        negatives = [hard_negative(text, config.hard_negative_swaps, generator) for text in texts]
+        texts += [negative for negative in negatives if negative is not None]
+    return texts
 
 
 def contrastive_loss(logits_per_image: torch.FloatTensor, batch_size: int) -> torch.FloatTensor:
@@ -196,12 +225,7 @@ def pretrain_clip(
         order = torch.randperm(len(train_split), generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            texts = [
-                captions[i][torch.randint(len(captions[i]), (), generator=generator).item()] for i in batch.tolist()
-            ]
-            if config.hard_negative_swaps:
-                negatives = [hard_negative(text, config.hard_negative_swaps, generator) for text in texts]
-                texts += [negative for negative in negatives if negative is not None]
+            texts = contrastive_texts([captions[i] for i in batch.tolist()], config, generator)
             tokens = tokenizer(
                 texts, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt"
             )

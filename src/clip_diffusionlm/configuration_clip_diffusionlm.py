@@ -74,6 +74,12 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         dynamic_rounding_constant (`float`, *optional*):
             When set to `C`, `λ` is recomputed every step as `C · L'_simple / L_R` without gradient (the paper tries
             C ∈ {1, 3}); `rounding_weight` is then ignored.
+        rounding_logit_scale (`float`, *optional*, defaults to 1.0):
+            Inverse temperature `s` of the rounding head, `logits = s · x̂0 · Eᵀ`. Frozen pretrained embeddings are
+            short and point in similar directions, so at `s = 1` (the paper) the softmax is nearly flat even at the
+            exact embedding (MiniLM, 23 caption words: `p(word | its own embedding) ≈ 0.08`, so `L_R` cannot fall
+            below ≈ 2.0) and close words such as "a" and "an" barely differ in the loss. A larger `s` makes `L_R` a
+            real classification signal. Decoding (the argmax) does not depend on it.
         x1_restoring_loss (`bool`, *optional*, defaults to `True`):
             Add the restoring loss at `t = 1` (one extra forward pass) to `L'_simple`, as in the paper.
         timestep_conditioning (`bool`, *optional*, defaults to `True`):
@@ -118,6 +124,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         prediction_step_offset: int = 100,
         rounding_weight: float = 0.3,
         dynamic_rounding_constant: float | None = None,
+        rounding_logit_scale: float = 1.0,
         x1_restoring_loss: bool = True,
         timestep_conditioning: bool = True,
         self_conditioning: bool = False,
@@ -144,6 +151,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         self.prediction_step_offset = prediction_step_offset
         self.rounding_weight = rounding_weight
         self.dynamic_rounding_constant = dynamic_rounding_constant
+        self.rounding_logit_scale = rounding_logit_scale
         self.x1_restoring_loss = x1_restoring_loss
         self.timestep_conditioning = timestep_conditioning
         self.self_conditioning = self_conditioning
@@ -206,8 +214,9 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
                     f"{len(self.rounding_vocabulary)} ids ranging {self.rounding_vocabulary[:1]}..."
                     f"{self.rounding_vocabulary[-1:]}."
                 )
-        if self.embedding_scale <= 0:
-            raise ValueError(f"`embedding_scale` must be positive, got {self.embedding_scale}.")
+        for name in ("embedding_scale", "rounding_logit_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
 
     def get_backbone_config(self) -> PretrainedConfig:
         """The transformers config of the transformer encoder, rebuilt from the stored dict."""

@@ -217,11 +217,12 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         return self.get_input_embeddings()(input_ids) * self.config.embedding_scale
 
     def round_to_logits(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
-        """The tied, frozen lm_head: `(embeds / scale) · Eᵀ`, shape `(..., rounding_vocab_size)`."""
+        """The tied, frozen lm_head: `s · (embeds / scale) · Eᵀ` (`s = rounding_logit_scale`), shape
+        `(..., rounding_vocab_size)`."""
         weight = self.get_input_embeddings().weight
         if self.rounding_token_ids.numel():
             weight = weight[self.rounding_token_ids]
-        return F.linear(embeds / self.config.embedding_scale, weight)
+        return F.linear(embeds * (self.config.rounding_logit_scale / self.config.embedding_scale), weight)
 
     def round_to_token_ids(self, embeds: torch.FloatTensor) -> torch.LongTensor:
         """Rounding: the most likely token id at each position, shape `embeds.shape[:-1]`."""
