@@ -81,3 +81,21 @@ def test_contrastive_texts_draw_from_the_first_references_then_add_negatives():
 
     with pytest.raises(ValueError, match="captions_per_image"):
         CLIPPretrainingConfig(captions_per_image=0)
+
+
+def test_length_grouped_logits_equal_clips_own(tmp_path):
+    """Encoding the texts in length groups, each cut after its longest text, must not change a single logit."""
+    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, contrastive_logits
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "blue", "circle", "star", "and", "big"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    config = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=2, projection_dim=16)
+    model = build_clip(config, tokenizer).eval()
+    texts = ["a red circle", "a big blue star and a red circle", "star", "a blue star and a big red circle and a star",
+             "a circle", "red and blue"]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    pixel_values = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = model(**tokens, pixel_values=pixel_values).logits_per_image
+    grouped = contrastive_logits(model, tokens.input_ids, tokens.attention_mask, pixel_values, num_length_groups=3)
+    torch.testing.assert_close(grouped, expected)

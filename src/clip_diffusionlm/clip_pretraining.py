@@ -154,6 +154,34 @@ def contrastive_texts(
     return texts
 
 
+def contrastive_logits(
+    model: CLIPModel,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    pixel_values: torch.FloatTensor,
+    num_length_groups: int = 4,
+) -> torch.FloatTensor:
+    """
+    `model(...).logits_per_image`, shape `(num_images, num_texts)`, with the right-padded texts encoded in groups of
+    similar length, each cut after its own longest text. CLIP's text tower is causal and pools at the end-of-text
+    token, so padding after it changes no embedding; padding every caption to the batch's longest wasted about 40 % of
+    the text tower's work in the shapes world.
+    """
+    image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
+    lengths = attention_mask.sum(dim=1)
+    order = lengths.argsort()
+    groups = []
+    for group in order.chunk(num_length_groups):
+        length = int(lengths[group].max())
+        groups.append(model.get_text_features(
+            input_ids=input_ids[group, :length], attention_mask=attention_mask[group, :length]
+        ).pooler_output)
+    text_embeds = torch.cat(groups)[order.argsort()]  # back in the order of `input_ids`
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    return model.logit_scale.exp() * image_embeds @ text_embeds.T
+
+
 def contrastive_loss(logits_per_image: torch.FloatTensor, batch_size: int) -> torch.FloatTensor:
     """
     CLIP's symmetric InfoNCE loss where the text candidates may hold extra hard negatives after the `batch_size`
@@ -216,7 +244,8 @@ def pretrain_clip(
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = max(1, len(train_split) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.1)
+    # Fused: the text tower's 30k-row embedding table made the per-parameter update a tenth of a step.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.1, fused=True)
     warmup = max(1, total_steps // 20)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     model.train()
@@ -229,9 +258,9 @@ def pretrain_clip(
             tokens = tokenizer(
                 texts, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt"
             )
-            logits_per_image = model(
-                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixel_values[batch]
-            ).logits_per_image  # (batch, batch + negatives)
+            logits_per_image = contrastive_logits(
+                model, tokens.input_ids, tokens.attention_mask, pixel_values[batch]
+            )  # (batch, batch + negatives)
             loss = contrastive_loss(logits_per_image, len(batch))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
