@@ -16,6 +16,7 @@ from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
 def _tiny_demo(backbone) -> DemoConfig:
     demo_training = DemoConfig().training
     return DemoConfig(
+        seed=3,
         num_train=24, num_validation=6, num_test=6, num_holdout=4,
         world=ShapesWorldConfig(image_size=32),
         clip=CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16,
@@ -56,6 +57,9 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
             content_accuracy(first, world[split]["objects"])["object_accuracy"]
         )
     assert results["clip_retrieval"] == zero_shot_retrieval(tmp_path / "clip", world["test"])
+    # One seed for every stage.
+    assert json.loads((tmp_path / "clip" / "pretraining_config.json").read_text())["seed"] == 3
+    assert json.loads((tmp_path / "pipeline" / "training_config.json").read_text())["seed"] == 3
     assert len(results["denoising"]) == 10  # the caption after each of the figure's denoising steps
     for name in ("captions.png", "denoising.png", "loss_curve.png", "results.json", "pipeline/model_index.json",
                  "evaluation/test/metrics.md", "evaluation/holdout/predictions.jsonl"):

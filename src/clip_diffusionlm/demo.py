@@ -55,6 +55,7 @@ class DemoConfig:
     num_validation: int = 200
     num_test: int = 500
     num_holdout: int = 200
+    # Seeds every stage: the world, CLIP (its own `seed` is replaced) and the denoiser.
     seed: int = 0
     world: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
     # Hard negatives with a swapped colour or shape word make CLIP encode shapes, not only the colours that already
@@ -247,7 +248,8 @@ def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str
     world = load_image_folder(world_dir)
 
     _stage("2/5 CLIP pre-training (contrastive, on the training split)")
-    clip_dir = pretrain_clip(world["train"], output_dir / "clip", text_backbone, config.clip)
+    clip_config = dataclasses.replace(config.clip, seed=config.seed)
+    clip_dir = pretrain_clip(world["train"], output_dir / "clip", text_backbone, clip_config)
     retrieval = zero_shot_retrieval(clip_dir, world["test"])
     probe = attribute_probe(clip_dir, world["train"], world["test"])
 
