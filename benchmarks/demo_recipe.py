@@ -22,9 +22,7 @@ import torch
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.data import load_image_folder
-from clip_diffusionlm.demo import DemoConfig, default_text_backbone, library_chatter
-from clip_diffusionlm.feature_cache import CLIPFeatureCache
-from clip_diffusionlm.metrics import content_accuracy
+from clip_diffusionlm.demo import DemoConfig, default_text_backbone, evaluate_test_splits, library_chatter
 from clip_diffusionlm.training import TrainingConfig, train
 
 
@@ -33,17 +31,6 @@ def recipe(overrides: dict) -> dict:
     training = dict(DemoConfig().training)
     model_config = {**training["model_config"], **overrides.pop("model_config", {})}
     return {**training, **overrides, "model_config": model_config}
-
-
-def caption_accuracy(pipe: CLIPDiffusionCaptionPipeline, split, image_embeds: torch.FloatTensor) -> dict[str, float]:
-    captions = []
-    for start in range(0, len(split), 100):
-        captions += pipe(
-            image_embeds=image_embeds[start : start + 100], num_inference_steps=5,
-            generator=torch.Generator().manual_seed(0),
-        ).captions
-    scores = content_accuracy(captions, split["objects"])
-    return {name: round(scores[name], 3) for name in ("object_accuracy", "exact_match")}
 
 
 def main() -> None:
@@ -82,11 +69,9 @@ def main() -> None:
         pipe = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir)
         pipe.set_progress_bar_config(disable=True)
         world = load_image_folder(demo_dir / "shapes")
-        cache = CLIPFeatureCache(demo_dir / "feature_cache", pipe.image_encoder, pipe.image_processor)
-        for split_name in ("test", "holdout"):
-            split = world[split_name]
-            image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
-            result[split_name] = caption_accuracy(pipe, split, image_embeds)
+        splits = evaluate_test_splits(pipe, world, demo_dir / "feature_cache", output_dir / "evaluation")
+        for split_name, (row,) in splits.items():
+            result[split_name] = {name: round(row[name], 3) for name in ("object_accuracy", "exact_match")}
     print(json.dumps(result))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "a") as file:

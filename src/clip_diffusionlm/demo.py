@@ -276,15 +276,13 @@ def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str
     _stage("4/5 evaluation on the test and held-out-combination splits")
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    cache = CLIPFeatureCache(output_dir / "feature_cache", pipe.image_encoder, pipe.image_processor)
-    results: dict[str, Any] = {"clip_retrieval": retrieval, "clip_probe": probe}
-    for split_name in ("test", "holdout"):
-        split = world[split_name]
-        image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
-        rows = evaluate_pipeline(
-            pipe, split, output_dir / "evaluation" / split_name, image_embeds, num_inference_steps=config.num_inference_steps
-        )
-        results[split_name] = rows
+    results: dict[str, Any] = {
+        "clip_retrieval": retrieval,
+        "clip_probe": probe,
+        **evaluate_test_splits(
+            pipe, world, output_dir / "feature_cache", output_dir / "evaluation", config.num_inference_steps
+        ),
+    }
     predictions = [
         json.loads(line)["captions"][0]
         for line in (output_dir / "evaluation" / "test" / "predictions.jsonl").read_text().splitlines()
@@ -301,6 +299,26 @@ def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str
     pictures = ", ".join(str(output_dir / name) for name in ("captions.png", "denoising.png", "loss_curve.png"))
     print(f"Pipeline: {pipeline_dir}\nPictures: {pictures}")
     print(f"Total time: {results['seconds']:.0f} s")
+    return results
+
+
+def evaluate_test_splits(
+    pipe: CLIPDiffusionCaptionPipeline,
+    world: datasets.DatasetDict,
+    feature_cache_dir: Path,
+    evaluation_dir: Path,
+    num_inference_steps: tuple[int, ...] = (5,),
+) -> dict[str, list[dict[str, Any]]]:
+    """Captions the world's test and held-out-combination splits from cached CLIP features and scores them
+    ([`evaluate_pipeline`], which writes to `evaluation_dir/<split>`). Returns the metrics rows per split."""
+    cache = CLIPFeatureCache(feature_cache_dir, pipe.image_encoder, pipe.image_processor)
+    results = {}
+    for split_name in ("test", "holdout"):
+        split = world[split_name]
+        image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
+        results[split_name] = evaluate_pipeline(
+            pipe, split, evaluation_dir / split_name, image_embeds, num_inference_steps=num_inference_steps
+        )
     return results
 
 
