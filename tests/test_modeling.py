@@ -241,6 +241,29 @@ def test_condition_dropout_uses_the_null_condition(tokenizer):
     torch.testing.assert_close(dropped[: len(ids)], dropped[len(ids):])  # x_t and x_1 of a caption agree
 
 
+def test_logit_normal_timestep_sampling_reaches_the_model(tokenizer):
+    """SD3's logit-normal density with a positive mean puts most training timesteps at high noise; uniform does not."""
+    from clip_diffusionlm.diffusion import TimestepSampling
+
+    model = tiny_denoiser(tokenizer, x1_restoring_loss=False, caption_length=LENGTH)
+    calls = ModelCalls(model)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    ids = _ids(tokenizer).repeat(100, 1)
+    high_noise = {}
+    for scheme, mean in (("none", 0.0), ("logit_normal", 1.0)):
+        calls.calls.clear()
+        torch.manual_seed(0)
+        sampling = TimestepSampling(weighting_scheme=scheme, logit_mean=mean)
+        diffusion_loss(model, scheduler, ids, torch.randn(len(ids), CONDITION_DIM), timestep_sampling=sampling)
+        timesteps = calls.calls[0]["timesteps"]
+        assert timesteps.dtype == torch.long and 0 <= timesteps.min() and timesteps.max() < 1000
+        high_noise[scheme] = (timesteps >= 500).float().mean().item()
+    assert 0.4 < high_noise["none"] < 0.6
+    assert high_noise["logit_normal"] > 0.75  # P(sigmoid(N(1, 1)) > 0.5) = 0.84
+    with pytest.raises(ValueError, match="weighting_scheme"):
+        TimestepSampling(weighting_scheme="lognormal")
+
+
 def test_self_conditioning_feeds_the_first_estimate_back(tokenizer):
     model = tiny_denoiser(tokenizer, self_conditioning=True, caption_length=LENGTH)
     torch.nn.init.normal_(model.self_condition_projection.weight, std=0.5)  # zero-initialised: make it matter

@@ -64,6 +64,14 @@ def test_cosine_restarts_and_warmup():
     assert set(_learning_rates(TrainingConfig(datasets=["x"]))) == {1e-4}
 
 
+def test_adam_flags_reach_the_optimizer():
+    config = training_config_from_args(["--datasets", "x", "--adam_beta1", "0.8", "--adam_beta2", "0.95",
+                                        "--adam_epsilon", "1e-6", "--adam_weight_decay", "0.01"])
+    optimizer, _ = build_optimizer_and_schedule(config, torch.nn.Linear(1, 1), total_steps=10, steps_per_epoch=10)
+    (group,) = optimizer.param_groups
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.01
+
+
 def test_config_validation_and_cli_parsing(tmp_path):
     with pytest.raises(ValueError, match="No training data"):
         TrainingConfig()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from diffusers.utils import BaseOutput
 
 from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
@@ -25,6 +26,45 @@ from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 SELF_CONDITIONING_PROB = 0.5  # Chen et al. (2022): half the batches see their own detached estimate
 SQRT_SCHEDULE_OFFSET = 1e-4  # Diffusion-LM's s in ᾱ(t) = 1 - sqrt(t/T + s)
 MAX_BETA = 0.999
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
+
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """
+    How training draws `t`: uniformly (`"none"`, the paper), or from Stable Diffusion 3's densities over `u = t / T`
+    through diffusers' `compute_density_for_timestep_sampling`, with the flag names of diffusers' SD3 examples.
+
+    Args:
+        weighting_scheme (`str`, *optional*, defaults to `"none"`):
+            `"none"`, `"logit_normal"` (`u = sigmoid(N(logit_mean, logit_std))`) or `"mode"`.
+        logit_mean (`float`, *optional*, defaults to 0.0):
+            Above 0, more of each batch is drawn at high noise, where the caption has to come from the image.
+        logit_std (`float`, *optional*, defaults to 1.0):
+            Spread of `"logit_normal"`.
+        mode_scale (`float`, *optional*, defaults to 1.29):
+            Shape of `"mode"`.
+    """
+
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def __post_init__(self):
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"`weighting_scheme` must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}.")
+        if not self.logit_std > 0:
+            raise ValueError(f"`logit_std` must be positive, got {self.logit_std}.")
+
+    def sample(self, num_train_timesteps: int, batch_size: int, device: torch.device) -> torch.LongTensor:
+        """`batch_size` timesteps in `[0, num_train_timesteps)`."""
+        if self.weighting_scheme == "none":
+            return torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+        u = compute_density_for_timestep_sampling(
+            self.weighting_scheme, batch_size, self.logit_mean, self.logit_std, self.mode_scale, device=device
+        )
+        return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
 @dataclass
@@ -155,6 +195,7 @@ def diffusion_loss(
     image_embeds: torch.FloatTensor,
     text_embeds: torch.FloatTensor | None = None,
     timesteps_per_caption: int = 1,
+    timestep_sampling: TimestepSampling | None = None,
 ) -> DiffusionLossOutput:
     """
     The paper's objective on a batch, `L = L'_simple + λ·L_R`: sample `t` (several per caption, as the paper samples
@@ -174,6 +215,8 @@ def diffusion_loss(
             Cached CLIP text embeddings, for `config.use_text_condition`.
         timesteps_per_caption (`int`, *optional*, defaults to 1):
             How many independent `t` each caption is trained on in this step.
+        timestep_sampling (`TimestepSampling`, *optional*):
+            How `t` is drawn; uniformly by default.
     """
     core: CLIPDiffusionLMModel = getattr(model, "module", model)
     config = core.config
@@ -189,7 +232,7 @@ def diffusion_loss(
     batch_size, device = input_ids.shape[0], input_ids.device
 
     clean_embeds = core.embed_captions(input_ids)  # x0: (batch, caption_length, hidden)
-    timesteps = torch.randint(0, config.num_train_timesteps, (batch_size,), device=device)
+    timesteps = (timestep_sampling or TimestepSampling()).sample(config.num_train_timesteps, batch_size, device)
     noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), timesteps)
     target_embeds = clean_embeds
     if config.prediction_type == "previous_sample":

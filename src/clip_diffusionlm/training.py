@@ -340,7 +340,7 @@ def build_optimizer_and_schedule(
     """AdamW over the trainable parameters and the learning-rate schedule, from transformers' schedules but "log"."""
     optimizer = torch.optim.AdamW(
         [p for p in denoiser.parameters() if p.requires_grad], lr=config.learning_rate,
-        weight_decay=config.weight_decay,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay,
     )
     warmup = config.warmup_steps
     if config.lr_schedule == "constant":
@@ -392,7 +392,7 @@ def model_loss(
         return captioner_loss(model, input_ids, image_embeds)
     return diffusion_loss(
         model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
-        timesteps_per_caption=run.config.timesteps_per_caption,
+        timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.config.timestep_sampling,
     )
 
 

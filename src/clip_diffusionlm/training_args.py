@@ -16,6 +16,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
+from .diffusion import WEIGHTING_SCHEMES, TimestepSampling
 
 LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -114,10 +115,20 @@ class TrainingConfig:
     lr_restart_epochs: int = _option(5, "Epochs per cycle of `cosine_restarts`.")
     warmup_steps: int = _option(0, "Linear warm-up steps.", aliases=("--lr_warmup_steps",))
     weight_decay: float = _option(0.0, "AdamW weight decay.", aliases=("--adam_weight_decay",))
+    adam_beta1: float = _option(0.9, "AdamW's β1.")
+    adam_beta2: float = _option(0.999, "AdamW's β2; lower (0.95-0.98) adapts the step size faster.")
+    adam_epsilon: float = _option(1e-8, "AdamW's ε.")
     max_grad_norm: float = _option(1.0, "Gradient clipping norm; 0 turns clipping off.")
     timesteps_per_caption: int = _option(
         1, "Independent timesteps each caption is trained on per step (the paper samples 100 of 1000)."
     )
+    weighting_scheme: str = _option(
+        "none", "How training draws the timestep t: uniformly (`none`, the paper) or from SD3's `logit_normal` / "
+        "`mode` densities over t/T (diffusers' flag names).", choices=list(WEIGHTING_SCHEMES),
+    )
+    logit_mean: float = _option(0.0, "Mean of `logit_normal`; above 0 trains more at high noise.")
+    logit_std: float = _option(1.0, "Standard deviation of `logit_normal`.")
+    mode_scale: float = _option(1.29, "Scale of the `mode` weighting scheme.")
     mixed_precision: str | None = _option(
         None, "`no`, `fp16` or `bf16`; default: what `accelerate config` / `accelerate launch --mixed_precision` say."
     )
@@ -169,6 +180,7 @@ class TrainingConfig:
             "mixed_precision": (None, *MIXED_PRECISION),
             "log_level": LOG_LEVELS,
             "model_type": MODEL_TYPES,
+            "weighting_scheme": WEIGHTING_SCHEMES,
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -180,6 +192,13 @@ class TrainingConfig:
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
         CLIPDiffusionLMConfig(**self.model_config)  # fails early on an unknown value
+        if not self.logit_std > 0:
+            raise ValueError(f"`logit_std` must be positive, got {self.logit_std}.")
+
+    @property
+    def timestep_sampling(self) -> TimestepSampling:
+        """The training timesteps' distribution, from `weighting_scheme` and its parameters."""
+        return TimestepSampling(self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale)
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
