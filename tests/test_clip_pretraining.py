@@ -100,18 +100,3 @@ def test_length_grouped_logits_equal_clips_own(tmp_path):
     grouped = contrastive_logits(model, tokens.input_ids, tokens.attention_mask, pixel_values, num_length_groups=3)
     torch.testing.assert_close(grouped, expected)
 
-
-def test_memoized_tokenizer_equals_a_padded_tokenizer_call(tmp_path):
-    """Remembered and new texts, repeated texts and a text cut at `max_length`: the ids and mask a padded call gives."""
-    from clip_diffusionlm.clip_pretraining import MemoizedTokenizer
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "blue", "circle", "star", "and", ","]
-    (tmp_path / "vocab.txt").write_text("\n".join(words))
-    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
-    tokenize = MemoizedTokenizer(tokenizer, max_length=8, texts=["a red circle", "a blue star, a red circle"])
-    texts = ["a blue star", "a red circle", "a blue star", "a red circle and a blue star and a star", "star"]
-    input_ids, attention_mask = tokenize(texts)
-    expected = tokenizer(texts, padding=True, truncation=True, max_length=8, return_tensors="pt")
-    assert torch.equal(input_ids, expected.input_ids)
-    assert torch.equal(attention_mask, expected.attention_mask)
-    assert "a blue star" in tokenize.token_ids

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import transformers
 
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, zero_shot_retrieval
 from clip_diffusionlm.data import load_image_folder
@@ -46,6 +48,10 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
     ]
     for chatter in ("Generating train split", "UNEXPECTED", "PTBTokenizer", "tokenized", "validation:"):
         assert chatter not in captured.out + captured.err, chatter
+    # One progress bar per long stage: no library's loading or saving bars, no feature-cache or captioning bars.
+    bars = set(re.findall(r"(?:^|\r)([^\r\n:]+?):\s+\d+%\|", captured.err, flags=re.MULTILINE))
+    assert bars == {"CLIP pre-training", "training"}, bars
+    assert transformers.utils.logging.is_progress_bar_enabled()  # restored afterwards
     world = load_image_folder(tmp_path / "shapes")
     for split in ("test", "holdout"):
         # The reported figures are those of the captions the demo wrote.

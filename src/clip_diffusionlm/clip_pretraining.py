@@ -154,36 +154,6 @@ def contrastive_texts(
     return texts
 
 
-class MemoizedTokenizer:
-    """
-    `tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")` with every text's
-    ids remembered: the reference captions are tokenized once, in one call, and each step tokenizes only its new hard
-    negatives (a full call per step was 14 % of a CLIP step). Pads on the right, as BERT tokenizers do.
-    """
-
-    def __init__(self, tokenizer, max_length: int, texts: list[str] = ()):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.token_ids: dict[str, list[int]] = {}
-        self._remember(list(dict.fromkeys(texts)))
-
-    def _remember(self, texts: list[str]) -> None:
-        if texts:
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-            self.token_ids.update(zip(texts, encoded))
-
-    def __call__(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """`input_ids` and `attention_mask`, each of shape `(len(texts), longest)`."""
-        self._remember([text for text in dict.fromkeys(texts) if text not in self.token_ids])
-        rows = [self.token_ids[text] for text in texts]
-        longest = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row)
-            attention_mask[index, : len(row)] = 1
-        return input_ids, attention_mask
-
-
 def contrastive_logits(
     model: CLIPModel,
     input_ids: torch.LongTensor,
@@ -266,9 +236,6 @@ def pretrain_clip(
     )
     model = build_clip(config, tokenizer)
     captions = train_split["captions"]
-    tokenize = MemoizedTokenizer(
-        tokenizer, config.max_text_length, [text for references in captions for text in references]
-    )
     pixel_values = torch.cat([
         _pixel_values(image_processor, train_split.select(range(i, min(i + 512, len(train_split)))))
         for i in range(0, len(train_split), 512)
@@ -288,9 +255,11 @@ def pretrain_clip(
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             texts = contrastive_texts([captions[i] for i in batch.tolist()], config, generator)
-            input_ids, attention_mask = tokenize(texts)
+            tokens = tokenizer(
+                texts, padding=True, truncation=True, max_length=config.max_text_length, return_tensors="pt"
+            )
             logits_per_image = contrastive_logits(
-                model, input_ids, attention_mask, pixel_values[batch]
+                model, tokens.input_ids, tokens.attention_mask, pixel_values[batch]
             )  # (batch, batch + negatives)
             loss = contrastive_loss(logits_per_image, len(batch))
             loss.backward()

@@ -109,11 +109,15 @@ def library_chatter(verbose: bool) -> Iterator[None]:
         return
     libraries = (datasets, transformers, diffusers)
     levels = [library.utils.logging.get_verbosity() for library in libraries]
+    # transformers' loading and saving bars, diffusers' pipeline loading bar, datasets' map bars.
+    bars_shown = [library.utils.logging.is_progress_bar_enabled() for library in (transformers, diffusers)]
     package_logger = logging.getLogger("clip_diffusionlm")
     package_level = package_logger.level
     for library in libraries:
         library.utils.logging.set_verbosity_error()
     package_logger.setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
         with warnings.catch_warnings():
@@ -121,6 +125,9 @@ def library_chatter(verbose: bool) -> Iterator[None]:
             yield
     finally:
         datasets.enable_progress_bars()
+        for library, shown in zip((transformers, diffusers), bars_shown):
+            if shown:
+                library.utils.logging.enable_progress_bar()
         package_logger.setLevel(package_level)
         for library, level in zip(libraries, levels):
             library.utils.logging.set_verbosity(level)
@@ -280,7 +287,8 @@ def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str
         "clip_retrieval": retrieval,
         "clip_probe": probe,
         **evaluate_test_splits(
-            pipe, world, output_dir / "feature_cache", output_dir / "evaluation", config.num_inference_steps
+            pipe, world, output_dir / "feature_cache", output_dir / "evaluation", config.num_inference_steps,
+            show_progress=verbose,
         ),
     }
     predictions = [
@@ -308,16 +316,18 @@ def evaluate_test_splits(
     feature_cache_dir: Path,
     evaluation_dir: Path,
     num_inference_steps: tuple[int, ...] = (5,),
+    show_progress: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """Captions the world's test and held-out-combination splits from cached CLIP features and scores them
     ([`evaluate_pipeline`], which writes to `evaluation_dir/<split>`). Returns the metrics rows per split."""
-    cache = CLIPFeatureCache(feature_cache_dir, pipe.image_encoder, pipe.image_processor)
+    cache = CLIPFeatureCache(feature_cache_dir, pipe.image_encoder, pipe.image_processor, show_progress=show_progress)
     results = {}
     for split_name in ("test", "holdout"):
         split = world[split_name]
         image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
         results[split_name] = evaluate_pipeline(
-            pipe, split, evaluation_dir / split_name, image_embeds, num_inference_steps=num_inference_steps
+            pipe, split, evaluation_dir / split_name, image_embeds, num_inference_steps=num_inference_steps,
+            show_progress=show_progress,
         )
     return results
 

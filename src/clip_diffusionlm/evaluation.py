@@ -90,6 +90,7 @@ def evaluate_pipeline(
     num_captions_per_image: int = 1,
     batch_size: int = 64,
     seed: int = 0,
+    show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """
     Captions every image of `split` for each setting and writes the results.
@@ -113,6 +114,8 @@ def evaluate_pipeline(
             Images per pipeline call.
         seed (`int`, *optional*, defaults to 0):
             Seed of every setting's sampling.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar per setting.
 
     Returns:
         `list[dict]`: One metrics row per setting, as in `metrics.json`.
@@ -132,7 +135,7 @@ def evaluate_pipeline(
     for steps in num_inference_steps:
         for guidance in guidance_scales:
             captions = caption_embeddings(
-                pipe, image_embeds, steps, guidance, num_captions_per_image, batch_size, seed, show_progress=True
+                pipe, image_embeds, steps, guidance, num_captions_per_image, batch_size, seed, show_progress
             )
             rows.append({"num_inference_steps": steps, "guidance_scale": guidance, **score_split(captions, split)})
             for image_id, image_captions, references in zip(split["image_id"], captions, split["captions"]):

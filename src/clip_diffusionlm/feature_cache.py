@@ -100,6 +100,7 @@ def _cached_features(
     encode: BatchEncoder,
     batch_size: int,
     accelerator=None,
+    show_progress: bool = True,
 ) -> torch.Tensor:
     """Fills the missing shards of the `(num_items, *row_shape)` array at `path` and returns it memory-mapped."""
     if num_items == 0:
@@ -125,7 +126,7 @@ def _cached_features(
             remaining[rows.start // SHARD_SIZE] += len(rows)
         progress = tqdm(
             total=sum(map(len, batches)), desc=f"CLIP features ({path.stem})",
-            disable=accelerator is not None and not accelerator.is_main_process,
+            disable=not show_progress or (accelerator is not None and not accelerator.is_main_process),
         )
         for rows, features in zip(batches, encode(batches), strict=True):
             features = features.to("cpu", dtype)
@@ -190,6 +191,8 @@ class CLIPFeatureCache:
         accelerator (`accelerate.Accelerator`, *optional*):
             Under `accelerate launch`, every process encodes its share of the shards. Call the feature methods on
             every process (not inside `main_process_first`): they synchronise the processes themselves.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar while features are computed.
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class CLIPFeatureCache:
         dtype: torch.dtype = torch.float16,
         num_workers: int | None = None,
         accelerator=None,
+        show_progress: bool = True,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}.")
@@ -218,6 +222,7 @@ class CLIPFeatureCache:
         self.dtype = dtype
         self.num_workers = num_workers
         self.accelerator = accelerator
+        self.show_progress = show_progress
         self.image_key = model_fingerprint(image_encoder)
         self.text_key = None if text_encoder is None else model_fingerprint(text_encoder)
 
@@ -266,7 +271,7 @@ class CLIPFeatureCache:
             self._write_manifest(folder, {"kind": kind, "num_items": num_items, "row_shape": list(row_shape)})
         return _cached_features(
             folder / f"{kind}.{dtype_name}.npy", row_shape, self.dtype, num_items, encode, self.batch_size,
-            self.accelerator,
+            self.accelerator, self.show_progress,
         )
 
     @staticmethod

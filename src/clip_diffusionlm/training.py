@@ -294,7 +294,7 @@ def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingDa
         text_tokenizer = AutoTokenizer.from_pretrained(config.clip_model)
     cache = CLIPFeatureCache(
         config.feature_cache_dir or Path(config.output_dir) / "feature_cache", image_encoder, image_processor,
-        text_encoder, text_tokenizer,
+        text_encoder, text_tokenizer, show_progress=config.log_level in ("debug", "info"),
     )
     validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
     with accelerator.main_process_first():
