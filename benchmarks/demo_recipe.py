@@ -28,8 +28,8 @@ from clip_diffusionlm.training import TrainingConfig, train
 
 def recipe(overrides: dict) -> dict:
     """The demo's training options with `overrides` on top (`model_config` merged key by key)."""
-    training = dict(DemoConfig().training)
-    model_config = {**training["model_config"], **overrides.pop("model_config", {})}
+    training = DemoConfig().training
+    model_config = {**training["model_config"], **overrides.get("model_config", {})}
     return {**training, **overrides, "model_config": model_config}
 
 
@@ -56,7 +56,7 @@ def main() -> None:
         config = TrainingConfig(
             output_dir=str(output_dir), datasets=[str(demo_dir / "shapes")], clip_model=str(demo_dir / "clip"),
             text_backbone=default_text_backbone(), feature_cache_dir=str(demo_dir / "feature_cache"),
-            log_level="warning", **{**recipe(dict(overrides)), "validation_steps": 0, "checkpointing_steps": 0,
+            log_level="warning", **{**recipe(overrides), "validation_steps": 0, "checkpointing_steps": 0,
                                     "report_to": "none"},
         )
     except (TypeError, ValueError) as error:

@@ -180,7 +180,6 @@ class TrainingConfig:
             "mixed_precision": (None, *MIXED_PRECISION),
             "log_level": LOG_LEVELS,
             "model_type": MODEL_TYPES,
-            "weighting_scheme": WEIGHTING_SCHEMES,
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -192,8 +191,7 @@ class TrainingConfig:
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
         CLIPDiffusionLMConfig(**self.model_config)  # fails early on an unknown value
-        if not self.logit_std > 0:
-            raise ValueError(f"`logit_std` must be positive, got {self.logit_std}.")
+        _ = self.timestep_sampling  # and on a bad weighting scheme or spread
 
     @property
     def timestep_sampling(self) -> TimestepSampling:
