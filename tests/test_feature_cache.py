@@ -87,6 +87,12 @@ def test_patch_features_are_cached_apart_from_pooled_ones(training_assets, world
     with pytest.raises(ValueError, match="image_features"):
         cache.image_features(split, "grid")
 
+    embeddings = cache.image_features(split, "patches", vision_feature_layer=0)
+    assert embeddings.shape == patches.shape and not torch.equal(embeddings, patches)
+    expected = encode_images(encoder, processor, split["image"], "patches", vision_feature_layer=0)
+    torch.testing.assert_close(embeddings.float(), expected, atol=2e-2, rtol=2e-3)
+    assert torch.equal(cache.image_features(split, "patches"), patches)  # each layer keeps its own file
+
 
 def _resident_file_pages(path) -> int:
     """Pages of `path` mapped into this process and resident in memory, from /proc/self/smaps."""

@@ -347,6 +347,17 @@ def test_from_text_backbone_copies_pretrained_layers(tokenizer, tmp_path):
     assert not model.get_input_embeddings().weight.requires_grad
 
 
+def test_from_text_backbone_overrides_only_the_given_backbone_keys(tokenizer, tmp_path):
+    BertModel(__import__("transformers").BertConfig(**tiny_backbone_config(tokenizer))).save_pretrained(tmp_path)
+    model = CLIPDiffusionLMModel.from_text_backbone(
+        str(tmp_path), condition_dim=CONDITION_DIM, backbone_config={"hidden_dropout_prob": 0.0}
+    )
+    backbone_config = model.backbone.config
+    assert backbone_config.hidden_dropout_prob == 0.0
+    assert backbone_config.attention_probs_dropout_prob == 0.1  # BERT's, untouched
+    assert backbone_config.hidden_size == tiny_backbone_config(tokenizer)["hidden_size"]
+
+
 def test_from_text_backbone_missing_directory(tmp_path):
     with pytest.raises((OSError, ValueError)):
         CLIPDiffusionLMModel.from_text_backbone(str(tmp_path / "nothing-here"))

@@ -52,6 +52,36 @@ def test_accepts_numpy_tensor_and_grayscale_inputs(pipeline):
     assert len(_run(pipeline, batch).captions) == 4
 
 
+def test_vision_feature_layer_reads_that_layer_of_the_vision_tower(tokenizer, tmp_path):
+    pipe = tiny_pipeline(tokenizer, image_features="patches", patch_dim=PATCH_DIM, vision_feature_layer=0)
+    pipe.set_progress_bar_config(disable=True)
+    vision = pipe.image_encoder.vision_model
+    pixel_values = pipe.image_processor(images=_images(), return_tensors="pt").pixel_values
+    with torch.no_grad():  # layer 0: the patch embeddings as the first layer receives them
+        expected = vision.post_layernorm(vision.pre_layrnorm(vision.embeddings(pixel_values)))
+    patches = pipe.encode_images(_images())
+    torch.testing.assert_close(patches, expected)
+    assert not torch.allclose(patches, encode_images(pipe.image_encoder, pipe.image_processor, _images(), "patches"))
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
+    assert reloaded.denoiser.config.vision_feature_layer == 0
+    torch.testing.assert_close(reloaded.encode_images(_images()), patches)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vision_feature_layer": 1}, "needs image_features='patches'"),
+        ({"image_features": "patches", "patch_dim": PATCH_DIM, "vision_feature_layer": 9}, "vision tower of 2 layers"),
+        ({"image_features": "patches", "patch_dim": PATCH_DIM, "vision_feature_layer": "last"}, "must be an int"),
+    ],
+)
+def test_vision_feature_layer_errors_name_it(tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=f"vision_feature_layer.*{message}"):
+        tiny_pipeline(tokenizer, **kwargs).encode_images(_images())
+
+
 def test_image_embeds_path_matches_images(pipeline):
     embeds = pipeline.encode_images(_images())
     assert embeds.shape == (3, CONDITION_DIM)

@@ -121,6 +121,9 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     output_dir = train(tiny_training_config(
         training_assets, tmp_path / "run", validation_steps=3, ema_decay=0.9, timesteps_per_caption=2,
         restrict_rounding_vocabulary=True, report_to="tensorboard",
+        # A partial backbone_config overrides the pretrained backbone's keys; the CLIP features come from layer 1.
+        model_config={"caption_length": 12, "backbone_config": {"hidden_dropout_prob": 0.0},
+                      "image_features": "patches", "vision_feature_layer": 1},
     ))
     history = _history(output_dir)
     assert [record["step"] for record in history] == [1, 2, 3, 4, 5, 6]
@@ -134,6 +137,9 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
 
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
+    backbone_config = pipe.denoiser.config.backbone_config
+    assert backbone_config["hidden_dropout_prob"] == 0.0 and backbone_config["attention_probs_dropout_prob"] == 0.1
+    assert pipe.denoiser.config.vision_feature_layer == 1
     vocabulary = set(pipe.denoiser.config.rounding_vocabulary)
     ids = pipe(torch.rand(2, 3, 32, 32), output_type="token_ids", generator=torch.Generator().manual_seed(0)).captions
     assert set(ids.flatten().tolist()) <= vocabulary

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .configuration_clip_diffusionlm import IMAGE_FEATURES
+from .configuration_clip_diffusionlm import IMAGE_FEATURES, check_vision_feature_layer
 from .data.images import to_rgb
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
@@ -89,27 +89,42 @@ def check_image_embeds(image_embeds: torch.Tensor, config) -> None:
         )
 
 
-def check_image_features(image_features: str) -> None:
+def check_image_features(
+    image_features: str, vision_feature_layer: int = -1, image_encoder: CLIPVisionModelWithProjection | None = None
+) -> None:
+    """Raises a `ValueError` naming the argument unless the feature kind and layer exist (in `image_encoder`)."""
     if image_features not in IMAGE_FEATURES:
         raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {image_features!r}.")
+    check_vision_feature_layer(image_features, vision_feature_layer)
+    num_layers = None if image_encoder is None else image_encoder.config.num_hidden_layers
+    if num_layers is not None and not -(num_layers + 1) <= vision_feature_layer <= num_layers:
+        raise ValueError(
+            f"`vision_feature_layer` = {vision_feature_layer} does not exist in a vision tower of {num_layers} layers "
+            f"(valid: {-(num_layers + 1)} to {num_layers})."
+        )
 
 
 @torch.no_grad()
 def encode_pixel_values(
-    image_encoder: CLIPVisionModelWithProjection, pixel_values: torch.FloatTensor, image_features: str = "pooled"
+    image_encoder: CLIPVisionModelWithProjection,
+    pixel_values: torch.FloatTensor,
+    image_features: str = "pooled",
+    vision_feature_layer: int = -1,
 ) -> torch.FloatTensor:
     """
     CLIP features of preprocessed images, on the encoder's device.
 
     `image_features="pooled"` gives the L2-normalised `image_embeds`, shape `(batch, projection_dim)`;
-    `"patches"` gives the last hidden states of [CLS] and every patch under the post-LayerNorm that CLIP applies to
-    [CLS] before its projection, shape `(batch, num_patches + 1, hidden_size)`.
+    `"patches"` gives the hidden states of [CLS] and every patch after layer `vision_feature_layer` (-1: the last)
+    under the post-LayerNorm that CLIP applies to [CLS] before its projection, shape
+    `(batch, num_patches + 1, hidden_size)`.
     """
-    check_image_features(image_features)
+    check_image_features(image_features, vision_feature_layer, image_encoder)
     pixel_values = pixel_values.to(device=image_encoder.device, dtype=image_encoder.dtype)
-    outputs = image_encoder(pixel_values=pixel_values)
     if image_features == "patches":
-        return image_encoder.vision_model.post_layernorm(outputs.last_hidden_state)
+        outputs = image_encoder.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        return image_encoder.vision_model.post_layernorm(outputs.hidden_states[vision_feature_layer])
+    outputs = image_encoder(pixel_values=pixel_values)
     return outputs.image_embeds / outputs.image_embeds.norm(dim=-1, keepdim=True)
 
 
@@ -118,11 +133,12 @@ def encode_images(
     image_processor: BaseImageProcessor,
     images: ImageInput | Sequence[ImageInput],
     image_features: str = "pooled",
+    vision_feature_layer: int = -1,
 ) -> torch.FloatTensor:
     """[`encode_pixel_values`] of images in any format [`as_rgb_images`] accepts."""
-    check_image_features(image_features)
+    check_image_features(image_features, vision_feature_layer, image_encoder)
     pixel_values = image_processor(images=as_rgb_images(images), return_tensors="pt").pixel_values
-    return encode_pixel_values(image_encoder, pixel_values, image_features)
+    return encode_pixel_values(image_encoder, pixel_values, image_features, vision_feature_layer)
 
 
 def image_feature_shape(image_encoder: CLIPVisionModelWithProjection, image_features: str = "pooled") -> tuple[int, ...]:
@@ -186,11 +202,12 @@ def encode_dataset_images(
     batch_size: int = 64,
     image_features: str = "pooled",
     num_workers: int | None = None,
+    vision_feature_layer: int = -1,
 ) -> torch.FloatTensor:
     """[`encode_pixel_values`] of every image of a caption dataset, in row order, on the CPU (see [`image_loader`])."""
     batches = [range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
     features = [
-        encode_pixel_values(image_encoder, pixel_values, image_features).cpu()
+        encode_pixel_values(image_encoder, pixel_values, image_features, vision_feature_layer).cpu()
         for pixel_values in image_loader(dataset, image_processor, batches, num_workers)
     ]
     return torch.cat(features) if features else torch.empty((0, *image_feature_shape(image_encoder, image_features)))

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .configuration_clip_diffusionlm import IMAGE_FEATURES, backbone_config_as_dict
+from .configuration_clip_diffusionlm import IMAGE_FEATURES, backbone_config_as_dict, check_vision_feature_layer
 
 # The `CLIPDiffusionLMConfig` arguments that mean the same thing for the baseline: what it reads of the image and how
 # long its captions are. A training run's `model_config` is shared by both model types; the other (diffusion-only)
@@ -15,6 +15,7 @@ SHARED_CONFIG_KEYS = (
     "caption_length",
     "condition_dim",
     "image_features",
+    "vision_feature_layer",
     "patch_dim",
     "image_condition_tokens",
     "condition_hidden_act",
@@ -39,6 +40,8 @@ class CLIPCaptionerARConfig(PretrainedConfig):
         image_features (`str`, *optional*, defaults to `"pooled"`):
             `"pooled"` (CLIP's `image_embeds`, one vector) or `"patches"` (the vision tower's last hidden states, one
             prefix token per patch), as in [`CLIPDiffusionLMConfig`].
+        vision_feature_layer (`int`, *optional*, defaults to -1):
+            The vision tower's layer the patch features come from, as in [`CLIPDiffusionLMConfig`].
         patch_dim (`int`, *optional*, defaults to 768):
             Width of the patch features; only read when `image_features="patches"`.
         image_condition_tokens (`int`, *optional*, defaults to 1):
@@ -63,6 +66,7 @@ class CLIPCaptionerARConfig(PretrainedConfig):
         caption_length: int = 16,
         condition_dim: int = 512,
         image_features: str = "pooled",
+        vision_feature_layer: int = -1,
         patch_dim: int = 768,
         image_condition_tokens: int = 1,
         condition_hidden_act: str = "gelu",
@@ -77,6 +81,7 @@ class CLIPCaptionerARConfig(PretrainedConfig):
         self.caption_length = caption_length
         self.condition_dim = condition_dim
         self.image_features = image_features
+        self.vision_feature_layer = vision_feature_layer
         self.patch_dim = patch_dim
         self.image_condition_tokens = image_condition_tokens
         self.condition_hidden_act = condition_hidden_act
@@ -99,6 +104,7 @@ class CLIPCaptionerARConfig(PretrainedConfig):
         """Raises `ValueError` naming the first argument that is out of range."""
         if self.image_features not in IMAGE_FEATURES:
             raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {self.image_features!r}.")
+        check_vision_feature_layer(self.image_features, self.vision_feature_layer)
         for name in ("caption_length", "condition_dim", "patch_dim", "image_condition_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -12,6 +12,18 @@ PREDICTION_TYPES = ("sample", "previous_sample")
 NOISE_SCHEDULES = ("squaredcos_cap_v2", "sqrt", "linear")
 
 
+def check_vision_feature_layer(image_features: str, vision_feature_layer: int) -> None:
+    """Raises a `ValueError` unless `vision_feature_layer` is an int, and -1 for pooled features (which come from the
+    last layer's [CLS] only). Whether the vision tower has that layer is checked where it is run."""
+    if not isinstance(vision_feature_layer, int) or isinstance(vision_feature_layer, bool):
+        raise ValueError(f"`vision_feature_layer` must be an int, got {vision_feature_layer!r}.")
+    if image_features == "pooled" and vision_feature_layer != -1:
+        raise ValueError(
+            f"`vision_feature_layer` = {vision_feature_layer} needs image_features='patches' (pooled features come from "
+            "the last layer)."
+        )
+
+
 def backbone_config_as_dict(
     backbone_config: dict[str, Any] | PretrainedConfig | None, default_model_type: str
 ) -> dict[str, Any]:
@@ -44,10 +56,15 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
             Size of CLIP's joint embeddings, `image_embeds` and `text_embeds` (512 for CLIP ViT-B/32).
         image_features (`str`, *optional*, defaults to `"pooled"`):
             What the denoiser sees of the image. `"pooled"` is CLIP's `image_embeds`, one vector (the paper).
-            `"patches"` is the vision tower's last hidden states under CLIP's post-LayerNorm: [CLS] and every patch
-            (50 tokens for ViT-B/32), each projected into its own conditioning token, so that attention can read
-            each object where it is instead of from one summary vector (as in LaDiC and BLIP). Needs
-            `fusion="concat"`.
+            `"patches"` is the vision tower's hidden states (of `vision_feature_layer`) under CLIP's post-LayerNorm:
+            [CLS] and every patch (50 tokens for ViT-B/32), each projected into its own conditioning token, so that
+            attention can read each object where it is instead of from one summary vector (as in LaDiC and BLIP).
+            Needs `fusion="concat"`.
+        vision_feature_layer (`int`, *optional*, defaults to -1):
+            With `image_features="patches"`, the vision tower's layer whose hidden states are read, indexed like
+            `hidden_states` (and LLaVA's option of this name): -1 the last layer, -2 the one before, 0 the patch
+            embeddings. CLIP's contrastive loss trains only the [CLS] token of the last layer, so its patch tokens
+            are a by-product; earlier layers keep each patch's own content (see the README).
         patch_dim (`int`, *optional*, defaults to 768):
             Width of the patch features, the vision tower's `hidden_size` (768 for ViT-B/32); only read when
             `image_features="patches"`.
@@ -116,6 +133,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         condition_dim: int = 512,
         fusion: str = "concat",
         image_features: str = "pooled",
+        vision_feature_layer: int = -1,
         patch_dim: int = 768,
         image_condition_tokens: int = 1,
         use_text_condition: bool = False,
@@ -143,6 +161,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         self.condition_dim = condition_dim
         self.fusion = fusion
         self.image_features = image_features
+        self.vision_feature_layer = vision_feature_layer
         self.patch_dim = patch_dim
         self.image_condition_tokens = image_condition_tokens
         self.use_text_condition = use_text_condition
@@ -175,6 +194,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
             raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
         if self.image_features not in IMAGE_FEATURES:
             raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {self.image_features!r}.")
+        check_vision_feature_layer(self.image_features, self.vision_feature_layer)
         if self.image_features == "patches" and self.fusion != "concat":
             raise ValueError(
                 "`image_features='patches'` needs fusion='concat' (addition would sum the patches back into one)."

@@ -125,8 +125,10 @@ def evaluate_pipeline(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if image_embeds is None:
+        config = pipe.denoiser.config
         image_embeds = encode_dataset_images(
-            pipe.image_encoder, pipe.image_processor, split, batch_size, pipe.denoiser.config.image_features
+            pipe.image_encoder, pipe.image_processor, split, batch_size, config.image_features,
+            vision_feature_layer=config.vision_feature_layer,
         )
     if len(image_embeds) != len(split):
         raise ValueError(f"`image_embeds` has {len(image_embeds)} rows but the split has {len(split)} images.")
@@ -217,7 +219,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     image_embeds = None
     if args.feature_cache_dir:
         cache = CLIPFeatureCache(args.feature_cache_dir, pipe.image_encoder, pipe.image_processor)
-        image_embeds = cache.image_features(split, pipe.denoiser.config.image_features)
+        image_embeds = cache.image_features(
+            split, pipe.denoiser.config.image_features, pipe.denoiser.config.vision_feature_layer
+        )
     rows = evaluate_pipeline(
         pipe, split, args.output_dir, image_embeds, args.num_inference_steps, args.guidance_scale,
         args.num_captions_per_image, args.batch_size, args.seed,

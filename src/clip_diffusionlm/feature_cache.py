@@ -1,7 +1,7 @@
 """An on-disk cache of frozen CLIP features, so that training reads embeddings instead of running CLIP every step.
 
 Layout: `cache_dir/clip-<clip fingerprint>/<data fingerprint>/<kind>.<dtype>.npy`, one `.npy` array per kind
-(`image`, `image-patches`, `text`) with one row per image or caption, and `<kind>.<dtype>.done/<shard>` markers.
+(`image`, `image-patches`, `image-patches-layer<k>`, `text`) with one row per image or caption, and `<kind>.<dtype>.done/<shard>` markers.
 The CLIP fingerprint hashes the encoder's weights (a retrained CLIP never reuses stale features); the data fingerprint
 hashes each image's file path with its size and modification time, or its encoded bytes (or the caption texts).
 
@@ -226,21 +226,25 @@ class CLIPFeatureCache:
         self.image_key = model_fingerprint(image_encoder)
         self.text_key = None if text_encoder is None else model_fingerprint(text_encoder)
 
-    def image_features(self, split: datasets.Dataset, image_features: str = "pooled") -> torch.Tensor:
+    def image_features(
+        self, split: datasets.Dataset, image_features: str = "pooled", vision_feature_layer: int = -1
+    ) -> torch.Tensor:
         """
         Features of the images of a caption dataset (its `image` column), in row order: `(len(split), projection_dim)`
         embeddings, or with `image_features="patches"` `(len(split), num_patches + 1, hidden_size)` patch features
-        (see [`encode_pixel_values`]). The tensor has the cache's `dtype` and is memory-mapped: index the rows of a
-        batch, then move them to the device and dtype the model needs.
+        of layer `vision_feature_layer` (see [`encode_pixel_values`]). The tensor has the cache's `dtype` and is
+        memory-mapped: index the rows of a batch, then move them to the device and dtype the model needs.
         """
-        check_image_features(image_features)
+        check_image_features(image_features, vision_feature_layer, self.image_encoder)
         if not isinstance(split, datasets.Dataset):
             raise ValueError(f"`split` must be a datasets.Dataset with an 'image' column, got {type(split).__name__}.")
         kind = "image" if image_features == "pooled" else f"image-{image_features}"
+        if vision_feature_layer != -1:
+            kind += f"-layer{vision_feature_layer}"
 
         def encode(batches: Sequence[range]) -> Iterator[torch.Tensor]:
             for pixel_values in image_loader(split, self.image_processor, batches, self.num_workers):
-                yield encode_pixel_values(self.image_encoder, pixel_values, image_features)
+                yield encode_pixel_values(self.image_encoder, pixel_values, image_features, vision_feature_layer)
 
         return self._features(
             kind, self.image_key, _image_fingerprint(kind, split), len(split),

@@ -109,9 +109,12 @@ class CLIPCaptionerARForCausalLM(CLIPCaptionerARPreTrainedModel, GenerationMixin
             num_backbone_layers (`int`, *optional*):
                 Keep only the first this many layers (as the denoiser does); all of them by default.
             config_kwargs:
-                Any other [`CLIPCaptionerARConfig`] argument.
+                Any other [`CLIPCaptionerARConfig`] argument. A `backbone_config` dict here only overrides keys of
+                the pretrained one, as for the denoiser.
         """
-        pretrained, backbone_config = load_text_backbone(text_backbone_name_or_path, num_backbone_layers)
+        pretrained, backbone_config = load_text_backbone(
+            text_backbone_name_or_path, num_backbone_layers, config_kwargs.pop("backbone_config", None)
+        )
         tokenizer = AutoTokenizer.from_pretrained(text_backbone_name_or_path)
         config_kwargs.setdefault("bos_token_id", tokenizer.cls_token_id)
         config_kwargs.setdefault("eos_token_id", tokenizer.sep_token_id)

@@ -47,12 +47,13 @@ def build_backbone(config: PretrainedConfig) -> PreTrainedModel:
 
 
 def load_text_backbone(
-    name_or_path: str, num_layers: int | None = None
+    name_or_path: str, num_layers: int | None = None, overrides: dict[str, Any] | None = None
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """A pretrained BERT-family encoder (safetensors) and its config as a dict, cut to its first `num_layers` layers
-    when given, for a model built from that config to take the kept layers' weights ([`copy_backbone_weights`])."""
+    when given and with `overrides` (e.g. `{"hidden_dropout_prob": 0.0}`) on top, for a model built from that config
+    to take the kept layers' weights ([`copy_backbone_weights`])."""
     pretrained = AutoModel.from_pretrained(name_or_path, use_safetensors=True)
-    backbone_config = pretrained.config.to_dict()
+    backbone_config = {**pretrained.config.to_dict(), **(overrides or {})}
     if num_layers is not None:
         layer_key = "n_layers" if "n_layers" in backbone_config else "num_hidden_layers"
         if not 1 <= num_layers <= backbone_config[layer_key]:
@@ -199,9 +200,12 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             num_backbone_layers (`int`, *optional*):
                 Keep only the first this many transformer layers (a cheaper denoiser); all of them by default.
             config_kwargs:
-                Any other [`CLIPDiffusionLMConfig`] argument.
+                Any other [`CLIPDiffusionLMConfig`] argument. A `backbone_config` dict here only overrides keys of
+                the pretrained one, e.g. `backbone_config={"hidden_dropout_prob": 0.0}`.
         """
-        pretrained, backbone_config = load_text_backbone(text_backbone_name_or_path, num_backbone_layers)
+        pretrained, backbone_config = load_text_backbone(
+            text_backbone_name_or_path, num_backbone_layers, config_kwargs.pop("backbone_config", None)
+        )
         config = CLIPDiffusionLMConfig(
             backbone_config=backbone_config,
             text_backbone_name_or_path=str(text_backbone_name_or_path),

@@ -74,7 +74,10 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
         """The CLIP features the captioner reads (`config.image_features`), as the diffusion pipeline computes them."""
-        return encode_images(self.image_encoder, self.image_processor, images, self.captioner.config.image_features)
+        config = self.captioner.config
+        return encode_images(
+            self.image_encoder, self.image_processor, images, config.image_features, config.vision_feature_layer
+        )
 
     @torch.inference_mode()
     def __call__(

@@ -225,7 +225,10 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
         """The CLIP features the denoiser reads (`config.image_features`) of PIL/numpy/torch images: L2-normalised
         `image_embeds` `(batch, condition_dim)`, or patch features `(batch, num_patches + 1, patch_dim)`."""
-        return encode_images(self.image_encoder, self.image_processor, images, self.denoiser.config.image_features)
+        config = self.denoiser.config
+        return encode_images(
+            self.image_encoder, self.image_processor, images, config.image_features, config.vision_feature_layer
+        )
 
     def _guided_prediction(
         self,

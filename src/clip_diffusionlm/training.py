@@ -298,8 +298,9 @@ def prepare_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingDa
     )
     validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
     with accelerator.main_process_first():
-        train_features = cache.image_features(train_split, model_config.image_features)
-        validation_features = cache.image_features(validation_split, model_config.image_features)
+        feature_kind = (model_config.image_features, model_config.vision_feature_layer)
+        train_features = cache.image_features(train_split, *feature_kind)
+        validation_features = cache.image_features(validation_split, *feature_kind)
         text_features = cache.text_features(train_captions) if text_encoder is not None else None
 
     input_ids = tokenize_captions(tokenizer, train_captions, model_config.caption_length)

@@ -92,7 +92,9 @@ class TrainingConfig:
         False, "Round only to tokens of the training captions (a closed-domain speed-up)."
     )
     model_config: dict | str | None = _option(
-        {}, "Any `CLIPDiffusionLMConfig` argument, as JSON: '{\"fusion\": \"add\", \"rounding_weight\": 0.5}'."
+        {}, "Any `CLIPDiffusionLMConfig` argument, as JSON: '{\"fusion\": \"add\", \"rounding_weight\": 0.5}'; "
+        "its `backbone_config` overrides keys of the text backbone's config, e.g. '{\"backbone_config\": "
+        "{\"hidden_dropout_prob\": 0.0}}'."
     )
     attn_implementation: str | None = _option(
         None, "The backbone's attention: `eager`, `sdpa` or `flash_attention_2` (default: transformers' choice)."
@@ -190,7 +192,8 @@ class TrainingConfig:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
-        CLIPDiffusionLMConfig(**self.model_config)  # fails early on an unknown value
+        # Fails early on an unknown value; `backbone_config` only overrides keys of the text backbone's config.
+        CLIPDiffusionLMConfig(**{key: value for key, value in self.model_config.items() if key != "backbone_config"})
         _ = self.timestep_sampling  # and on a bad weighting scheme or spread
 
     @property
