@@ -8,7 +8,7 @@ install: $(VENV)/.installed
 
 # -qq: errors only; pip's warnings (e.g. about unreachable index locations) would bury the demo's output.
 # --no-compile: Python compiles only the modules a run imports, on first import, instead of pip compiling all of
-# torch's and transformers' files up front (install time roughly 60 → 40 s here). The venv's own pip (Python 3.11's)
+# torch's and transformers' files up front (install time about 60 → 45 s here). The venv's own pip (Python 3.11's)
 # is recent enough for editable installs, so it is not upgraded first.
 # torch is pinned first: the CPU wheel of this version is what the machine serves; a bare `torch` would pull CUDA.
 # The demo needs only the package and its `demo` extra; the test extra (browser, server, Space) comes on top.
