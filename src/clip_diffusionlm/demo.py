@@ -49,7 +49,7 @@ def default_text_backbone() -> str:
 
 @dataclass
 class DemoConfig:
-    """Sizes of every stage; the defaults take 11-12 minutes on a 2-core CPU (the README has the breakdown)."""
+    """Sizes of every stage; the defaults take about 8 minutes on a 2-core CPU (the README has the breakdown)."""
 
     num_train: int = 8000
     num_validation: int = 200
