@@ -351,9 +351,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("clip_diffusionlm").setLevel(logging.ERROR)  # after training, which sets its own level
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     test = models["test"]
-    image_features = models["diffusion"].denoiser.config.image_features
+    denoiser_config = models["diffusion"].denoiser.config
+    image_features, feature_layer = denoiser_config.image_features, denoiser_config.vision_feature_layer
     clip, processor = models["diffusion"].image_encoder, models["diffusion"].image_processor
-    features = encode_dataset_images(clip, processor, test, QUALITY_BATCH, image_features, num_workers=0)
+    features = encode_dataset_images(
+        clip, processor, test, QUALITY_BATCH, image_features, num_workers=0, vision_feature_layer=feature_layer
+    )
     images = [to_rgb(image) for image in test["image"]]
     print(f"Models: {models['source']}; {len(test)} test images; threads {torch.get_num_threads()}.", flush=True)
 
@@ -389,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["clip_encoding"] = {
             batch_size: latency_row(time_calls(
                 lambda batch_size=batch_size: encode_images(clip, processor, batch_of_list(images, batch_size),
-                                                            image_features), device, min_seconds), batch_size)
+                                                            image_features, feature_layer), device, min_seconds),
+                batch_size)
             for batch_size in BATCH_SIZES
         }
         end_to_end = [s for s in settings() if s["name"] in ("DDIM 1 step", "DDIM 5 steps", "AR greedy")]

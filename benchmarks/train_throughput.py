@@ -55,13 +55,15 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
     """Samples/s of the same optimisation step, fed by the feature cache or by CLIP on the fly."""
     world, backbone, tokenizer, clip_dir = _prepare(workdir, num_images)
     split = load_image_folder(world)["train"]
-    captions, image_index = caption_pairs(split)
+    captions, image_index = caption_pairs(split, DEMO_TRAINING["captions_per_image"])  # the demo trains on these
     model_config = DEMO_TRAINING["model_config"]
     ids = tokenize_captions(tokenizer, captions, model_config["caption_length"])
     encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(clip_dir)
-    image_features = model_config["image_features"]
-    cached = encode_dataset_images(encoder, processor, split, image_features=image_features)
+    image_features, feature_layer = model_config["image_features"], model_config.get("vision_feature_layer", -1)
+    cached = encode_dataset_images(
+        encoder, processor, split, image_features=image_features, vision_feature_layer=feature_layer
+    )
     vocabulary = sorted(set(ids.unique().tolist()) | set(tokenizer.all_special_ids))
 
     results = {}
@@ -83,7 +85,7 @@ def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps
                 image_embeds = cached[image_index[batch]]
             else:
                 images = split.select(image_index[batch].tolist())["image"]
-                image_embeds = encode_images(encoder, processor, images, image_features)
+                image_embeds = encode_images(encoder, processor, images, image_features, feature_layer)
             loss = diffusion_loss(model, scheduler, ids[batch], image_embeds).loss
             loss.backward()
             optimizer.step()
