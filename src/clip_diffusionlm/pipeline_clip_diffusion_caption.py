@@ -295,7 +295,8 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
                 uint8 or float in [0, 1]; a 4-D array or tensor is a batch. Give either `images` or `image_embeds`.
             image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`, *optional*):
                 Precomputed CLIP features as [`encode_images`] returns them (e.g. from a feature cache): L2-normalised
-                `image_embeds`, or patch features for a denoiser with `image_features="patches"`.
+                `image_embeds`, or patch features of layer `config.vision_feature_layer` for a denoiser with
+                `image_features="patches"` (every layer has the same shape, so only the values tell them apart).
             text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
                 CLIP text embeddings for a denoiser trained with `use_text_condition`; the learned null condition
                 is used when omitted.
