@@ -235,7 +235,8 @@ def pretrain_clip(
         crop_size={"height": config.image_size, "width": config.image_size},
     )
     model = build_clip(config, tokenizer)
-    captions = train_split["captions"]
+    # A list: indexing the dataset's column row by row costs a `select` each, about a fifth of a CLIP step.
+    captions = train_split["captions"][:]
     pixel_values = torch.cat([
         _pixel_values(image_processor, train_split.select(range(i, min(i + 512, len(train_split)))))
         for i in range(0, len(train_split), 512)

@@ -166,8 +166,9 @@ def caption_errors(generated: str, reference: str) -> tuple[set[int], set[int]]:
 def captioned_grid(split, predictions: list[str], path: Path, count: int = 8) -> None:
     """Test images beside their generated caption and the canonical reference; words that differ are red. Images with
     an error come first (up to half of the rows), so the picture shows what goes wrong as well as what goes right."""
+    references = [captions[0] for captions in split["captions"]]
     rows = list(range(len(split)))
-    with_errors = [row for row in rows if predictions[row] != split[row]["captions"][0]]
+    with_errors = [row for row in rows if predictions[row] != references[row]]
     chosen = with_errors[: count // 2]
     chosen += [row for row in rows if row not in chosen][: count - len(chosen)]
     thumb, text_width, row_height = 96, 560, 104
@@ -177,7 +178,7 @@ def captioned_grid(split, predictions: list[str], path: Path, count: int = 8) ->
         image = split[row]["image"].convert("RGB").resize((thumb, thumb))
         top = position * row_height
         canvas.paste(image, (0, top + 4))
-        reference = split[row]["captions"][0]
+        reference = references[row]
         wrong, missed = caption_errors(predictions[row], reference)
         _marked_words(draw, (thumb + 10, top + 24), "generated:", predictions[row].split(), wrong, (0, 0, 160))
         _marked_words(draw, (thumb + 10, top + 54), "reference:", reference.split(), missed, (60, 60, 60))

@@ -163,6 +163,8 @@ class TrainingRun:
     ema: EMAModel | None
     state: TrainingState
     total_steps: int
+    # (global step, metrics) of the latest validation, so that a run ending on a validation step is not validated twice.
+    latest_validation: tuple[int, dict[str, Any]] | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -514,6 +516,7 @@ def run_validation(run: TrainingRun) -> dict[str, Any]:
             "validation/captions", "| image | generated | reference |\n|---|---|---|\n" + table, run.state.global_step
         )
     logger.info("step %d validation: %s", run.state.global_step, metrics)
+    run.latest_validation = (run.state.global_step, metrics)
     return metrics
 
 
@@ -732,7 +735,11 @@ def train(config: TrainingConfig) -> Path:
         logger.warning("Interrupted: checkpoint saved at step %d; resume with --resume_from_checkpoint latest.",
                        state.global_step)
     elif accelerator.is_main_process:
-        metrics = run_validation(run) if len(data.validation_split) else {}
+        metrics = {}
+        if run.latest_validation is not None and run.latest_validation[0] == state.global_step:
+            metrics = run.latest_validation[1]
+        elif len(data.validation_split):
+            metrics = run_validation(run)
         save_pipeline(run, metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
