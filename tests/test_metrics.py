@@ -127,6 +127,7 @@ def scored(evaluate_run):
             super().__init__()
             started.append(self)
 
+    caption_metrics.stop_shared_meteor()  # an earlier test's scorer would otherwise serve the package's call
     with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=1) as pool:
         patch.setattr(caption_metrics, "Meteor", RecordingMeteor)
         package_future = pool.submit(compute_caption_metrics, PREDICTIONS, REFERENCES)
@@ -158,8 +159,16 @@ def test_matches_pycocoevalcap_called_directly(scored):
     assert 0.0 < package["BLEU-1"] <= 1.0 and 0.0 < package["METEOR"] <= 1.0 and package["CIDEr"] > 0.0
 
 
-def test_meteor_jvm_is_stopped_after_the_call(scored):
-    assert all(meteor.meteor_p.poll() is not None for meteor in scored["meteors"])
+def test_meteor_jvm_serves_later_calls_and_stops_after_a_failed_one(scored):
+    (meteor,) = scored["meteors"]
+    again = compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=["METEOR"])
+    assert again["METEOR"] == scored["package"]["METEOR"]
+    assert caption_metrics.shared_meteor() is meteor and meteor.meteor_p.poll() is None
+    with pytest.raises(ValueError, match="no words left"):
+        compute_caption_metrics(["a cat"], [["..."]], metrics=["METEOR"])
+    assert meteor.meteor_p.poll() is not None  # stopped: a failure may leave a request half-sent
+    assert caption_metrics.shared_meteor() is not meteor
+    caption_metrics.stop_shared_meteor()
 
 
 def test_close_meteor_frees_a_lock_left_held_by_a_failed_scoring():
