@@ -147,6 +147,25 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     assert set(ids.flatten().tolist()) <= vocabulary
 
 
+def test_train_uses_a_dataset_given_in_memory(training_assets, tmp_path):
+    from datasets import DatasetDict
+    from transformers import AutoTokenizer
+
+    from clip_diffusionlm.data import load_caption_dataset
+
+    world = load_caption_dataset(training_assets["world"])
+    subset = DatasetDict({**world, "train": world["train"].select(range(2))})
+    output_dir = train(tiny_training_config(
+        training_assets, tmp_path / "run", max_steps=2, checkpointing_steps=0, restrict_rounding_vocabulary=True
+    ), subset)
+    # The rounding vocabulary is built from the training captions: those of the two given images, not the world's.
+    tokenizer = AutoTokenizer.from_pretrained(training_assets["backbone"])
+    captions, _ = caption_pairs(subset["train"])
+    expected = sorted({token for ids in tokenizer(captions)["input_ids"] for token in ids}
+                      | set(tokenizer.all_special_ids))
+    assert json.loads((output_dir / "denoiser" / "config.json").read_text())["rounding_vocabulary"] == expected
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(training_assets, tmp_path):
     overrides = {"max_steps": 40, "checkpointing_steps": 5, "checkpoints_total_limit": 2}
     reference = train(tiny_training_config(training_assets, tmp_path / "reference", **overrides))

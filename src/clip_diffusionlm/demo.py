@@ -286,7 +286,7 @@ def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str
     ) == dataclasses.asdict(training_config):
         print(f"Reusing the trained pipeline in {pipeline_dir}.")
     else:
-        train(training_config)
+        train(training_config, world)
 
     _stage("4/5 evaluation on the test and held-out-combination splits")
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(pipeline_dir)
