@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_training_config
+from diffusers import DDPMScheduler
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.training import (
@@ -79,6 +80,8 @@ def test_config_validation_and_cli_parsing(tmp_path):
         TrainingConfig(datasets=["x"], lr_schedule="exponential")
     with pytest.raises(ValueError, match="fusion"):
         TrainingConfig(datasets=["x"], model_config={"fusion": "multiply"})
+    with pytest.raises(ValueError, match="inference_scheduler.*'ddim', 'ddpm'"):
+        TrainingConfig(datasets=["x"], inference_scheduler="euler")
     with pytest.raises(ValueError, match="hub_model_id"):
         TrainingConfig(datasets=["x"], push_to_hub=True)
     config_file = tmp_path / "config.json"
@@ -120,7 +123,7 @@ def test_paper_configs_are_valid():
 def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     output_dir = train(tiny_training_config(
         training_assets, tmp_path / "run", validation_steps=3, ema_decay=0.9, timesteps_per_caption=2,
-        restrict_rounding_vocabulary=True, report_to="tensorboard",
+        restrict_rounding_vocabulary=True, report_to="tensorboard", inference_scheduler="ddpm",
         # A partial backbone_config overrides the pretrained backbone's keys; the CLIP features come from layer 1.
         model_config={"caption_length": 12, "backbone_config": {"hidden_dropout_prob": 0.0},
                       "image_features": "patches", "vision_feature_layer": 1},
@@ -142,6 +145,10 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     backbone_config = pipe.denoiser.config.backbone_config
     assert backbone_config["hidden_dropout_prob"] == 0.0 and backbone_config["attention_probs_dropout_prob"] == 0.1
     assert pipe.denoiser.config.vision_feature_layer == 1
+    # Ancestral sampling from t = T-1: the trailing spacing the deterministic default has too.
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    pipe.scheduler.set_timesteps(5)
+    assert pipe.scheduler.timesteps.tolist() == [999, 799, 599, 399, 199]
     vocabulary = set(pipe.denoiser.config.rounding_vocabulary)
     ids = pipe(torch.rand(2, 3, 32, 32), output_type="token_ids", generator=torch.Generator().manual_seed(0)).captions
     assert set(ids.flatten().tolist()) <= vocabulary

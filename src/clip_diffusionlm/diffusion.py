@@ -27,6 +27,10 @@ SELF_CONDITIONING_PROB = 0.5  # Chen et al. (2022): half the batches see their o
 SQRT_SCHEDULE_OFFSET = 1e-4  # Diffusion-LM's s in ᾱ(t) = 1 - sqrt(t/T + s)
 MAX_BETA = 0.999
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
+# What a trained pipeline can sample with. DDIM's steps are deterministic: in the demo every word was fixed by the
+# first step (from pure noise) and never revised. DDPM's ancestral steps add fresh noise, so later steps can correct
+# a word the first one got wrong ("an pink" → "a pink"; README).
+INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ def make_noise_scheduler(
         config (`CLIPDiffusionLMConfig`):
             Supplies `num_train_timesteps` and `noise_schedule`.
         scheduler_class (`type`, *optional*, defaults to `DDIMScheduler`):
-            `DDIMScheduler` for sampling, `DDPMScheduler` for training's `add_noise` or ancestral sampling.
+            `DDIMScheduler` for deterministic sampling, `DDPMScheduler` for training's `add_noise` or ancestral
+            sampling (see `INFERENCE_SCHEDULERS`).
         overrides:
             Extra scheduler arguments, e.g. `timestep_spacing="leading"`.
     """
@@ -143,8 +148,9 @@ def make_noise_scheduler(
     else:
         kwargs["beta_schedule"] = config.noise_schedule
     if scheduler_class is DDIMScheduler:
-        # Trailing spacing starts few-step sampling at t = T-1, where training saw pure noise.
-        kwargs.update(set_alpha_to_one=True, timestep_spacing="trailing")
+        kwargs["set_alpha_to_one"] = True
+    # Trailing spacing starts few-step sampling at t = T-1, where training saw pure noise (`add_noise` ignores it).
+    kwargs["timestep_spacing"] = "trailing"
     kwargs.update(overrides)
     return scheduler_class(**kwargs)
 

@@ -52,7 +52,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
 from .data import load_datasets
-from .diffusion import DiffusionLossOutput, diffusion_loss, make_noise_scheduler
+from .diffusion import INFERENCE_SCHEDULERS, DiffusionLossOutput, diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
 from .feature_cache import CLIPFeatureCache
 from .hub import check_hub_repo, push_folder_to_hub, write_model_card, write_training_record
@@ -463,7 +463,7 @@ def validation_pipeline(run: TrainingRun) -> CLIPDiffusionCaptionPipeline | CLIP
         )
     pipe = CLIPDiffusionCaptionPipeline(
         denoiser=run.model,
-        scheduler=make_noise_scheduler(run.model.config),
+        scheduler=make_noise_scheduler(run.model.config, INFERENCE_SCHEDULERS[run.config.inference_scheduler]),
         image_encoder=run.data.image_encoder,
         image_processor=run.data.image_processor,
         tokenizer=run.data.tokenizer,

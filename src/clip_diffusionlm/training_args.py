@@ -16,7 +16,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
-from .diffusion import WEIGHTING_SCHEMES, TimestepSampling
+from .diffusion import INFERENCE_SCHEDULERS, WEIGHTING_SCHEMES, TimestepSampling
 
 LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -141,6 +141,11 @@ class TrainingConfig:
     validation_images: int = _option(256, "Validation images captioned each time.")
     validation_inference_steps: int = _option(5, "Denoising steps of validation captions.")
     validation_guidance_scale: float = _option(1.0, "Classifier-free guidance of validation captions.")
+    inference_scheduler: str = _option(
+        "ddim", "Sampler of validation and of the saved pipeline: `ddim` (deterministic) or `ddpm` (ancestral: fresh "
+        "noise at each step lets later steps revise words the first got wrong; the demo's choice).",
+        choices=list(INFERENCE_SCHEDULERS),
+    )
     early_stopping_metric: str = _option("CIDEr", "Validation metric that early stopping watches (higher is better).")
     early_stopping_patience: int | None = _option(None, "Stop after this many validations without improvement.")
 
@@ -182,6 +187,7 @@ class TrainingConfig:
             "mixed_precision": (None, *MIXED_PRECISION),
             "log_level": LOG_LEVELS,
             "model_type": MODEL_TYPES,
+            "inference_scheduler": tuple(INFERENCE_SCHEDULERS),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
