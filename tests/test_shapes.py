@@ -17,6 +17,7 @@ from clip_diffusionlm.data.shapes import (
     COLOURS,
     MAX_CAPTIONS_PER_IMAGE,
     SHAPES,
+    SHAPES_WORLD_DATA_FILES,
     SIZES,
     ShapesWorldConfig,
     build_shapes_world,
@@ -359,6 +360,22 @@ def test_build_writes_image_folder_and_dataset(world):
         assert scores["exact_match"] == 1.0
     # Splits are disjoint down to the pixels.
     assert len({digest for _, digest in hashes.values()}) == len(hashes) == 24
+
+
+def test_world_loads_from_its_data_files_without_a_folder_scan(world, monkeypatch):
+    import datasets
+
+    scanned = load_image_folder(world)
+
+    def scan(*args, **kwargs):
+        raise AssertionError("datasets scanned the folder for split names")
+
+    monkeypatch.setattr(datasets.load, "get_data_patterns", scan)
+    named = load_image_folder(world, data_files=SHAPES_WORLD_DATA_FILES)
+    assert list(named) == list(scanned)
+    for split in named:
+        assert named[split]["image_id"] == scanned[split]["image_id"]
+        assert named[split]["captions"][:] == scanned[split]["captions"][:]
 
 
 def test_build_is_deterministic_across_directories(world, tmp_path):

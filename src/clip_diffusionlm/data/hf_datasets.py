@@ -49,7 +49,11 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _load_raw(
-    dataset_name: str | None, dataset_config_name: str | None, cache_dir: PathLike | None, train_data_dir: PathLike | None
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    cache_dir: PathLike | None,
+    train_data_dir: PathLike | None,
+    data_files: str | list | dict | None = None,
 ) -> tuple[DatasetDict, str, Path | None, str]:
     """Loads the source as `datasets` returns it: `(dataset dict, description, folder of relative paths, id prefix)`."""
     cache_dir = None if cache_dir is None else str(cache_dir)
@@ -57,7 +61,9 @@ def _load_raw(
         folder = Path(train_data_dir)
         if not folder.is_dir():
             raise ValueError(f"train_data_dir {str(train_data_dir)!r} is not a directory; pass the image folder.")
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir)
+        loaded = datasets.load_dataset(
+            "imagefolder", data_dir=str(folder), data_files=data_files, cache_dir=cache_dir
+        )
         return loaded, str(folder), folder.resolve(), folder.resolve().name
     path = Path(dataset_name)
     if path.is_dir() and _is_saved_dataset(path):
@@ -73,7 +79,7 @@ def _load_raw(
             )
         loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir)
         return loaded, str(path), path.parent.resolve(), path.stem
-    loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=data_files, cache_dir=cache_dir)
     if path.is_dir():
         return loaded, str(path), path.resolve(), path.resolve().name
     return loaded, dataset_name, None, dataset_name.rstrip("/").split("/")[-1]
@@ -234,6 +240,7 @@ def load_hf_caption_dataset(
     caption_column: str | None = None,
     images_dir: PathLike | None = None,
     id_prefix: str | None = None,
+    data_files: str | list | dict | None = None,
     options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads a caption dataset with `datasets`, from the Hub or a local layout, into the package's schema.
@@ -261,6 +268,10 @@ def load_hf_caption_dataset(
             Folder that relative image paths are relative to.
         id_prefix (`str`, *optional*):
             Prefix of the image ids. Defaults to the folder, file or dataset name.
+        data_files (`str`, `list` or `dict`, *optional*):
+            `datasets.load_dataset`'s `data_files` for a folder or Hub dataset: the files to read (relative to the
+            folder), optionally per split. Without them `datasets` globs the whole folder once per split name it
+            knows, several seconds for thousands of images.
         options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
             Splitting, image checks and the bad-input policy.
 
@@ -271,7 +282,9 @@ def load_hf_caption_dataset(
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("Give exactly one of dataset_name (--dataset_name) and train_data_dir (--train_data_dir).")
     try:
-        raw, source, base_dir, prefix = _load_raw(dataset_name, dataset_config_name, cache_dir, train_data_dir)
+        raw, source, base_dir, prefix = _load_raw(
+            dataset_name, dataset_config_name, cache_dir, train_data_dir, data_files
+        )
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ValueError(
             f"Cannot load dataset_name={dataset_name!r}: {str(error).rstrip('.')}. Give a Hub dataset id, a local "
@@ -302,6 +315,7 @@ def load_image_folder(
     dataset_name: str | None = None,
     cache_dir: PathLike | None = None,
     caption_column: str | None = None,
+    data_files: str | list | dict | None = None,
     options: LoadOptions = DEFAULT_LOAD_OPTIONS,
 ) -> DatasetDict:
     """Loads an image folder (`datasets`' `imagefolder`) described by `metadata.jsonl` or `metadata.csv`.
@@ -321,6 +335,9 @@ def load_image_folder(
             Cache folder of `datasets`.
         caption_column (`str`, *optional*):
             Caption column; defaults to the first of `text`, `caption`, `captions`, `sentences`.
+        data_files (`str`, `list` or `dict`, *optional*):
+            The files to read, relative to `folder` (the metadata file included), optionally per split; saves
+            `datasets`' scan of the folder (a shapes world passes `SHAPES_WORLD_DATA_FILES`).
         options ([`LoadOptions`], *optional*, defaults to `LoadOptions()`):
             Splitting, image checks and the bad-input policy.
 
@@ -330,6 +347,6 @@ def load_image_folder(
     """
     return load_hf_caption_dataset(
         train_data_dir=folder, cache_dir=cache_dir, caption_column=caption_column, id_prefix=dataset_name,
-        options=options,
+        data_files=data_files, options=options,
     )
 

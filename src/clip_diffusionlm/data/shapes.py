@@ -76,6 +76,8 @@ MAX_OBJECTS = 3
 MAX_CAPTIONS_PER_IMAGE = 8
 # Bump whenever the generator's output changes, so worlds already on disk are rebuilt instead of silently reused.
 SHAPES_WORLD_VERSION = 4
+# The files of a world on disk, as `datasets.load_dataset`'s `data_files` (the `split` column assigns the splits).
+SHAPES_WORLD_DATA_FILES = {"train": ["metadata.jsonl", "images/*.png"]}
 
 _GRID = 3
 # Object extents as a fraction of the image side; a large object still fits inside one grid cell (1/3).
