@@ -74,9 +74,10 @@ class DemoConfig:
     # 32-px patch per grid cell, so one object per token) read after the vision tower's first layer (CLIP's loss
     # never reads the last layer's patch tokens; in the earlier 3-layer CLIP they blurred unseen colour-shape pairs),
     # no extra x_1 pass, a rounding head sharpened 10x (the paper's flat head barely tells "a" from "an"; the sharp one
-    # trains the words faster), and ancestral (DDPM) sampling in 10 steps: with DDIM the first step from pure noise
-    # fixed every word for good, errors included. Self-conditioning, which no longer paid for its extra pass, is off,
-    # and captions take 13 positions, the longest canonical caption.
+    # trains the words faster), no self-conditioning and ancestral (DDPM) sampling in 10 steps: with both DDIM and
+    # self-conditioning the first step from pure noise fixed every word for good, errors included, and either change
+    # lets later steps revise them (self-conditioning's extra pass is saved as well). Captions take 13 positions, the
+    # longest canonical caption.
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "captions_per_image": 1,

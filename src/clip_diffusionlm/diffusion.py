@@ -27,9 +27,9 @@ SELF_CONDITIONING_PROB = 0.5  # Chen et al. (2022): half the batches see their o
 SQRT_SCHEDULE_OFFSET = 1e-4  # Diffusion-LM's s in ᾱ(t) = 1 - sqrt(t/T + s)
 MAX_BETA = 0.999
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
-# What a trained pipeline can sample with. DDIM's steps are deterministic: in the demo every word was fixed by the
-# first step (from pure noise) and never revised. DDPM's ancestral steps add fresh noise, so later steps can correct
-# a word the first one got wrong ("an pink" → "a pink"; README).
+# What a trained pipeline can sample with. DDIM's steps are deterministic: in a demo model trained with
+# self-conditioning every word was fixed by the first step (from pure noise) and never revised. DDPM's ancestral
+# steps add fresh noise, so later steps can correct a word the first one got wrong (README).
 INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
