@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images, encode_images
-from clip_diffusionlm.data import build_shapes_world, load_image_folder
+from clip_diffusionlm.data import build_shapes_world, load_shapes_world
 from clip_diffusionlm.data.images import to_rgb
 from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
 from clip_diffusionlm.training import TrainingConfig, train
@@ -158,7 +158,7 @@ def tiny_assets(work_dir: Path) -> dict[str, Any]:
     world_dir = build_shapes_world(work_dir / "shapes", num_train=32, num_validation=4, num_test=8, num_holdout=0,
                                    seed=0, config=ShapesWorldConfig(image_size=32))
     words = set()
-    for split in load_image_folder(world_dir).values():
+    for split in load_shapes_world(world_dir).values():
         for captions in split["captions"]:
             for caption in captions:
                 words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
@@ -238,7 +238,7 @@ def prepare_models(args) -> dict[str, Any]:
         demo_config = DemoConfig()
         world_dir = build_shapes_world(work_dir / "shapes", args.num_train, demo_config.num_validation,
                                        demo_config.num_test, 0, seed=0, config=demo_config.world)
-        world = load_image_folder(world_dir)
+        world = load_shapes_world(world_dir)
         clip_dir = pretrain_clip(world["train"], work_dir / "clip", default_text_backbone(), demo_config.clip)
         base = {**demo_config.training, "datasets": [str(world_dir)], "clip_model": str(clip_dir),
                 "text_backbone": default_text_backbone(), "feature_cache_dir": str(work_dir / "feature_cache"),
@@ -253,7 +253,7 @@ def prepare_models(args) -> dict[str, Any]:
     diffusion.set_progress_bar_config(disable=True)
     ar = CLIPARCaptionPipeline.from_pretrained(ar_dir).to(args.device)
     ar.set_progress_bar_config(disable=True)
-    test = load_image_folder(world_dir)["test"]
+    test = load_shapes_world(world_dir)["test"]
     if args.num_test:
         test = test.select(range(min(args.num_test, len(test))))
     return {"diffusion": diffusion, "ar": ar, "test": test, "source": source,

@@ -27,7 +27,7 @@ import torch
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_pretraining import attribute_probe, pretrain_clip, zero_shot_retrieval
-from clip_diffusionlm.data import load_image_folder
+from clip_diffusionlm.data import load_shapes_world
 from clip_diffusionlm.demo import DemoConfig, default_text_backbone, evaluate_test_splits, library_chatter
 from clip_diffusionlm.training import TrainingConfig, train
 
@@ -83,7 +83,7 @@ def main() -> None:
     except (TypeError, ValueError) as error:
         parser.error(f"--overrides: {error}")
     with library_chatter(verbose=False):
-        world = load_image_folder(demo_dir / "shapes")
+        world = load_shapes_world(demo_dir / "shapes")
         if args.clip_overrides is not None:
             started = time.monotonic()
             pretrain_clip(world["train"], clip_dir, default_text_backbone(), clip_config)

@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
 from clip_diffusionlm.clip_features import as_rgb_images
-from clip_diffusionlm.data import load_image_folder
+from clip_diffusionlm.data import load_shapes_world
 from clip_diffusionlm.data.shapes import COLOURS, SHAPES
 
 GRID = 3
@@ -88,7 +88,7 @@ def main() -> None:
     demo_dir = Path(args.demo_dir)
     encoder = CLIPVisionModelWithProjection.from_pretrained(demo_dir / "clip").eval()
     processor = AutoImageProcessor.from_pretrained(demo_dir / "clip")
-    world = load_image_folder(demo_dir / "shapes")
+    world = load_shapes_world(demo_dir / "shapes")
     splits = {"train": world["train"].select(range(min(args.num_train, len(world["train"])))),
               "test": world["test"], "holdout": world["holdout"]}
     image_size = encoder.config.image_size

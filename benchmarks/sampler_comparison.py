@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline, make_noise_scheduler
-from clip_diffusionlm.data import load_image_folder
+from clip_diffusionlm.data import load_shapes_world
 from clip_diffusionlm.demo import library_chatter
 from clip_diffusionlm.diffusion import INFERENCE_SCHEDULERS
 from clip_diffusionlm.feature_cache import CLIPFeatureCache
@@ -45,7 +45,7 @@ def main() -> None:
     with library_chatter(verbose=False):
         pipe = CLIPDiffusionCaptionPipeline.from_pretrained(demo_dir / "pipeline")
         pipe.set_progress_bar_config(disable=True)
-        world = load_image_folder(demo_dir / "shapes")
+        world = load_shapes_world(demo_dir / "shapes")
         cache = CLIPFeatureCache(demo_dir / "feature_cache", pipe.image_encoder, pipe.image_processor,
                                  show_progress=False)
         config = pipe.denoiser.config

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModelWithP
 from clip_diffusionlm import CLIPDiffusionLMModel, diffusion_loss, make_noise_scheduler
 from clip_diffusionlm.clip_features import encode_dataset_images, encode_images
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-from clip_diffusionlm.data import build_shapes_world, load_image_folder
+from clip_diffusionlm.data import build_shapes_world, load_shapes_world
 from clip_diffusionlm.demo import DemoConfig, default_text_backbone
 from clip_diffusionlm.training import caption_pairs, tokenize_captions
 
@@ -54,7 +54,7 @@ def _prepare(workdir: Path, num_images: int):
 def in_process_throughput(workdir: Path, num_images: int, batch_size: int, steps: int) -> dict[str, float]:
     """Samples/s of the same optimisation step, fed by the feature cache or by CLIP on the fly."""
     world, backbone, tokenizer, clip_dir = _prepare(workdir, num_images)
-    split = load_image_folder(world)["train"]
+    split = load_shapes_world(world)["train"]
     captions, image_index = caption_pairs(split, DEMO_TRAINING["captions_per_image"])  # the demo trains on these
     model_config = DEMO_TRAINING["model_config"]
     ids = tokenize_captions(tokenizer, captions, model_config["caption_length"])

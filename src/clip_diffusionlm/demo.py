@@ -25,8 +25,7 @@ import torch
 import transformers
 
 from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_clip, zero_shot_retrieval
-from .data import load_image_folder
-from .data.shapes import SHAPES_WORLD_DATA_FILES, ShapesWorldConfig, build_shapes_world, contradicting_words
+from .data.shapes import ShapesWorldConfig, build_shapes_world, contradicting_words, load_shapes_world
 from .evaluation import evaluate_pipeline
 from .feature_cache import CLIPFeatureCache
 from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline, decode_captions
@@ -265,7 +264,7 @@ def _run_stages(output_dir: Path, config: DemoConfig, verbose: bool) -> dict[str
         output_dir / "shapes", config.num_train, config.num_validation, config.num_test, config.num_holdout,
         seed=config.seed, config=config.world,
     )
-    world = load_image_folder(world_dir, data_files=SHAPES_WORLD_DATA_FILES)
+    world = load_shapes_world(world_dir)
 
     _stage("2/5 CLIP pre-training (contrastive, on the training split)")
     clip_config = dataclasses.replace(config.clip, seed=config.seed)

@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets import DatasetDict
 from PIL import Image, ImageDraw
+
+from .hf_datasets import load_image_folder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
@@ -602,3 +605,9 @@ def build_shapes_world(
     _write_atomically(output_dir / "metadata.jsonl", "".join(lines))
     _write_atomically(output_dir / "world.json", json.dumps(parameters, indent=2) + "\n")
     return output_dir
+
+
+def load_shapes_world(output_dir: str | os.PathLike) -> DatasetDict:
+    """A world written by [`build_shapes_world`], in the package's caption schema: [`load_image_folder`] with the
+    world's files named (`SHAPES_WORLD_DATA_FILES`), so that `datasets` does not scan the folder for split names."""
+    return load_image_folder(output_dir, data_files=SHAPES_WORLD_DATA_FILES)
