@@ -42,10 +42,10 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.clip_features import encode_dataset_images, encode_images
+from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.data import build_shapes_world, load_shapes_world
-from clip_diffusionlm.data.images import to_rgb
 from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
+from clip_diffusionlm.pipelines.captioning_utils import encode_images, to_rgb
 from clip_diffusionlm.training import TrainingConfig, train
 
 BATCH_SIZES = (1, 16, 64)

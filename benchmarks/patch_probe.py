@@ -21,9 +21,9 @@ import torch
 import transformers
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-from clip_diffusionlm.clip_features import as_rgb_images
 from clip_diffusionlm.data import load_shapes_world
 from clip_diffusionlm.data.shapes import COLOURS, SHAPES
+from clip_diffusionlm.pipelines.captioning_utils import as_rgb_images
 
 GRID = 3
 

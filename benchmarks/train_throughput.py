@@ -26,10 +26,11 @@ from diffusers import DDPMScheduler
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from clip_diffusionlm import CLIPDiffusionLMModel, diffusion_loss, make_noise_scheduler
-from clip_diffusionlm.clip_features import encode_dataset_images, encode_images
+from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
 from clip_diffusionlm.data import build_shapes_world, load_shapes_world
 from clip_diffusionlm.demo import DemoConfig, default_text_backbone
+from clip_diffusionlm.pipelines.captioning_utils import encode_images
 from clip_diffusionlm.training import caption_pairs, tokenize_captions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,6 +3,9 @@ CLIP-DiffusionLM caption demo (a Gradio app, and as it is a Hugging Face Space):
 choose the number of denoising steps and the guidance, and watch the caption form step by step.
 
     python space/app.py --model user/repo        # or a saved pipeline folder; CLIP_DIFFUSIONLM_MODEL works too
+
+It needs only `requirements.txt` (gradio, torch, transformers, diffusers): the captioner's code comes with its
+repository.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ from pathlib import Path
 import gradio as gr
 import PIL.Image
 import torch
+from diffusers import DiffusionPipeline
 from huggingface_hub import snapshot_download
 
-from clip_diffusionlm import CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.pipeline_clip_diffusion_caption import decode_captions
-
 MODEL_ENV = "CLIP_DIFFUSIONLM_MODEL"
+# The captioner this Space shows when no other is configured (also its README's `models:` entry).
+DEFAULT_MODEL = "clip-diffusionlm/shapes-demo"
 
 
 def caption_with_trajectory(
-    pipe: CLIPDiffusionCaptionPipeline,
+    pipe: DiffusionPipeline,
     image: PIL.Image.Image,
     num_inference_steps: int,
     guidance_scale: float,
@@ -34,8 +37,8 @@ def caption_with_trajectory(
     trajectory = []
 
     def record_step(pipeline, step_index, timestep, callback_kwargs):
-        token_ids = pipeline.denoiser.round_to_token_ids(callback_kwargs["original_estimate"][:1])
-        trajectory.append([step_index + 1, int(timestep), decode_captions(pipeline.tokenizer, token_ids)[0]])
+        so_far = pipeline.decode(callback_kwargs["original_estimate"][:1])[0]
+        trajectory.append([step_index + 1, int(timestep), so_far])
         return {}
 
     captions = pipe(
@@ -50,7 +53,7 @@ def caption_with_trajectory(
     return captions, trajectory
 
 
-def build_demo(pipe: CLIPDiffusionCaptionPipeline, examples: list[str], title: str) -> gr.Blocks:
+def build_demo(pipe: DiffusionPipeline, examples: list[str], title: str) -> gr.Blocks:
     """The app: image, sliders and a button in; captions and the step-by-step table out."""
     pipe.set_progress_bar_config(disable=True)
 
@@ -86,22 +89,22 @@ def build_demo(pipe: CLIPDiffusionCaptionPipeline, examples: list[str], title: s
     return demo
 
 
-def load(model: str) -> tuple[CLIPDiffusionCaptionPipeline, list[str]]:
-    """The pipeline and the example images its repository holds (written with its model card)."""
+def load(model: str) -> tuple[DiffusionPipeline, list[str]]:
+    """The pipeline, run from its repository's own code, and the example images the repository holds (written with
+    its model card)."""
     folder = Path(model if os.path.isdir(model) else snapshot_download(model))
-    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     return pipe, sorted(str(path) for path in (folder / "examples").glob("*.png"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=os.environ.get(MODEL_ENV), help=f"Hub id or folder (default ${MODEL_ENV}).")
+    parser.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL),
+                        help=f"Hub id or folder (default ${MODEL_ENV}, else {DEFAULT_MODEL}).")
     # A Space sets GRADIO_SERVER_NAME=0.0.0.0; locally the app stays on this machine.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args()
-    if not args.model:
-        parser.error(f"give --model user/repo (or a pipeline folder), or set {MODEL_ENV}.")
     pipe, examples = load(args.model)
     build_demo(pipe, examples, f"CLIP-DiffusionLM: {args.model}").launch(server_name=args.host, server_port=args.port)
 

@@ -19,7 +19,7 @@ from conftest import (
 from transformers import BertModel
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPCaptionerARConfig, CLIPCaptionerARForCausalLM, captioner_loss
-from clip_diffusionlm.pipeline_clip_diffusion_caption import decode_captions
+from clip_diffusionlm.pipelines.captioning_utils import decode_captions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import yaml
 
 from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.evaluation import evaluate_main
-from clip_diffusionlm.hub import eval_results_from_metrics
+from clip_diffusionlm.hub.model_card import eval_results_from_metrics
 from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
 
 

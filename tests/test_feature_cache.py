@@ -7,9 +7,9 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from clip_diffusionlm import feature_cache
-from clip_diffusionlm.clip_features import encode_images
 from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.feature_cache import CLIPFeatureCache
+from clip_diffusionlm.pipelines.captioning_utils import encode_images
 
 
 def _encoder_and_counter(clip_dir):
@@ -131,3 +131,55 @@ def test_cached_features_are_memory_mapped_and_batches_touch_only_their_rows(tmp
     total_pages = path.stat().st_size // 4096
     # 32 rows span at most 32 * 3 pages (plus kernel read-ahead), far below the whole 6,400-page file.
     assert 0 < resident < total_pages // 4
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+from accelerate import Accelerator
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from clip_diffusionlm import feature_cache
+from clip_diffusionlm.data import load_image_folder
+
+clip, world, cache_dir, out = sys.argv[1:]
+feature_cache.SHARD_SIZE = 4
+accelerator = Accelerator(cpu=True)
+encoder = CLIPVisionModelWithProjection.from_pretrained(clip).eval()
+rows = []
+encoder.register_forward_hook(lambda module, args, output: rows.append(len(output.image_embeds)))
+cache = feature_cache.CLIPFeatureCache(
+    cache_dir, encoder, CLIPImageProcessor.from_pretrained(clip), batch_size=2, num_workers=0, accelerator=accelerator
+)
+features = cache.image_features(load_image_folder(world)["train"])
+with open(f"{out}/rank{accelerator.process_index}.json", "w") as file:
+    json.dump({"encoded": sum(rows), "rows_read": len(features), "sum": float(features.float().sum())}, file)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_encode_half_and_match_one_process_bit_for_bit(training_assets, world, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "encode.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(script),
+         str(training_assets["clip"]), str(training_assets["world"]), str(tmp_path / "two"), str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    # 24 training images in 6 shards of 4: each process encodes 3 shards, and both read all 24 rows afterwards.
+    assert [rank["encoded"] for rank in ranks] == [12, 12]
+    assert [rank["rows_read"] for rank in ranks] == [24, 24] and ranks[0]["sum"] == ranks[1]["sum"]
+
+    monkeypatch.setattr(feature_cache, "SHARD_SIZE", 4)
+    encoder, calls = _encoder_and_counter(training_assets["clip"])
+    processor = CLIPImageProcessor.from_pretrained(training_assets["clip"])
+    CLIPFeatureCache(tmp_path / "one", encoder, processor, batch_size=2, num_workers=0).image_features(world["train"])
+    assert sum(calls) == 24
+    (two,) = (tmp_path / "two").rglob("image.float16.npy")
+    (one,) = (tmp_path / "one").rglob("image.float16.npy")
+    assert two.relative_to(tmp_path / "two") == one.relative_to(tmp_path / "one")
+    assert two.read_bytes() == one.read_bytes()

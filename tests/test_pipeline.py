@@ -14,9 +14,8 @@ import torch
 from conftest import CONDITION_DIM, IMAGE_SIZE, PATCH_DIM, ModelCalls, tiny_pipeline
 from diffusers import DDPMScheduler, DiffusionPipeline
 
-from clip_diffusionlm import CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.clip_features import encode_images
-from clip_diffusionlm.pipeline_clip_diffusion_caption import collapse_repeated_words, decode_captions
+from clip_diffusionlm import CLIPDiffusionCaptionPipeline, CLIPDiffusionLMModel
+from clip_diffusionlm.pipelines.captioning_utils import collapse_repeated_words, decode_captions, encode_images
 
 
 def _images():
@@ -274,11 +273,13 @@ def test_save_and_reload_through_both_loaders(pipeline, tmp_path):
     assert index["denoiser"][1] == "CLIPDiffusionLMModel"
 
     reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(reloaded) is CLIPDiffusionCaptionPipeline and type(reloaded.denoiser) is CLIPDiffusionLMModel
     reloaded.set_progress_bar_config(disable=True)
     assert _run(reloaded).captions == expected
 
+    # diffusers alone runs the folder's own copy of the pipeline and denoiser code.
     generic = DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True)
-    assert isinstance(generic, CLIPDiffusionCaptionPipeline)
+    assert type(generic).__name__ == "CLIPDiffusionCaptionPipeline" and type(generic) is not CLIPDiffusionCaptionPipeline
     generic.set_progress_bar_config(disable=True)
     assert _run(generic).captions == expected
 

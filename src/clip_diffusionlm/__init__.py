@@ -2,13 +2,22 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
-from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
+from . import hub  # noqa: F401  (registers the model card and Endpoint files with `pipe.push_to_hub`)
 from .diffusion import diffusion_loss, make_noise_scheduler
-from .modeling_clip_captioner_ar import CLIPCaptionerARForCausalLM, captioner_loss
-from .modeling_clip_diffusionlm import CLIPDiffusionLMModel, CLIPDiffusionLMOutput
-from .pipeline_clip_ar_caption import CLIPARCaptionPipeline, CLIPARCaptionPipelineOutput
-from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline, CLIPDiffusionCaptionPipelineOutput
+from .models import (
+    CLIPCaptionerARConfig,
+    CLIPCaptionerARForCausalLM,
+    CLIPDiffusionLMConfig,
+    CLIPDiffusionLMModel,
+    CLIPDiffusionLMOutput,
+    captioner_loss,
+)
+from .pipelines import (
+    CLIPARCaptionPipeline,
+    CLIPARCaptionPipelineOutput,
+    CLIPDiffusionCaptionPipeline,
+    CLIPDiffusionCaptionPipelineOutput,
+)
 
 __version__ = "0.1.0"
 
@@ -18,9 +27,11 @@ AutoModel.register(CLIPDiffusionLMConfig, CLIPDiffusionLMModel, exist_ok=True)
 # also loads with `trust_remote_code=True` where this package is not installed.
 CLIPDiffusionLMConfig.register_for_auto_class()
 CLIPDiffusionLMModel.register_for_auto_class("AutoModel")
-# The autoregressive baseline loads through the Auto classes where this package is installed.
+# The autoregressive baseline likewise, through AutoModelForCausalLM.
 AutoConfig.register(CLIPCaptionerARConfig.model_type, CLIPCaptionerARConfig, exist_ok=True)
 AutoModelForCausalLM.register(CLIPCaptionerARConfig, CLIPCaptionerARForCausalLM, exist_ok=True)
+CLIPCaptionerARConfig.register_for_auto_class()
+CLIPCaptionerARForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "CLIPARCaptionPipeline",

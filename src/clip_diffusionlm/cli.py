@@ -14,7 +14,7 @@ from .cli_errors import run_cli
 
 
 def _load_pipeline(model: str, allow_pickle: bool = False):
-    from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+    from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 
     return CLIPDiffusionCaptionPipeline.from_pretrained(model, allow_pickle=allow_pickle)
 

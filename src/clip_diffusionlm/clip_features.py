@@ -1,7 +1,7 @@
-"""Frozen CLIP features: turning user images (PIL, numpy, torch; any mode) into the CLIP features a denoiser reads.
+"""Frozen CLIP features of whole datasets, for the training feature cache and evaluation.
 
-The pipeline and the training feature cache both encode through these functions, so a cached feature and one
-computed at inference time are the same numbers.
+Every image goes through the pipelines' own [`encode_pixel_values`], so a cached feature and one computed at inference
+time are the same numbers.
 """
 
 from __future__ import annotations
@@ -10,83 +10,13 @@ import os
 from collections.abc import Sequence
 
 import datasets
-import numpy as np
-import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .configuration_clip_diffusionlm import IMAGE_FEATURES, check_vision_feature_layer
-from .data.images import to_rgb
-
-ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
-
-
-def _array_to_pil(array: np.ndarray, index: int) -> PIL.Image.Image:
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channels-first → channels-last
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"`images[{index}]` has shape {tuple(array.shape)}; expected (H, W), (H, W, C) or (C, H, W) with "
-            "C in {1, 3, 4}."
-        )
-    if np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ValueError(f"`images[{index}]` is a float array with values outside [0, 1].")
-        array = np.round(array * 255.0).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise ValueError(f"`images[{index}]` has dtype {array.dtype}; expected uint8 or float in [0, 1].")
-    return PIL.Image.fromarray(array)
-
-
-def as_rgb_images(images: ImageInput | Sequence[ImageInput]) -> list[PIL.Image.Image]:
-    """
-    Normalises one image or a batch into a list of RGB PIL images.
-
-    Accepts PIL images of any mode, numpy arrays (`(H, W)`, `(H, W, C)`, `(C, H, W)`; uint8 or float in [0, 1]),
-    torch tensors of the same layouts or a 4-D batch `(B, C, H, W)`, and lists of any of these.
-    """
-    if isinstance(images, torch.Tensor):
-        images = list(images) if images.ndim == 4 else [images]
-    elif isinstance(images, np.ndarray):
-        images = list(images) if images.ndim == 4 else [images]
-    elif isinstance(images, PIL.Image.Image):
-        images = [images]
-    elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
-        raise TypeError(
-            f"`images` must be a PIL image, numpy array, torch tensor or a list of them, got {type(images).__name__}."
-        )
-    if len(images) == 0:
-        raise ValueError("`images` is empty; pass at least one image.")
-
-    converted = []
-    for index, image in enumerate(images):
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-        if isinstance(image, np.ndarray):
-            image = _array_to_pil(image, index)
-        if not isinstance(image, PIL.Image.Image):
-            raise TypeError(
-                f"`images[{index}]` is a {type(image).__name__}; expected a PIL image, numpy array or torch tensor."
-            )
-        converted.append(to_rgb(image))
-    return converted
-
-
-def check_image_embeds(image_embeds: torch.Tensor, config) -> None:
-    """Raises a `ValueError` naming the expected shape when `image_embeds` do not fit a model reading
-    `config.image_features` (pooled: `(batch, condition_dim)`; patches: `(batch, num_patches + 1, patch_dim)`)."""
-    patches = config.image_features == "patches"
-    width = config.patch_dim if patches else config.condition_dim
-    if image_embeds.ndim != (3 if patches else 2) or image_embeds.shape[-1] != width or image_embeds.shape[0] == 0:
-        expected = f"(batch_size >= 1, num_patches + 1, {width})" if patches else f"(batch_size >= 1, {width})"
-        raise ValueError(
-            f"`image_embeds` must have shape {expected} for image_features={config.image_features!r}, got "
-            f"{tuple(image_embeds.shape)}."
-        )
+from .models.modeling_clip_diffusionlm import IMAGE_FEATURES, check_vision_feature_layer
+from .pipelines.captioning_utils import check_vision_layer_exists, encode_pixel_values, to_rgb
 
 
 def check_image_features(
@@ -96,49 +26,8 @@ def check_image_features(
     if image_features not in IMAGE_FEATURES:
         raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {image_features!r}.")
     check_vision_feature_layer(image_features, vision_feature_layer)
-    num_layers = None if image_encoder is None else image_encoder.config.num_hidden_layers
-    if num_layers is not None and not -(num_layers + 1) <= vision_feature_layer <= num_layers:
-        raise ValueError(
-            f"`vision_feature_layer` = {vision_feature_layer} does not exist in a vision tower of {num_layers} layers "
-            f"(valid: {-(num_layers + 1)} to {num_layers})."
-        )
-
-
-@torch.no_grad()
-def encode_pixel_values(
-    image_encoder: CLIPVisionModelWithProjection,
-    pixel_values: torch.FloatTensor,
-    image_features: str = "pooled",
-    vision_feature_layer: int = -1,
-) -> torch.FloatTensor:
-    """
-    CLIP features of preprocessed images, on the encoder's device.
-
-    `image_features="pooled"` gives the L2-normalised `image_embeds`, shape `(batch, projection_dim)`;
-    `"patches"` gives the hidden states of [CLS] and every patch after layer `vision_feature_layer` (-1: the last)
-    under the post-LayerNorm that CLIP applies to [CLS] before its projection, shape
-    `(batch, num_patches + 1, hidden_size)`.
-    """
-    check_image_features(image_features, vision_feature_layer, image_encoder)
-    pixel_values = pixel_values.to(device=image_encoder.device, dtype=image_encoder.dtype)
-    if image_features == "patches":
-        outputs = image_encoder.vision_model(pixel_values=pixel_values, output_hidden_states=True)
-        return image_encoder.vision_model.post_layernorm(outputs.hidden_states[vision_feature_layer])
-    outputs = image_encoder(pixel_values=pixel_values)
-    return outputs.image_embeds / outputs.image_embeds.norm(dim=-1, keepdim=True)
-
-
-def encode_images(
-    image_encoder: CLIPVisionModelWithProjection,
-    image_processor: BaseImageProcessor,
-    images: ImageInput | Sequence[ImageInput],
-    image_features: str = "pooled",
-    vision_feature_layer: int = -1,
-) -> torch.FloatTensor:
-    """[`encode_pixel_values`] of images in any format [`as_rgb_images`] accepts."""
-    check_image_features(image_features, vision_feature_layer, image_encoder)
-    pixel_values = image_processor(images=as_rgb_images(images), return_tensors="pt").pixel_values
-    return encode_pixel_values(image_encoder, pixel_values, image_features, vision_feature_layer)
+    if image_encoder is not None:
+        check_vision_layer_exists(image_encoder, vision_feature_layer)
 
 
 def image_feature_shape(image_encoder: CLIPVisionModelWithProjection, image_features: str = "pooled") -> tuple[int, ...]:
@@ -205,6 +94,7 @@ def encode_dataset_images(
     vision_feature_layer: int = -1,
 ) -> torch.FloatTensor:
     """[`encode_pixel_values`] of every image of a caption dataset, in row order, on the CPU (see [`image_loader`])."""
+    check_image_features(image_features, vision_feature_layer, image_encoder)
     batches = [range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
     features = [
         encode_pixel_values(image_encoder, pixel_values, image_features, vision_feature_layer).cpu()

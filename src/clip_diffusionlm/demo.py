@@ -28,7 +28,8 @@ from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_c
 from .data.shapes import ShapesWorldConfig, build_shapes_world, contradicting_words, load_shapes_world
 from .evaluation import evaluate_pipeline
 from .feature_cache import CLIPFeatureCache
-from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline, decode_captions
+from .pipelines.captioning_utils import decode_captions
+from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 from .training import TrainingConfig, train
 
 logger = logging.getLogger("clip_diffusionlm.demo")

@@ -20,8 +20,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from diffusers.utils import BaseOutput
 
-from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
-from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
+from .models.modeling_clip_diffusionlm import (
+    CLIPDiffusionLMConfig,
+    CLIPDiffusionLMModel,
+    jump_posterior_coefficients,
+    predicted_original_sample,
+)
 
 SELF_CONDITIONING_PROB = 0.5  # Chen et al. (2022): half the batches see their own detached estimate
 SQRT_SCHEDULE_OFFSET = 1e-4  # Diffusion-LM's s in ᾱ(t) = 1 - sqrt(t/T + s)
@@ -153,45 +157,6 @@ def make_noise_scheduler(
     kwargs["timestep_spacing"] = "trailing"
     kwargs.update(overrides)
     return scheduler_class(**kwargs)
-
-
-def jump_posterior_coefficients(
-    alphas_cumprod: torch.Tensor, timesteps: torch.LongTensor, offset: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Coefficients of the posterior mean of `q(x_s | x_t, x0) = c0·x0 + ct·x_t` for the jump `s = t - offset`
-    (`s < 0` means the data itself: `c0 = 1`, `ct = 0`). Shapes `(batch, 1, 1)`.
-    """
-    alphas_cumprod = alphas_cumprod.to(timesteps.device)
-    alpha_bar_t = alphas_cumprod[timesteps]
-    earlier = timesteps - offset
-    alpha_bar_s = torch.where(earlier >= 0, alphas_cumprod[earlier.clamp(min=0)], torch.ones_like(alpha_bar_t))
-    alpha_ts = alpha_bar_t / alpha_bar_s
-    coefficient_x0 = alpha_bar_s.sqrt() * (1 - alpha_ts) / (1 - alpha_bar_t)
-    coefficient_xt = alpha_ts.sqrt() * (1 - alpha_bar_s) / (1 - alpha_bar_t)
-    return coefficient_x0[:, None, None], coefficient_xt[:, None, None]
-
-
-def predicted_original_sample(
-    config: CLIPDiffusionLMConfig,
-    alphas_cumprod: torch.Tensor,
-    prediction: torch.Tensor,
-    noisy_embeds: torch.Tensor,
-    timesteps: torch.LongTensor,
-) -> torch.Tensor:
-    """
-    The model's estimate of `x0`: its output, or for `x_{t-n}` models, `(x̂_{t-n} - ct·x_t) / c0`. The division is
-    done in float32 (`c0` is tiny at large `t`) and the result has the prediction's dtype.
-    """
-    if config.prediction_type == "sample":
-        return prediction
-    if timesteps.ndim == 0:
-        timesteps = timesteps.expand(prediction.shape[0])
-    coefficient_x0, coefficient_xt = jump_posterior_coefficients(
-        alphas_cumprod, timesteps, config.prediction_step_offset
-    )
-    original = (prediction.float() - coefficient_xt * noisy_embeds.float()) / coefficient_x0
-    return original.to(prediction.dtype)
 
 
 def diffusion_loss(

@@ -22,7 +22,7 @@ from .clip_features import encode_dataset_images
 from .data import load_datasets
 from .feature_cache import CLIPFeatureCache
 from .metrics import compute_caption_metrics, compute_diversity, content_accuracy
-from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 
 TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accuracy", "exact_match", "self_bleu_4")
 

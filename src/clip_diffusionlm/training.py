@@ -50,16 +50,17 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .configuration_clip_captioner_ar import CLIPCaptionerARConfig
 from .data import load_datasets
 from .diffusion import INFERENCE_SCHEDULERS, DiffusionLossOutput, diffusion_loss, make_noise_scheduler
 from .evaluation import caption_embeddings, score_split
 from .feature_cache import CLIPFeatureCache
-from .hub import check_hub_repo, push_folder_to_hub, write_model_card, write_training_record
-from .modeling_clip_captioner_ar import CaptionerLossOutput, CLIPCaptionerARForCausalLM, captioner_loss
-from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
-from .pipeline_clip_ar_caption import CLIPARCaptionPipeline
-from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .hub.model_card import write_model_card, write_training_record
+from .hub.repository import check_hub_repo, push_folder_to_hub
+from .models.configuration_clip_captioner_ar import CLIPCaptionerARConfig
+from .models.modeling_clip_captioner_ar import CaptionerLossOutput, CLIPCaptionerARForCausalLM, captioner_loss
+from .models.modeling_clip_diffusionlm import CLIPDiffusionLMModel
+from .pipelines.pipeline_clip_ar_caption import CLIPARCaptionPipeline
+from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
 from .training_args import TrainingConfig, training_config_from_args
 
 logger = get_logger(__name__)
@@ -300,14 +301,14 @@ def prepare_data(
         text_tokenizer = AutoTokenizer.from_pretrained(config.clip_model)
     cache = CLIPFeatureCache(
         config.feature_cache_dir or Path(config.output_dir) / "feature_cache", image_encoder, image_processor,
-        text_encoder, text_tokenizer, show_progress=config.log_level in ("debug", "info"),
+        text_encoder, text_tokenizer, show_progress=config.log_level in ("debug", "info"), accelerator=accelerator,
     )
     validation_split = dataset["validation"].select(range(min(config.validation_images, len(dataset["validation"]))))
-    with accelerator.main_process_first():
-        feature_kind = (model_config.image_features, model_config.vision_feature_layer)
-        train_features = cache.image_features(train_split, *feature_kind)
-        validation_features = cache.image_features(validation_split, *feature_kind)
-        text_features = cache.text_features(train_captions) if text_encoder is not None else None
+    # Every process encodes its share of the missing shards, then all read the whole cache (a barrier in between).
+    feature_kind = (model_config.image_features, model_config.vision_feature_layer)
+    train_features = cache.image_features(train_split, *feature_kind)
+    validation_features = cache.image_features(validation_split, *feature_kind)
+    text_features = cache.text_features(train_captions) if text_encoder is not None else None
 
     input_ids = tokenize_captions(tokenizer, train_captions, model_config.caption_length)
     validation_ids = tokenize_captions(
@@ -631,16 +632,22 @@ def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
     """The final pipeline (EMA weights when EMA is on) as safetensors with its model card; pushed when asked."""
     if run.ema is not None:
         run.ema.copy_to(run.model.parameters())
-    validation_pipeline(run).save_pretrained(run.output_dir)
+    run.model.eval()  # the card's examples are captioned as a user would caption them: no dropout
+    pipe = validation_pipeline(run)
+    pipe.save_pretrained(run.output_dir)
     write_training_record(
         run.output_dir, run.config, run.model, metrics, run.state, run.data.dataset, len(run.data.train_set),
         run.accelerator.num_processes,
     )
     if not run.autoregressive:  # the model card describes the diffusion pipeline; the baseline keeps the record only
-        write_model_card(run.output_dir, run.config, run.data.dataset)
+        write_model_card(run.output_dir, pipe, run.config, run.data.dataset)
     if run.config.push_to_hub:
         push_folder_to_hub(
-            run.output_dir, run.config.hub_model_id, commit_message=f"Training run: {run.state.global_step} steps"
+            run.output_dir,
+            run.config.hub_model_id,
+            token=run.config.hub_token,
+            private=run.config.hub_private_repo,
+            commit_message=f"Training run: {run.state.global_step} steps",
         )
 
 
@@ -664,7 +671,9 @@ def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
     configure_logging(accelerator, config.log_level)
     if config.push_to_hub and accelerator.is_main_process:
         # A bad token or repository id fails here, in seconds, instead of after training.
-        config.hub_model_id = check_hub_repo(config.hub_model_id)
+        config.hub_model_id = check_hub_repo(
+            config.hub_model_id, token=config.hub_token, private=config.hub_private_repo
+        )
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     # Bad data fails inside `prepare_data`, before anything but the feature cache is written.

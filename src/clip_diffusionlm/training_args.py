@@ -15,8 +15,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .configuration_clip_diffusionlm import CLIPDiffusionLMConfig
 from .diffusion import INFERENCE_SCHEDULERS, WEIGHTING_SCHEMES, TimestepSampling
+from .models.modeling_clip_diffusionlm import CLIPDiffusionLMConfig
 
 LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 MIXED_PRECISION = ("no", "fp16", "bf16")

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-import numpy as np
 from datasets import DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image
+
+from ..pipelines.captioning_utils import to_rgb
 
 __all__ = ["BAD_INPUT_POLICIES", "BadInputPolicy", "load_rgb_image", "validate_images"]
 
@@ -26,12 +27,6 @@ logger = logging.getLogger("clip_diffusionlm.data")
 BadInputPolicy = Literal["error", "skip"]
 BAD_INPUT_POLICIES: tuple[str, ...] = ("error", "skip")
 
-# Alpha is composited on white, the usual page background of transparent product shots and logos.
-_BACKGROUND = (255, 255, 255)
-# 65535 / 257 == 255 exactly, so this maps the full 16-bit range onto the full 8-bit range.
-_UINT16_TO_UINT8 = 257
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _VALIDATION_BATCH = 1000
 
 
@@ -67,24 +62,6 @@ def handle_bad_items(problems: Sequence[tuple[str, str]], what: str, on_bad_inpu
             "Fix them, or pass on_bad_input='skip' to drop them."
         )
     logger.warning("Skipped bad %s (%d in total; the first is %s: %s).", what, len(problems), *problems[0])
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts a loaded image of any common mode to 8-bit RGB.
-
-    Transparent images (RGBA, LA, palette with transparency) are composited on white rather than having their alpha
-    dropped, which would reveal arbitrary colors stored under fully transparent pixels. 16-bit images are rescaled
-    from 0..65535 to 0..255 instead of being clipped, which would turn most of them white.
-    """
-    if image.mode in _SIXTEEN_BIT_MODES:
-        pixels = np.asarray(image, dtype=np.float64) / _UINT16_TO_UINT8
-        gray = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
-        return gray.convert("RGB")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_rgb_image(path: str | os.PathLike) -> Image.Image:

@@ -1,10 +1,14 @@
-"""`CLIPDiffusionCaptionPipeline`: images → CLIP features → a few denoising steps in word-embedding space → text."""
+"""
+`CLIPDiffusionCaptionPipeline`: images → CLIP features → a few denoising steps in word-embedding space → text.
+
+This module and `captioning_utils.py` are written verbatim into every saved pipeline folder, so that
+`DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` runs them where this package is not installed:
+they import nothing of the package.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,37 +19,22 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError
-from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers import AutoModel, CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .clip_features import ImageInput, check_image_embeds, encode_images
-from .diffusion import predicted_original_sample
-from .hub import (
-    PIPELINE_MODULE_NAME,
-    PIPELINE_MODULE_SOURCE,
-    push_folder_to_hub,
-    save_model_card,
-    write_repository_code,
+from .captioning_utils import (
+    OUTPUT_TYPES,
+    ImageInput,
+    check_image_embeds,
+    decode_captions,
+    encode_images,
+    load_components,
+    resolve_pipeline_folder,
+    upload_folder_to_hub,
+    write_pipeline_code,
 )
-from .modeling_clip_diffusionlm import CLIPDiffusionLMModel
 
 logger = logging.get_logger(__name__)
-
-OUTPUT_TYPES = ("str", "token_ids", "latent")
-_REPEATED_WORD = re.compile(r"\b(\w+)(\s+\1\b)+", flags=re.IGNORECASE)
-
-
-def collapse_repeated_words(caption: str) -> str:
-    """"a a red red circle" → "a red circle": one caption at a time (the original code collapsed across the batch)."""
-    return _REPEATED_WORD.sub(r"\1", caption)
-
-
-def decode_captions(tokenizer: PreTrainedTokenizerBase, token_ids: torch.LongTensor) -> list[str]:
-    """Token ids `(batch, caption_length)` → clean captions: special tokens dropped, repeats collapsed."""
-    texts = tokenizer.batch_decode(token_ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return [collapse_repeated_words(" ".join(text.split())) for text in texts]
 
 
 @dataclass
@@ -85,7 +74,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        denoiser: CLIPDiffusionLMModel,
+        denoiser: PreTrainedModel,
         scheduler: SchedulerMixin,
         image_encoder: CLIPVisionModelWithProjection,
         image_processor: BaseImageProcessor,
@@ -103,36 +92,28 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIPDiffusionCaptionPipeline:
         """
-        Loads a saved pipeline from a local directory or a Hub repository id (resolved through the Hugging Face cache,
-        so `HF_HUB_OFFLINE=1` works once it is cached). Weights are read from safetensors only, unless
-        `allow_pickle=True` is passed explicitly.
+        Loads a saved pipeline from a local folder or a Hub repository id (downloaded through the Hugging Face cache, so
+        `HF_HUB_OFFLINE=1` works once it is cached). Each component loads with its own class; weights are read from
+        safetensors only, unless `allow_pickle=True` is passed explicitly.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder written by [`save_pretrained`] or training, or a Hub id (`"user/repo"`).
+            revision, cache_dir, token (*optional*):
+                Passed to `huggingface_hub.snapshot_download` for a Hub id.
+            torch_dtype (`torch.dtype`, *optional*):
+                Load the models' weights in this dtype.
+            allow_pickle (`bool`, *optional*, defaults to `False`):
+                Also read `.bin` weights.
+            trust_remote_code (`bool`, *optional*, defaults to `False`):
+                Run the denoiser code that the folder holds; needed only where this package is not installed.
+            kwargs:
+                Components to use instead of the saved ones (`scheduler=DDPMScheduler(...)`).
         """
-        allow_pickle = kwargs.pop("allow_pickle", False)
-        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
-        folder = str(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            # diffusers refuses components from libraries it does not know on the Hub path; the files are the
-            # same as a local save, so resolve the repository to its cached snapshot and load that.
-            try:
-                folder = snapshot_download(
-                    folder,
-                    revision=kwargs.pop("revision", None),
-                    cache_dir=kwargs.get("cache_dir"),
-                    token=kwargs.pop("token", None),
-                )
-            except HFValidationError as error:
-                raise FileNotFoundError(
-                    f"{folder!r} is neither a directory with a saved pipeline nor a Hub repository id ('user/repo')."
-                ) from error
-        _check_pipeline_folder(folder, allow_pickle=allow_pickle)
-        # The module file written by `save_pretrained` imports this very package; any other content is not ours to
-        # run without the user's say-so.
-        module_path = os.path.join(folder, f"{PIPELINE_MODULE_NAME}.py")
-        if os.path.isfile(module_path):
-            with open(module_path, encoding="utf-8") as file:
-                if file.read() == PIPELINE_MODULE_SOURCE:
-                    kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(folder, **kwargs)
+        hub_kwargs = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "token") if name in kwargs}
+        options = {name: kwargs.pop(name) for name in ("torch_dtype", "allow_pickle", "trust_remote_code") if name in kwargs}
+        folder = resolve_pipeline_folder(pretrained_model_name_or_path, **hub_kwargs)
+        return cls(**load_components(cls, folder, {"denoiser": AutoModel}, kwargs, **options))
 
     def save_pretrained(
         self,
@@ -143,40 +124,17 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         **kwargs,
     ) -> None:
         """
-        Saves what a Hub repository of this pipeline holds: every component (weights as safetensors),
-        `model_index.json`, the pipeline module stub, the Inference Endpoints `handler.py` with its `requirements.txt`
-        and the model card (`README.md`).
-
-        Args:
-            save_directory (`str` or `os.PathLike`):
-                The folder to write (created if missing).
-            safe_serialization (`bool`, *optional*, defaults to `True`):
-                Weights as safetensors; `False` writes pickles, which are never uploaded.
-            variant (`str`, *optional*):
-                Weight file variant, e.g. `"fp16"`.
-            push_to_hub (`bool`, *optional*, defaults to `False`):
-                Upload the folder afterwards with [`~clip_diffusionlm.hub.push_folder_to_hub`]; `repo_id` (defaults
-                to the folder's name in your namespace), `token`, `private`, `revision`, `commit_message` and
-                `create_pr` are passed on.
+        Saves every component (weights as safetensors) with `model_index.json`, and this pipeline's code beside them,
+        so that the folder also loads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where
+        this package is not installed. With `push_to_hub=True` the folder is then uploaded as diffusers does
+        (`repo_id`, `private`, `token`, `commit_message`, `create_pr`).
         """
-        hub_kwargs = {
-            name: kwargs.pop(name)
-            for name in ("token", "private", "revision", "commit_message", "create_pr")
-            if name in kwargs
-        }
-        repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+        push_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "private", "token", "revision", "commit_message", "create_pr") if name in kwargs}
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
-        index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path, encoding="utf-8") as file:
-            index = json.load(file)
-        index["_class_name"] = [PIPELINE_MODULE_NAME, type(self).__name__]
-        with open(index_path, "w", encoding="utf-8") as file:
-            json.dump(index, file, indent=2, sort_keys=True)
-        write_repository_code(save_directory)
+        write_pipeline_code(self, save_directory, "denoiser")
         if push_to_hub:
-            push_folder_to_hub(save_directory, repo_id, **hub_kwargs)
-        else:
-            save_model_card(save_directory)
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            upload_folder_to_hub(save_directory, repo_id, **push_kwargs)
 
     def push_to_hub(
         self,
@@ -191,22 +149,23 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
     ):
         """
         Saves the pipeline to a temporary folder and uploads exactly that folder as one commit to `repo_id` (created
-        when missing). To publish a training output with its metrics and examples on the card, push its folder
-        instead (`clip-diffusionlm push DIR REPO_ID`).
+        when missing; private if asked). Where this package is installed the folder also gets the model card, the
+        Inference Endpoints `handler.py` and its `requirements.txt`. To publish a training output with its metrics and
+        examples on the card, push its folder instead (`clip-diffusionlm push DIR REPO_ID`).
 
         Args:
             repo_id (`str`):
                 `"user/name"` (a bare name goes to your namespace).
             commit_message (`str`, *optional*):
-                Defaults to "Upload CLIP-DiffusionLM pipeline".
+                Defaults to "Upload pipeline".
             private (`bool`, *optional*):
                 Visibility of a repository that has to be created.
             token (`str`, *optional*):
-                A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
+                A Hub token with write access, used for every call; defaults to the saved login or `HF_TOKEN`.
             create_pr (`bool`, *optional*, defaults to `False`):
                 Open a pull request instead of committing.
             safe_serialization (`bool`, *optional*, defaults to `True`):
-                Must stay `True`: only safetensors are uploaded.
+                Must stay `True` for a repository that loads without pickles.
             variant (`str`, *optional*):
                 Weight file variant.
             revision (`str`, *optional*):
@@ -217,8 +176,8 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
         """
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return push_folder_to_hub(
-                folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
+            return upload_folder_to_hub(
+                folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
                 create_pr=create_pr,
             )
 
@@ -262,9 +221,7 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
             ).prediction
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
-        return predicted_original_sample(
-            self.denoiser.config, self.scheduler.alphas_cumprod, prediction, noisy_embeds, timesteps
-        )
+        return self.denoiser.predicted_original_sample(prediction, noisy_embeds, timesteps, self.scheduler.alphas_cumprod)
 
     @torch.no_grad()
     def __call__(
@@ -330,49 +287,26 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["original_estimate"]
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {unknown}."
-            )
-        if (images is None) == (image_embeds is None):
-            raise ValueError("Pass exactly one of `images` or `image_embeds`.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if not isinstance(num_captions_per_image, int) or num_captions_per_image < 1:
-            raise ValueError(f"`num_captions_per_image` must be a positive integer, got {num_captions_per_image!r}.")
-        if not isinstance(num_refinement_steps, int) or num_refinement_steps < 0:
-            raise ValueError(f"`num_refinement_steps` must be a non-negative integer, got {num_refinement_steps!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        config = self.denoiser.config
-        if guidance_scale != 1.0 and config.condition_drop_prob == 0:
-            logger.warning(
-                "guidance_scale != 1 on a denoiser trained without condition dropout: its null condition was never "
-                "trained, so guidance will not help."
-            )
+        self.check_inputs(
+            images, image_embeds, num_inference_steps, num_captions_per_image, num_refinement_steps, guidance_scale,
+            output_type, callback_on_step_end_tensor_inputs,
+        )
 
+        # 1. Conditioning: CLIP features, one row per caption to sample
         device, dtype = self._execution_device, self.denoiser.dtype
         if image_embeds is None:
             image_embeds = self.encode_images(images)
-        check_image_embeds(image_embeds, config)
-        if text_embeds is not None and text_embeds.shape != (image_embeds.shape[0], config.condition_dim):
-            raise ValueError(
-                f"`text_embeds` must have shape ({image_embeds.shape[0]}, {config.condition_dim}), got "
-                f"{tuple(text_embeds.shape)}."
-            )
+        check_image_embeds(image_embeds, self.denoiser.config)
+        self.check_text_embeds(text_embeds, image_embeds.shape[0])
         image_embeds = image_embeds.to(device, dtype).repeat_interleave(num_captions_per_image, dim=0)
         if text_embeds is not None:
             text_embeds = text_embeds.to(device, dtype).repeat_interleave(num_captions_per_image, dim=0)
-        batch_size = image_embeds.shape[0]
 
-        shape = (batch_size, config.caption_length, self.denoiser.hidden_size)
-        noisy_embeds = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        noisy_embeds = noisy_embeds * self.scheduler.init_noise_sigma
+        # 2. x_T ~ N(0, I) and the sampling timesteps
+        noisy_embeds = self.prepare_latents(image_embeds.shape[0], generator, device, dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
+        # 3. The denoising loop: x̂0 = f(x_t, t, c), then x_{t'} from the scheduler
         original_estimate = None
         for step_index, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(noisy_embeds, timestep)
@@ -393,48 +327,74 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
                 original_estimate = returned.get("original_estimate", original_estimate)
                 image_embeds = returned.get("image_embeds", image_embeds)
 
+        # 4. The paper's refinement: x̂0 fed back at t = 0
         final_timestep = torch.zeros((), dtype=torch.long, device=device)
         for _ in range(num_refinement_steps):
             original_estimate = self._guided_prediction(
                 original_estimate, final_timestep, image_embeds, text_embeds, original_estimate, guidance_scale
             )
 
-        if output_type == "latent":
-            result = original_estimate
-        else:
-            token_ids = self.denoiser.round_to_token_ids(original_estimate)
-            result = token_ids if output_type == "token_ids" else decode_captions(self.tokenizer, token_ids)
-
+        # 5. Rounding to words
+        result = self.decode(original_estimate, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
         return CLIPDiffusionCaptionPipelineOutput(captions=result)
 
+    def check_inputs(
+        self,
+        images,
+        image_embeds,
+        num_inference_steps,
+        num_captions_per_image,
+        num_refinement_steps,
+        guidance_scale,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """Raises a `ValueError` naming the first argument of `__call__` that cannot be used."""
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {unknown}."
+            )
+        if (images is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of `images` or `image_embeds`.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not isinstance(num_captions_per_image, int) or num_captions_per_image < 1:
+            raise ValueError(f"`num_captions_per_image` must be a positive integer, got {num_captions_per_image!r}.")
+        if not isinstance(num_refinement_steps, int) or num_refinement_steps < 0:
+            raise ValueError(f"`num_refinement_steps` must be a non-negative integer, got {num_refinement_steps!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if guidance_scale != 1.0 and self.denoiser.config.condition_drop_prob == 0:
+            logger.warning(
+                "guidance_scale != 1 on a denoiser trained without condition dropout: its null condition was never "
+                "trained, so guidance will not help."
+            )
 
-def _check_pipeline_folder(folder: str, allow_pickle: bool) -> None:
-    """Clear errors for a saved pipeline with missing pieces, before diffusers reports them obliquely."""
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
-        raise FileNotFoundError(f"{folder!r} is not a saved pipeline: it has no model_index.json.")
-    with open(index_path, encoding="utf-8") as file:
-        index = json.load(file)
-    missing = []
-    for component in ("denoiser", "scheduler", "image_encoder", "image_processor", "tokenizer"):
-        if component not in index:
-            missing.append(f"model_index.json entry {component!r}")
-        elif not os.path.isdir(os.path.join(folder, component)):
-            missing.append(f"folder {component}/")
-    for component in ("denoiser", "image_encoder"):
-        component_dir = os.path.join(folder, component)
-        if not os.path.isdir(component_dir):
-            continue
-        files = os.listdir(component_dir)
-        if not any(name.endswith(".safetensors") for name in files):
-            if allow_pickle and any(name.endswith(".bin") for name in files):
-                continue
-            hint = " (pickle weights exist; pass allow_pickle=True to load them)" if any(
-                name.endswith(".bin") for name in files
-            ) else ""
-            missing.append(f"{component}/ safetensors weights{hint}")
-    if missing:
-        raise FileNotFoundError(f"The pipeline at {folder!r} is incomplete: missing {', '.join(missing)}.")
+    def check_text_embeds(self, text_embeds: torch.FloatTensor | None, batch_size: int) -> None:
+        condition_dim = self.denoiser.config.condition_dim
+        if text_embeds is not None and text_embeds.shape != (batch_size, condition_dim):
+            raise ValueError(
+                f"`text_embeds` must have shape ({batch_size}, {condition_dim}), got {tuple(text_embeds.shape)}."
+            )
+
+    def prepare_latents(
+        self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None, device, dtype
+    ) -> torch.FloatTensor:
+        """Pure noise `(batch_size, caption_length, hidden_size)`, scaled as the scheduler starts."""
+        shape = (batch_size, self.denoiser.config.caption_length, self.denoiser.hidden_size)
+        noisy_embeds = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return noisy_embeds * self.scheduler.init_noise_sigma
+
+    def decode(self, original_estimate: torch.FloatTensor, output_type: str = "str") -> list[str] | torch.Tensor:
+        """`x̂0` as `output_type`: the embeddings themselves (`"latent"`), their nearest words' ids, or captions."""
+        if output_type == "latent":
+            return original_estimate
+        token_ids = self.denoiser.round_to_token_ids(original_estimate)
+        return token_ids if output_type == "token_ids" else decode_captions(self.tokenizer, token_ids)
+

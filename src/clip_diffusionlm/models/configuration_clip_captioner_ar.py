@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .configuration_clip_diffusionlm import IMAGE_FEATURES, backbone_config_as_dict, check_vision_feature_layer
+from .modeling_clip_diffusionlm import IMAGE_FEATURES, backbone_config_as_dict, check_vision_feature_layer
 
 # The `CLIPDiffusionLMConfig` arguments that mean the same thing for the baseline: what it reads of the image and how
 # long its captions are. A training run's `model_config` is shared by both model types; the other (diffusion-only)

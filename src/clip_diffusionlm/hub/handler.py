@@ -1,13 +1,14 @@
 """
-The Inference Endpoints handler of a saved pipeline. Every saved repository holds a `handler.py` stub that imports
-[`EndpointHandler`] from here, and a `requirements.txt` that installs this package on the endpoint.
+The Inference Endpoints handler of a pushed pipeline: this file is the repository's `handler.py`, verbatim, so it
+imports nothing of this package; it loads the repository's own pipeline code with diffusers.
 
 Requests are `{"inputs": IMAGE or [IMAGE, ...], "parameters": {...}}` where an IMAGE is raw bytes, a base64 string
 (optionally a `data:image/...;base64,` URL) or a PIL image; the response holds `[{"generated_text": ...}, ...]` per
 image (one entry per caption).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Inference Endpoints execute this file without registering it in
+# sys.modules, and dataclasses then cannot resolve string annotations.
 
 import base64
 import binascii
@@ -20,9 +21,7 @@ from typing import Any
 
 import PIL.Image
 import torch
-
-from .data.images import to_rgb
-from .pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from diffusers import DiffusionPipeline
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -88,7 +87,7 @@ def read_image(
     item: Any, name: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> PIL.Image.Image:
     """
-    One request image as an RGB PIL image. The encoded size and the pixel count (from the header, before anything is
+    One request image as a decoded PIL image (of any mode: the pipeline converts it). The encoded size and the pixel count (from the header, before anything is
     decoded, so decompression bombs are refused cheaply) are checked against the limits.
 
     Args:
@@ -129,14 +128,14 @@ def read_image(
         )
     try:
         image.load()
-        return to_rgb(image)
+        return image
     except (OSError, ValueError, SyntaxError):
         raise HandlerError(f"{name} is a damaged or truncated image.") from None
 
 
 class EndpointHandler:
     """
-    Captions images for Inference Endpoints (and [`~clip_diffusionlm.serving.create_app`]).
+    Captions images for Inference Endpoints (and `clip_diffusionlm.hub.serving.create_app`).
 
     Args:
         path (`str`, *optional*, defaults to `""`):
@@ -148,7 +147,8 @@ class EndpointHandler:
     """
 
     def __init__(self, path: str = "", max_image_bytes: int = MAX_IMAGE_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS):
-        self.pipe = CLIPDiffusionCaptionPipeline.from_pretrained(path or os.getcwd())
+        # The repository's own pipeline and denoiser code (the folder an Endpoint serves is the user's repository).
+        self.pipe = DiffusionPipeline.from_pretrained(path or os.getcwd(), trust_remote_code=True)
         self.pipe.set_progress_bar_config(disable=True)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels

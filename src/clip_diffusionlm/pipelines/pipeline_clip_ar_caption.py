@@ -1,4 +1,8 @@
-"""`CLIPARCaptionPipeline`: images → CLIP features → the autoregressive baseline's `generate()` → text."""
+"""
+`CLIPARCaptionPipeline`: images → CLIP features → the autoregressive baseline's `generate()` → text.
+
+Written verbatim into saved pipeline folders beside `captioning_utils.py`, like the diffusion pipeline.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,25 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .clip_features import ImageInput, check_image_embeds, encode_images
-from .modeling_clip_captioner_ar import CLIPCaptionerARForCausalLM
-from .pipeline_clip_diffusion_caption import OUTPUT_TYPES, decode_captions
+from .captioning_utils import (
+    OUTPUT_TYPES,
+    ImageInput,
+    check_image_embeds,
+    decode_captions,
+    encode_images,
+    load_components,
+    resolve_pipeline_folder,
+    upload_folder_to_hub,
+    write_pipeline_code,
+)
 
 AR_OUTPUT_TYPES = tuple(kind for kind in OUTPUT_TYPES if kind != "latent")  # no latent: the captioner emits tokens
 
@@ -55,7 +72,7 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        captioner: CLIPCaptionerARForCausalLM,
+        captioner: PreTrainedModel,
         image_encoder: CLIPVisionModelWithProjection,
         image_processor: BaseImageProcessor,
         tokenizer: PreTrainedTokenizerBase,
@@ -67,10 +84,22 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIPARCaptionPipeline:
-        """Loads a saved pipeline folder (or Hub repository); weights from safetensors only unless `use_safetensors`
-        says otherwise."""
-        kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Loads a saved pipeline folder or Hub repository, with the options of
+        [`CLIPDiffusionCaptionPipeline.from_pretrained`]."""
+        hub_kwargs = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "token") if name in kwargs}
+        options = {name: kwargs.pop(name) for name in ("torch_dtype", "allow_pickle", "trust_remote_code") if name in kwargs}
+        folder = resolve_pipeline_folder(pretrained_model_name_or_path, **hub_kwargs)
+        return cls(**load_components(cls, folder, {"captioner": AutoModelForCausalLM}, kwargs, **options))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
+        """Saves the components and this pipeline's code, as [`CLIPDiffusionCaptionPipeline.save_pretrained`]."""
+        push_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "private", "token", "revision", "commit_message", "create_pr") if name in kwargs}
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        write_pipeline_code(self, save_directory, "captioner")
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            upload_folder_to_hub(save_directory, repo_id, **push_kwargs)
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
         """The CLIP features the captioner reads (`config.image_features`), as the diffusion pipeline computes them."""

@@ -1,8 +1,8 @@
 """
-A local HTTP server around [`~clip_diffusionlm.handler.EndpointHandler`], shaped like the one Inference Endpoints run:
+A local HTTP server around [`~clip_diffusionlm.hub.handler.EndpointHandler`], shaped like the one Inference Endpoints run:
 `POST /` with a JSON request (`{"inputs": base64, "parameters": {...}}`) or raw image bytes, `GET /health`.
 
-    python -m clip_diffusionlm.serving path/to/pipeline --port 8080
+    python -m clip_diffusionlm.hub.serving path/to/pipeline --port 8080
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def create_app(handler: EndpointHandler) -> Starlette:
     """
-    A Starlette app serving `handler`; run it with any ASGI server (uvicorn). Refused requests get their status (400,
+    A Starlette app serving `handler` (this package's [`EndpointHandler`] or a repository's `handler.py`); run it with any ASGI server (uvicorn). Refused requests get their status (400,
     413) and `{"error": message}`; anything unexpected a 500 without internals, logged here.
     """
 
@@ -53,9 +53,12 @@ def create_app(handler: EndpointHandler) -> Starlette:
             else:
                 data = {"inputs": body}
             result = await run_in_threadpool(handler, data)
-        except HandlerError as error:
-            return JSONResponse({"error": str(error)}, status_code=error.status_code)
-        except Exception:
+        except Exception as error:
+            # A refused request carries its status: our HandlerError, or the same class of a repository's own
+            # handler.py (a different class object, loaded from that file).
+            status = getattr(error, "status_code", None)
+            if isinstance(status, int) and 400 <= status < 500:
+                return JSONResponse({"error": str(error)}, status_code=status)
             logger.exception("Captioning failed")
             return JSONResponse({"error": "Captioning failed on the server; see its log."}, status_code=500)
         return JSONResponse(result)
@@ -69,7 +72,7 @@ def create_app(handler: EndpointHandler) -> Starlette:
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m clip_diffusionlm.serving", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clip_diffusionlm.hub.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="A saved pipeline folder (or Hub repository id).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
