@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -350,3 +351,22 @@ def test_incomplete_or_pickled_checkpoints_are_refused(pipeline, tmp_path):
         CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pickled")
     loaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pickled", allow_pickle=True)
     assert isinstance(loaded, CLIPDiffusionCaptionPipeline)
+
+
+def test_a_pipeline_saved_by_the_flat_layout_loads_and_captions_the_same(tmp_path):
+    """`tests/fixtures/pipeline_0.1_flat_layout` was saved by version 0.1 (modules at the package's top level, a
+    repository stub importing `clip_diffusionlm`), with the captions that version wrote for two images."""
+    fixture = Path(__file__).parent / "fixtures" / "pipeline_0.1_flat_layout"
+    expected = json.loads((fixture / "expected_captions.json").read_text())
+    index = json.loads((fixture / "pipeline" / "model_index.json").read_text())
+    assert index["denoiser"][0] == "clip_diffusionlm.modeling_clip_diffusionlm"  # a module that no longer exists
+
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(fixture / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    images = [PIL.Image.new("RGB", (40, 30), (255, 0, 0)), PIL.Image.new("RGB", (32, 32), (0, 0, 255))]
+    generator = torch.Generator().manual_seed(expected["seed"])
+    assert pipe(images, num_inference_steps=expected["num_inference_steps"], generator=generator).captions == \
+        expected["captions"]
+    # Saved again, it is a folder of the current layout.
+    pipe.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "model_index.json").read_text())["denoiser"][0] == "modeling_clip_diffusionlm"

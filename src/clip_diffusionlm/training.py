@@ -6,8 +6,8 @@
 [`TrainingRun`], testable alone. The same code runs on one process, under `accelerate launch` or `torchrun` (data
 parallel), and resumes exactly: a resumed run sees the same batches and the same random draws as one that was never
 interrupted, and validation never shifts the training random stream. With `model_type="ar"` the same loop trains the
-autoregressive baseline (`modeling_clip_captioner_ar`): only the model, the loss, the validation captions and the saved
-pipeline differ ([`build_denoiser`], [`model_loss`], [`run_validation`], [`save_pipeline`]).
+autoregressive baseline: what differs (the model, its loss, its pipeline and validation captions, the saved extras) is
+the run's [`~clip_diffusionlm.model_families.ModelFamily`].
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from transformers import (
     AutoTokenizer,
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
+    PreTrainedModel,
     get_constant_schedule_with_warmup,
     get_cosine_with_hard_restarts_schedule_with_warmup,
     get_cosine_with_min_lr_schedule_with_warmup,
@@ -51,16 +52,13 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .data import load_datasets
-from .diffusion import INFERENCE_SCHEDULERS, DiffusionLossOutput, diffusion_loss, make_noise_scheduler
-from .evaluation import caption_embeddings, score_split
+from .diffusion import DiffusionLossOutput
+from .evaluation import score_split
 from .feature_cache import CLIPFeatureCache
-from .hub.model_card import write_model_card, write_training_record
+from .hub.model_card import write_training_record
 from .hub.repository import check_hub_repo, push_folder_to_hub
-from .models.configuration_clip_captioner_ar import CLIPCaptionerARConfig
-from .models.modeling_clip_captioner_ar import CaptionerLossOutput, CLIPCaptionerARForCausalLM, captioner_loss
-from .models.modeling_clip_diffusionlm import CLIPDiffusionLMModel
-from .pipelines.pipeline_clip_ar_caption import CLIPARCaptionPipeline
-from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .model_families import MODEL_FAMILIES, ModelFamily
+from .models.modeling_clip_captioner_ar import CaptionerLossOutput
 from .training_args import TrainingConfig, training_config_from_args
 
 logger = get_logger(__name__)
@@ -141,7 +139,7 @@ class TrainingData:
     image_encoder: CLIPVisionModelWithProjection
     image_processor: BaseImageProcessor
     tokenizer: Any
-    denoiser: CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM  # the AR baseline when `model_type="ar"`
+    denoiser: PreTrainedModel  # the AR baseline when `model_type="ar"`
     train_set: CaptionFeatureDataset
     validation_split: Dataset
     validation_features: torch.Tensor
@@ -172,12 +170,12 @@ class TrainingRun:
         return Path(self.config.output_dir)
 
     @property
-    def model(self) -> CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM:
+    def model(self) -> PreTrainedModel:
         return self.accelerator.unwrap_model(self.denoiser)
 
     @property
-    def autoregressive(self) -> bool:
-        return self.config.model_type == "ar"
+    def family(self) -> ModelFamily:
+        return MODEL_FAMILIES[self.config.model_type]
 
 
 # ---------------------------------------------------------------------------------------------------------- set-up
@@ -235,35 +233,6 @@ def caption_pairs(split: Dataset, captions_per_image: int | None = None) -> tupl
     return captions, torch.tensor(image_index, dtype=torch.long)
 
 
-def build_denoiser(
-    config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, rounding_vocabulary: list[int] | None = None
-) -> CLIPDiffusionLMModel | CLIPCaptionerARForCausalLM:
-    """The denoiser (or the AR baseline, `model_type="ar"`) on the pretrained text backbone, sized for the CLIP it
-    reads; its config is the run's one (the baseline takes the conditioning and length keys it shares)."""
-    model_kwargs = {
-        "condition_dim": image_encoder.config.projection_dim,
-        "patch_dim": image_encoder.config.hidden_size,
-        "rounding_vocabulary": rounding_vocabulary,
-        **config.model_config,
-    }
-    model_class = CLIPDiffusionLMModel
-    if config.model_type == "ar":
-        model_class, model_kwargs = CLIPCaptionerARForCausalLM, CLIPCaptionerARConfig.shared_kwargs(model_kwargs)
-    pretrained = model_class.from_text_backbone(
-        config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
-    )
-    if config.attn_implementation is not None:
-        pretrained.set_attn_implementation(config.attn_implementation)
-    if not config.init_backbone_weights:
-        # The original code's set-up: pretrained (frozen) word embeddings, randomly initialised transformer layers.
-        model = model_class(pretrained.config)
-        model.get_input_embeddings().weight.data.copy_(pretrained.get_input_embeddings().weight)
-        pretrained = model
-    if config.gradient_checkpointing:
-        pretrained.gradient_checkpointing_enable()
-    return pretrained
-
-
 def prepare_data(
     config: TrainingConfig, accelerator: Accelerator, dataset: DatasetDict | None = None
 ) -> TrainingData:
@@ -291,7 +260,7 @@ def prepare_data(
     if config.restrict_rounding_vocabulary:
         words = {token for ids in tokenizer(train_captions)["input_ids"] for token in ids}
         rounding_vocabulary = sorted(words | set(tokenizer.all_special_ids))
-    denoiser = build_denoiser(config, image_encoder, rounding_vocabulary)
+    denoiser = MODEL_FAMILIES[config.model_type].build(config, image_encoder, rounding_vocabulary)
     model_config = denoiser.config
 
     text_encoder = text_tokenizer = None
@@ -388,22 +357,6 @@ def any_process(accelerator: Accelerator, *flags: bool) -> list[bool]:
     return [value > 0 for value in summed.tolist()]
 
 
-def model_loss(
-    run: TrainingRun,
-    model: torch.nn.Module,
-    input_ids: torch.LongTensor,
-    image_embeds: torch.FloatTensor,
-    text_embeds: torch.FloatTensor | None = None,
-) -> DiffusionLossOutput | CaptionerLossOutput:
-    """The run's objective: `diffusion_loss`, or the AR baseline's next-token cross-entropy (`captioner_loss`)."""
-    if run.autoregressive:
-        return captioner_loss(model, input_ids, image_embeds)
-    return diffusion_loss(
-        model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
-        timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.config.timestep_sampling,
-    )
-
-
 def training_step(
     run: TrainingRun, batch: dict[str, torch.Tensor], stop_requested: bool
 ) -> tuple[DiffusionLossOutput | CaptionerLossOutput, bool]:
@@ -416,7 +369,7 @@ def training_step(
     dtype = run.model.dtype
     text_embeds = batch.get("text_embeds")
     with accelerator.accumulate(denoiser):
-        output = model_loss(
+        output = run.family.loss(
             run, denoiser, batch["input_ids"], batch["image_embeds"].to(dtype),
             None if text_embeds is None else text_embeds.to(dtype),
         )
@@ -455,24 +408,6 @@ def log_step(
             run.accelerator.log(terms, step=run.state.global_step)
 
 
-def validation_pipeline(run: TrainingRun) -> CLIPDiffusionCaptionPipeline | CLIPARCaptionPipeline:
-    """The pipeline around the current model (EMA weights when they are swapped in)."""
-    if run.autoregressive:
-        return CLIPARCaptionPipeline(
-            captioner=run.model, image_encoder=run.data.image_encoder, image_processor=run.data.image_processor,
-            tokenizer=run.data.tokenizer,
-        )
-    pipe = CLIPDiffusionCaptionPipeline(
-        denoiser=run.model,
-        scheduler=make_noise_scheduler(run.model.config, INFERENCE_SCHEDULERS[run.config.inference_scheduler]),
-        image_encoder=run.data.image_encoder,
-        image_processor=run.data.image_processor,
-        tokenizer=run.data.tokenizer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @contextlib.contextmanager
 def ema_weights(run: TrainingRun) -> Iterator[None]:
     """The EMA weights in the model for the duration (when EMA is on), the training weights restored after."""
@@ -495,14 +430,8 @@ def run_validation(run: TrainingRun) -> dict[str, Any]:
     model.eval()
     with ema_weights(run), forked_rng(run.accelerator, run.config.seed), torch.no_grad():
         ids = run.data.validation_ids.to(device)
-        loss = model_loss(run, model, ids, features.to(device, model.dtype)).loss
-        if run.autoregressive:  # greedy, all validation images in one `generate()`
-            captions = [[caption] for caption in validation_pipeline(run)(image_embeds=features).captions]
-        else:
-            captions = caption_embeddings(
-                validation_pipeline(run), features, run.config.validation_inference_steps,
-                run.config.validation_guidance_scale, seed=run.config.seed,
-            )
+        loss = run.family.loss(run, model, ids, features.to(device, model.dtype)).loss
+        captions = run.family.validation_captions(run, features)
     model.train()
     metrics = {"validation_loss": loss.item(), **score_split(captions, split)}
     samples = [
@@ -633,14 +562,13 @@ def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
     if run.ema is not None:
         run.ema.copy_to(run.model.parameters())
     run.model.eval()  # the card's examples are captioned as a user would caption them: no dropout
-    pipe = validation_pipeline(run)
+    pipe = run.family.pipeline(run)
     pipe.save_pretrained(run.output_dir)
     write_training_record(
         run.output_dir, run.config, run.model, metrics, run.state, run.data.dataset, len(run.data.train_set),
         run.accelerator.num_processes,
     )
-    if not run.autoregressive:  # the model card describes the diffusion pipeline; the baseline keeps the record only
-        write_model_card(run.output_dir, pipe, run.config, run.data.dataset)
+    run.family.write_extras(run, pipe)
     if run.config.push_to_hub:
         push_folder_to_hub(
             run.output_dir,
@@ -654,19 +582,9 @@ def save_pipeline(run: TrainingRun, metrics: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------- the run
 
 
-def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
-    """
-    Trains a denoiser on cached CLIP features and saves a [`CLIPDiffusionCaptionPipeline`] (safetensors) with a model
-    card in `config.output_dir`. Returns that directory.
-
-    Args:
-        config (`TrainingConfig`):
-            The run: data sources, model, optimisation, validation, checkpointing, Hub.
-        dataset (`datasets.DatasetDict`, *optional*):
-            The caption dataset already loaded, in the package's schema (what `clip_diffusionlm.data.load_datasets`
-            returns); `config`'s data sources are then not read again. Loading a folder of 8,900 images takes
-            `datasets` about 10 s, which the demo saves this way.
-    """
+def build_run(config: TrainingConfig, dataset: DatasetDict | None = None) -> TrainingRun:
+    """Everything the loop works on: the accelerator, data and features, model, optimiser, schedule and EMA, prepared
+    by Accelerate and registered for checkpointing; resumed from a checkpoint when asked."""
     accelerator = make_accelerator(config)
     configure_logging(accelerator, config.log_level)
     if config.push_to_hub and accelerator.is_main_process:
@@ -675,12 +593,11 @@ def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
             config.hub_model_id, token=config.hub_token, private=config.hub_private_repo
         )
     set_seed(config.seed, device_specific=True)
-    output_dir = Path(config.output_dir)
     # Bad data fails inside `prepare_data`, before anything but the feature cache is written.
     data = prepare_data(config, accelerator, dataset)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.output_dir) / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     sampler = EpochShuffleSampler(len(data.train_set), config.seed)
     # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the global RNG
     # instead would shift every random draw after a resume.
@@ -701,38 +618,39 @@ def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
     run = TrainingRun(
         config=config, accelerator=accelerator, data=data, denoiser=denoiser, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, ema=ema, state=TrainingState(),
-        noise_scheduler=None if config.model_type == "ar" else make_noise_scheduler(
-            data.denoiser.config, DDPMScheduler
-        ),
+        noise_scheduler=MODEL_FAMILIES[config.model_type].noise_scheduler(data.denoiser),
         total_steps=total_steps,
     )
     for stateful in (lr_scheduler, ema, run.state):
         if stateful is not None:
             accelerator.register_for_checkpointing(stateful)
     resume_if_asked(run)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("clip_diffusionlm", config=tracker_hyperparameters(config))
+    return run
 
-    state = run.state
+
+def run_loop(run: TrainingRun) -> str | None:
+    """Steps until `total_steps`, early stopping or an interrupt, validating and checkpointing on schedule; returns
+    why it stopped early (`"early stopping"`, `"interrupted"`) or `None`."""
+    config, accelerator, state = run.config, run.accelerator, run.state
     start_time = time.monotonic() - state.training_seconds
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="training")
-    denoiser.train()
+    run.denoiser.train()
     stop_reason = None
     with StopRequest() as stop_request:
-        while stop_reason is None and state.global_step < total_steps:
-            sampler.epoch = state.epoch
-            batches = dataloader
+        while stop_reason is None and state.global_step < run.total_steps:
+            run.sampler.epoch = state.epoch
+            batches = run.dataloader
             if state.batches_done_in_epoch:
-                batches = accelerator.skip_first_batches(dataloader, state.batches_done_in_epoch)
+                batches = accelerator.skip_first_batches(run.dataloader, state.batches_done_in_epoch)
             for batch in batches:
                 output, stop_requested = training_step(run, batch, stop_request.requested)
                 state.batches_done_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
-                if ema is not None:
-                    ema.step(run.model.parameters())
+                if run.ema is not None:
+                    run.ema.step(run.model.parameters())
                 log_step(run, output, start_time, progress)
 
                 if config.validation_steps and state.global_step % config.validation_steps == 0:
@@ -744,24 +662,43 @@ def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
                 ):
                     state.training_seconds = time.monotonic() - start_time
                     save_checkpoint(run)
-                if stop_reason is not None or state.global_step >= total_steps:
+                if stop_reason is not None or state.global_step >= run.total_steps:
                     break
             else:
                 state.epoch += 1
                 state.batches_done_in_epoch = 0
     progress.close()
     state.training_seconds = time.monotonic() - start_time
+    return stop_reason
 
+
+def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
+    """
+    Trains a denoiser (or the AR baseline) on cached CLIP features and saves its pipeline (safetensors) with a model
+    card in `config.output_dir`. Returns that directory.
+
+    Args:
+        config (`TrainingConfig`):
+            The run: data sources, model, optimisation, validation, checkpointing, Hub.
+        dataset (`datasets.DatasetDict`, *optional*):
+            The caption dataset already loaded, in the package's schema (what `clip_diffusionlm.data.load_datasets`
+            returns); `config`'s data sources are then not read again. Loading a folder of 8,900 images takes
+            `datasets` about 10 s, which the demo saves this way.
+    """
+    run = build_run(config, dataset)
+    if run.accelerator.is_main_process:
+        run.accelerator.init_trackers("clip_diffusionlm", config=tracker_hyperparameters(config))
+    stop_reason = run_loop(run)
     if stop_reason == "interrupted":
         logger.warning("Interrupted: checkpoint saved at step %d; resume with --resume_from_checkpoint latest.",
-                       state.global_step)
-    elif accelerator.is_main_process:
+                       run.state.global_step)
+    elif run.accelerator.is_main_process:
         metrics = {}
-        if run.latest_validation is not None and run.latest_validation[0] == state.global_step:
+        if run.latest_validation is not None and run.latest_validation[0] == run.state.global_step:
             metrics = run.latest_validation[1]
-        elif len(data.validation_split):
+        elif len(run.data.validation_split):
             metrics = run_validation(run)
         save_pipeline(run, metrics)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return output_dir
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return run.output_dir

@@ -15,11 +15,12 @@ import shutil
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from packaging.requirements import Requirement
 
+from ..pipelines.captioning_utils import upload_folder_to_hub
 from . import handler
 from .model_card import save_model_card
 
@@ -128,36 +129,21 @@ def write_published_files(folder: str | os.PathLike, repo_id: str) -> None:
         save_model_card(folder, repo_id)
 
 
-def push_folder_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-):
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, **upload_options):
     """
-    Uploads a saved pipeline folder to the Hub as one commit: first the card is regenerated for `repo_id` and the
-    repository's code stubs are refreshed in `folder`, so the local folder and the repository agree; then every file of
-    [`publishable_files`] is sent.
+    Uploads a saved pipeline folder to the Hub as one commit: the start-up check of [`check_hub_repo`] first, then the
+    card regenerated for `repo_id`, the Endpoint handler and requirements written into `folder` (so the local folder
+    and the repository agree), then every file of [`publishable_files`].
 
     Args:
         folder (`str` or `os.PathLike`):
             A folder written by `CLIPDiffusionCaptionPipeline.save_pretrained` (or by training).
         repo_id (`str`):
             The model repository, created when missing.
-        token (`str`, *optional*):
-            A Hub token with write access; defaults to the saved login or `HF_TOKEN`.
-        private (`bool`, *optional*):
-            Visibility of a repository that has to be created.
-        revision (`str`, *optional*):
-            A branch to commit to (created from `main` when missing); defaults to `main`.
-        commit_message (`str`, *optional*):
-            Defaults to "Upload CLIP-DiffusionLM pipeline".
-        create_pr (`bool`, *optional*, defaults to `False`):
-            Open a pull request instead of committing to the branch.
+        upload_options:
+            `token` (used for every call; defaults to the saved login or `HF_TOKEN`), `private` (visibility of a
+            repository that has to be created), `revision` (a branch, created from `main` when missing),
+            `commit_message` and `create_pr`, as `upload_folder_to_hub` takes them.
 
     Returns:
         `huggingface_hub.CommitInfo`: The commit, with its URL.
@@ -165,21 +151,10 @@ def push_folder_to_hub(
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
-    api = HfApi(token=token)
-    repo_id = check_hub_repo(repo_id, private=private, api=api)
-    write_published_files(folder, repo_id)
-    if revision not in (None, "main"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in publishable_files(folder)
-    ]
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or "Upload CLIP-DiffusionLM pipeline",
-        revision=revision,
-        create_pr=create_pr,
-    )
+    repo_id = check_hub_repo(repo_id, token=upload_options.get("token"), private=upload_options.get("private"))
+    upload_options.setdefault("commit_message", "Upload CLIP-DiffusionLM pipeline")
+    # The upload runs the registered writers, [`write_published_files`] among them, before it sends the files.
+    return upload_folder_to_hub(folder, repo_id, files=publishable_files, **upload_options)
 
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from .modeling_clip_diffusionlm import IMAGE_FEATURES, backbone_config_as_dict, check_vision_feature_layer
+from .modeling_clip_diffusionlm import CaptionModelConfig, backbone_config_as_dict
 
 # The `CLIPDiffusionLMConfig` arguments that mean the same thing for the baseline: what it reads of the image and how
 # long its captions are. A training run's `model_config` is shared by both model types; the other (diffusion-only)
@@ -25,7 +25,7 @@ SHARED_CONFIG_KEYS = (
 )
 
 
-class CLIPCaptionerARConfig(PretrainedConfig):
+class CLIPCaptionerARConfig(CaptionModelConfig):
     r"""
     Configuration of a [`CLIPCaptionerARForCausalLM`]: frozen CLIP features, projected into a prefix of tokens as the
     diffusion denoiser projects them, followed by the caption, read left to right by the first layers of a pretrained
@@ -60,39 +60,18 @@ class CLIPCaptionerARConfig(PretrainedConfig):
     """
 
     model_type = "clip_captioner_ar"
+    default_backbone_type = "bert"
+    default_text_backbone = "bert-base-uncased"
 
-    def __init__(
-        self,
-        caption_length: int = 16,
-        condition_dim: int = 512,
-        image_features: str = "pooled",
-        vision_feature_layer: int = -1,
-        patch_dim: int = 768,
-        image_condition_tokens: int = 1,
-        condition_hidden_act: str = "gelu",
-        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
-        rounding_vocabulary: list[int] | None = None,
-        text_backbone_name_or_path: str = "bert-base-uncased",
-        **kwargs,
-    ):
-        backbone_config = backbone_config_as_dict(backbone_config, default_model_type="bert")
+    def __init__(self, **kwargs):
+        backbone_config = backbone_config_as_dict(kwargs.pop("backbone_config", None), self.default_backbone_type)
         # A decoder without cross-attention: the image arrives as prefix tokens, not as encoder states.
         backbone_config = {**backbone_config, "is_decoder": True, "add_cross_attention": False}
-        self.caption_length = caption_length
-        self.condition_dim = condition_dim
-        self.image_features = image_features
-        self.vision_feature_layer = vision_feature_layer
-        self.patch_dim = patch_dim
-        self.image_condition_tokens = image_condition_tokens
-        self.condition_hidden_act = condition_hidden_act
-        self.backbone_config = backbone_config
-        self.rounding_vocabulary = None if rounding_vocabulary is None else sorted({int(i) for i in rounding_vocabulary})
-        self.text_backbone_name_or_path = text_backbone_name_or_path
         # generate()'s special tokens default to the backbone tokenizer's [CLS]/[SEP]/[PAD] ids.
         kwargs.setdefault("bos_token_id", backbone_config.get("bos_token_id") or 101)
         kwargs.setdefault("eos_token_id", backbone_config.get("eos_token_id") or 102)
         kwargs.setdefault("pad_token_id", backbone_config.get("pad_token_id", 0))
-        super().__init__(**kwargs)
+        super().__init__(backbone_config=backbone_config, **kwargs)  # every argument is a shared one
         self.validate()
 
     @classmethod
@@ -102,31 +81,11 @@ class CLIPCaptionerARConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first argument that is out of range."""
-        if self.image_features not in IMAGE_FEATURES:
-            raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {self.image_features!r}.")
-        check_vision_feature_layer(self.image_features, self.vision_feature_layer)
-        for name in ("caption_length", "condition_dim", "patch_dim", "image_condition_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.caption_length < 2:
-            raise ValueError(f"`caption_length` must be at least 2 ([CLS] and [SEP]), got {self.caption_length}.")
+        super().validate()
         if self.rounding_vocabulary is not None:
-            vocab_size = self.backbone_config.get("vocab_size")
-            if len(self.rounding_vocabulary) < 2 or self.rounding_vocabulary[0] < 0 or (
-                vocab_size is not None and self.rounding_vocabulary[-1] >= vocab_size
-            ):
-                raise ValueError(
-                    f"`rounding_vocabulary` must hold at least 2 token ids in [0, vocab_size={vocab_size}), got "
-                    f"{len(self.rounding_vocabulary)} ids."
-                )
             missing = {self.bos_token_id, self.eos_token_id, self.pad_token_id} - set(self.rounding_vocabulary)
             if missing:
                 raise ValueError(f"`rounding_vocabulary` must hold the special tokens; missing {sorted(missing)}.")
-
-    def get_backbone_config(self) -> PretrainedConfig:
-        """The transformers config of the causal text transformer."""
-        return AutoConfig.for_model(**self.backbone_config)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
         """The backbone's config: `generate()` sizes its KV cache (layers, heads) and its vocabulary from it."""

@@ -57,7 +57,71 @@ def backbone_config_as_dict(
     return backbone_config
 
 
-class CLIPDiffusionLMConfig(PretrainedConfig):
+class CaptionModelConfig(PretrainedConfig):
+    r"""
+    What the caption models of this package configure alike: the caption length, which CLIP features they read and
+    how they are projected, the pretrained text backbone and the vocabulary their output may use. The arguments are
+    documented with [`CLIPDiffusionLMConfig`]; subclasses add their own and set `default_backbone_type` and
+    `default_text_backbone`.
+    """
+
+    default_backbone_type = "distilbert"
+    default_text_backbone = "distilbert-base-uncased"
+
+    def __init__(
+        self,
+        caption_length: int = 16,
+        condition_dim: int = 512,
+        image_features: str = "pooled",
+        vision_feature_layer: int = -1,
+        patch_dim: int = 768,
+        image_condition_tokens: int = 1,
+        condition_hidden_act: str = "gelu",
+        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        rounding_vocabulary: list[int] | None = None,
+        text_backbone_name_or_path: str | None = None,
+        **kwargs,
+    ):
+        self.caption_length = caption_length
+        self.condition_dim = condition_dim
+        self.image_features = image_features
+        self.vision_feature_layer = vision_feature_layer
+        self.patch_dim = patch_dim
+        self.image_condition_tokens = image_condition_tokens
+        self.condition_hidden_act = condition_hidden_act
+        self.backbone_config = backbone_config_as_dict(backbone_config, default_model_type=self.default_backbone_type)
+        self.rounding_vocabulary = None if rounding_vocabulary is None else sorted({int(i) for i in rounding_vocabulary})
+        self.text_backbone_name_or_path = text_backbone_name_or_path or self.default_text_backbone
+        super().__init__(**kwargs)
+
+    def validate(self) -> None:
+        """Raises `ValueError` naming the first shared argument that is out of range."""
+        if self.image_features not in IMAGE_FEATURES:
+            raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {self.image_features!r}.")
+        check_vision_feature_layer(self.image_features, self.vision_feature_layer)
+        for name in ("caption_length", "condition_dim", "patch_dim", "image_condition_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.caption_length < 2:
+            raise ValueError(f"`caption_length` must be at least 2 ([CLS] and [SEP]), got {self.caption_length}.")
+        if self.rounding_vocabulary is not None:
+            vocab_size = self.backbone_config.get("vocab_size")
+            if len(self.rounding_vocabulary) < 2 or self.rounding_vocabulary[0] < 0 or (
+                vocab_size is not None and self.rounding_vocabulary[-1] >= vocab_size
+            ):
+                raise ValueError(
+                    f"`rounding_vocabulary` must hold at least 2 token ids in [0, vocab_size={vocab_size}), got "
+                    f"{len(self.rounding_vocabulary)} ids ranging {self.rounding_vocabulary[:1]}..."
+                    f"{self.rounding_vocabulary[-1:]}."
+                )
+
+    def get_backbone_config(self) -> PretrainedConfig:
+        """The transformers config of the text transformer, rebuilt from the stored dict."""
+        return AutoConfig.for_model(**self.backbone_config)
+
+
+class CLIPDiffusionLMConfig(CaptionModelConfig):
     r"""
     Configuration of a [`CLIPDiffusionLMModel`], the denoiser of CLIP-DiffusionLM (Xu, 2022, arXiv 2210.04559).
 
@@ -145,13 +209,7 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
 
     def __init__(
         self,
-        caption_length: int = 16,
-        condition_dim: int = 512,
         fusion: str = "concat",
-        image_features: str = "pooled",
-        vision_feature_layer: int = -1,
-        patch_dim: int = 768,
-        image_condition_tokens: int = 1,
         use_text_condition: bool = False,
         condition_drop_prob: float = 0.0,
         prediction_type: str = "sample",
@@ -165,21 +223,9 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         embedding_scale: float = 1.0,
         noise_schedule: str = "squaredcos_cap_v2",
         num_train_timesteps: int = 1000,
-        condition_hidden_act: str = "gelu",
-        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
-        rounding_vocabulary: list[int] | None = None,
-        text_backbone_name_or_path: str = "distilbert-base-uncased",
         **kwargs,
     ):
-        backbone_config = backbone_config_as_dict(backbone_config, default_model_type="distilbert")
-
-        self.caption_length = caption_length
-        self.condition_dim = condition_dim
         self.fusion = fusion
-        self.image_features = image_features
-        self.vision_feature_layer = vision_feature_layer
-        self.patch_dim = patch_dim
-        self.image_condition_tokens = image_condition_tokens
         self.use_text_condition = use_text_condition
         self.condition_drop_prob = condition_drop_prob
         self.prediction_type = prediction_type
@@ -193,24 +239,18 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
         self.embedding_scale = embedding_scale
         self.noise_schedule = noise_schedule
         self.num_train_timesteps = num_train_timesteps
-        self.condition_hidden_act = condition_hidden_act
-        self.backbone_config = backbone_config
-        self.rounding_vocabulary = None if rounding_vocabulary is None else sorted({int(i) for i in rounding_vocabulary})
-        self.text_backbone_name_or_path = text_backbone_name_or_path
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # the shared arguments: caption length, conditioning, backbone, vocabulary
         self.validate()
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first knob that is out of range."""
+        super().validate()
         if self.fusion not in FUSION_METHODS:
             raise ValueError(f"`fusion` must be one of {FUSION_METHODS}, got {self.fusion!r}.")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}.")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
-        if self.image_features not in IMAGE_FEATURES:
-            raise ValueError(f"`image_features` must be one of {IMAGE_FEATURES}, got {self.image_features!r}.")
-        check_vision_feature_layer(self.image_features, self.vision_feature_layer)
         if self.image_features == "patches" and self.fusion != "concat":
             raise ValueError(
                 "`image_features='patches'` needs fusion='concat' (addition would sum the patches back into one)."
@@ -220,13 +260,10 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
                 f"`image_condition_tokens` = {self.image_condition_tokens} needs fusion='concat' (addition would sum the "
                 "tokens back into one)."
             )
-        for name in ("caption_length", "condition_dim", "patch_dim", "num_train_timesteps", "prediction_step_offset",
-                     "image_condition_tokens"):
+        for name in ("num_train_timesteps", "prediction_step_offset"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.caption_length < 2:
-            raise ValueError(f"`caption_length` must be at least 2 ([CLS] and [SEP]), got {self.caption_length}.")
         if self.prediction_step_offset >= self.num_train_timesteps:
             raise ValueError(
                 f"`prediction_step_offset` ({self.prediction_step_offset}) must be smaller than "
@@ -240,23 +277,9 @@ class CLIPDiffusionLMConfig(PretrainedConfig):
             raise ValueError(
                 f"`dynamic_rounding_constant` (C) must be positive or None, got {self.dynamic_rounding_constant}."
             )
-        if self.rounding_vocabulary is not None:
-            vocab_size = self.backbone_config.get("vocab_size")
-            if len(self.rounding_vocabulary) < 2 or self.rounding_vocabulary[0] < 0 or (
-                vocab_size is not None and self.rounding_vocabulary[-1] >= vocab_size
-            ):
-                raise ValueError(
-                    f"`rounding_vocabulary` must hold at least 2 token ids in [0, vocab_size={vocab_size}), got "
-                    f"{len(self.rounding_vocabulary)} ids ranging {self.rounding_vocabulary[:1]}..."
-                    f"{self.rounding_vocabulary[-1:]}."
-                )
         for name in ("embedding_scale", "rounding_logit_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
-
-    def get_backbone_config(self) -> PretrainedConfig:
-        """The transformers config of the transformer encoder, rebuilt from the stored dict."""
-        return AutoConfig.for_model(**self.backbone_config)
 
 
 @dataclass

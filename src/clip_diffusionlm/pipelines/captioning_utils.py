@@ -15,7 +15,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -322,10 +323,12 @@ def upload_folder_to_hub(
     token: str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    files: Callable[[Path], list[str]] | None = None,
 ):
     """
     Uploads a saved pipeline folder as one commit, everything with `token`: `repo_id` is created when missing (private
-    if asked), `revision` when it is a new branch; the [`REPOSITORY_FILE_WRITERS`] add their files first.
+    if asked), `revision` when it is a new branch; the [`REPOSITORY_FILE_WRITERS`] add their files first. `files`
+    chooses what of the folder is sent (relative POSIX paths); everything by default.
 
     Returns:
         `huggingface_hub.CommitInfo`: The commit.
@@ -336,11 +339,9 @@ def upload_folder_to_hub(
         writer(folder, repo_id)
     if revision not in (None, "main"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-        for path in sorted(Path(folder).rglob("*"))
-        if path.is_file()
-    ]
+    folder = Path(folder)
+    names = files(folder) if files else [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
     return api.create_commit(
         repo_id,
         operations,
@@ -348,3 +349,106 @@ def upload_folder_to_hub(
         revision=revision,
         create_pr=create_pr,
     )
+
+
+class CaptionPipelineMixin:
+    """
+    Loading, saving and pushing of the caption pipelines (put it before `DiffusionPipeline` in the bases): each
+    component loads with its own class (the custom model through `model_auto_class`), and a save holds the pipeline's
+    code so that it also loads where this package is not installed.
+    """
+
+    model_component: str  # "denoiser" or "captioner"
+    model_auto_class: type  # the transformers Auto class that loads it
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """
+        Loads a saved pipeline from a local folder or a Hub repository id (downloaded through the Hugging Face cache, so
+        `HF_HUB_OFFLINE=1` works once it is cached). Each component loads with its own class; weights are read from
+        safetensors only, unless `allow_pickle=True` is passed explicitly.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder written by [`save_pretrained`] or training, or a Hub id (`"user/repo"`).
+            revision, cache_dir, token (*optional*):
+                Passed to `huggingface_hub.snapshot_download` for a Hub id.
+            torch_dtype (`torch.dtype`, *optional*):
+                Load the models' weights in this dtype.
+            allow_pickle (`bool`, *optional*, defaults to `False`):
+                Also read `.bin` weights.
+            trust_remote_code (`bool`, *optional*, defaults to `False`):
+                Run the model code that the folder holds; needed only where this package is not installed.
+            kwargs:
+                Components to use instead of the saved ones (`scheduler=DDPMScheduler(...)`).
+        """
+        hub_kwargs = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "token") if name in kwargs}
+        options = {name: kwargs.pop(name) for name in ("torch_dtype", "allow_pickle", "trust_remote_code") if name in kwargs}
+        folder = resolve_pipeline_folder(pretrained_model_name_or_path, **hub_kwargs)
+        return cls(**load_components(cls, folder, {cls.model_component: cls.model_auto_class}, kwargs, **options))
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """
+        Saves every component (weights as safetensors) with `model_index.json`, and this pipeline's code beside them,
+        so that the folder also loads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where
+        this package is not installed. With `push_to_hub=True` the folder is then uploaded as diffusers does
+        (`repo_id`, `private`, `token`, `commit_message`, `create_pr`).
+        """
+        push_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "private", "token", "revision", "commit_message", "create_pr") if name in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+        write_pipeline_code(self, save_directory, self.model_component)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            upload_folder_to_hub(save_directory, repo_id, **push_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        revision: str | None = None,
+    ):
+        """
+        Saves the pipeline to a temporary folder and uploads exactly that folder as one commit to `repo_id` (created
+        when missing; private if asked). Where this package is installed the folder also gets the model card, the
+        Inference Endpoints `handler.py` and its `requirements.txt`. To publish a training output with its metrics and
+        examples on the card, push its folder instead (`clip-diffusionlm push DIR REPO_ID`).
+
+        Args:
+            repo_id (`str`):
+                `"user/name"` (a bare name goes to your namespace).
+            commit_message (`str`, *optional*):
+                Defaults to "Upload pipeline".
+            private (`bool`, *optional*):
+                Visibility of a repository that has to be created.
+            token (`str`, *optional*):
+                A Hub token with write access, used for every call; defaults to the saved login or `HF_TOKEN`.
+            create_pr (`bool`, *optional*, defaults to `False`):
+                Open a pull request instead of committing.
+            safe_serialization (`bool`, *optional*, defaults to `True`):
+                Must stay `True` for a repository that loads without pickles.
+            variant (`str`, *optional*):
+                Weight file variant.
+            revision (`str`, *optional*):
+                Branch to commit to (created when missing).
+
+        Returns:
+            `huggingface_hub.CommitInfo`: The commit.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return upload_folder_to_hub(
+                folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
+                create_pr=create_pr,
+            )

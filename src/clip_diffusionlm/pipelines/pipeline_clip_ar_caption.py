@@ -6,7 +6,6 @@ Written verbatim into saved pipeline folders beside `captioning_utils.py`, like 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,19 +20,9 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .captioning_utils import (
-    OUTPUT_TYPES,
-    ImageInput,
-    check_image_embeds,
-    decode_captions,
-    encode_images,
-    load_components,
-    resolve_pipeline_folder,
-    upload_folder_to_hub,
-    write_pipeline_code,
-)
+from .captioning_utils import CaptionPipelineMixin, ImageInput, check_image_embeds, decode_captions, encode_images
 
-AR_OUTPUT_TYPES = tuple(kind for kind in OUTPUT_TYPES if kind != "latent")  # no latent: the captioner emits tokens
+AR_OUTPUT_TYPES = ("str", "token_ids")  # no "latent": the captioner emits tokens
 
 
 @dataclass
@@ -51,7 +40,7 @@ class CLIPARCaptionPipelineOutput(BaseOutput):
     captions: list[str] | torch.Tensor
 
 
-class CLIPARCaptionPipeline(DiffusionPipeline):
+class CLIPARCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
     r"""
     Image captioning with the autoregressive baseline [`CLIPCaptionerARForCausalLM`] (greedy or beam search through
     transformers' `generate()` with its KV cache). Saved and loaded like [`CLIPDiffusionCaptionPipeline`]
@@ -69,6 +58,8 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_encoder->captioner"
+    model_component = "captioner"
+    model_auto_class = AutoModelForCausalLM
 
     def __init__(
         self,
@@ -81,25 +72,6 @@ class CLIPARCaptionPipeline(DiffusionPipeline):
         self.register_modules(
             captioner=captioner, image_encoder=image_encoder, image_processor=image_processor, tokenizer=tokenizer
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIPARCaptionPipeline:
-        """Loads a saved pipeline folder or Hub repository, with the options of
-        [`CLIPDiffusionCaptionPipeline.from_pretrained`]."""
-        hub_kwargs = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "token") if name in kwargs}
-        options = {name: kwargs.pop(name) for name in ("torch_dtype", "allow_pickle", "trust_remote_code") if name in kwargs}
-        folder = resolve_pipeline_folder(pretrained_model_name_or_path, **hub_kwargs)
-        return cls(**load_components(cls, folder, {"captioner": AutoModelForCausalLM}, kwargs, **options))
-
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
-        """Saves the components and this pipeline's code, as [`CLIPDiffusionCaptionPipeline.save_pretrained`]."""
-        push_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "private", "token", "revision", "commit_message", "create_pr") if name in kwargs}
-        push_to_hub = kwargs.pop("push_to_hub", False)
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        write_pipeline_code(self, save_directory, "captioner")
-        if push_to_hub:
-            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-            upload_folder_to_hub(save_directory, repo_id, **push_kwargs)
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
         """The CLIP features the captioner reads (`config.image_features`), as the diffusion pipeline computes them."""

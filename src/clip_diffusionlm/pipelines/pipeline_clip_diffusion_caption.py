@@ -8,8 +8,6 @@ they import nothing of the package.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,14 +22,11 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .captioning_utils import (
     OUTPUT_TYPES,
+    CaptionPipelineMixin,
     ImageInput,
     check_image_embeds,
     decode_captions,
     encode_images,
-    load_components,
-    resolve_pipeline_folder,
-    upload_folder_to_hub,
-    write_pipeline_code,
 )
 
 logger = logging.get_logger(__name__)
@@ -52,7 +47,7 @@ class CLIPDiffusionCaptionPipelineOutput(BaseOutput):
     captions: list[str] | torch.Tensor
 
 
-class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
+class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
     r"""
     Image captioning with CLIP-DiffusionLM.
 
@@ -70,6 +65,8 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_encoder->denoiser"
+    model_component = "denoiser"
+    model_auto_class = AutoModel
     _callback_tensor_inputs = ["noisy_embeds", "original_estimate", "image_embeds"]
 
     def __init__(
@@ -88,98 +85,6 @@ class CLIPDiffusionCaptionPipeline(DiffusionPipeline):
             image_processor=image_processor,
             tokenizer=tokenizer,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIPDiffusionCaptionPipeline:
-        """
-        Loads a saved pipeline from a local folder or a Hub repository id (downloaded through the Hugging Face cache, so
-        `HF_HUB_OFFLINE=1` works once it is cached). Each component loads with its own class; weights are read from
-        safetensors only, unless `allow_pickle=True` is passed explicitly.
-
-        Args:
-            pretrained_model_name_or_path (`str` or `os.PathLike`):
-                A folder written by [`save_pretrained`] or training, or a Hub id (`"user/repo"`).
-            revision, cache_dir, token (*optional*):
-                Passed to `huggingface_hub.snapshot_download` for a Hub id.
-            torch_dtype (`torch.dtype`, *optional*):
-                Load the models' weights in this dtype.
-            allow_pickle (`bool`, *optional*, defaults to `False`):
-                Also read `.bin` weights.
-            trust_remote_code (`bool`, *optional*, defaults to `False`):
-                Run the denoiser code that the folder holds; needed only where this package is not installed.
-            kwargs:
-                Components to use instead of the saved ones (`scheduler=DDPMScheduler(...)`).
-        """
-        hub_kwargs = {name: kwargs.pop(name) for name in ("revision", "cache_dir", "token") if name in kwargs}
-        options = {name: kwargs.pop(name) for name in ("torch_dtype", "allow_pickle", "trust_remote_code") if name in kwargs}
-        folder = resolve_pipeline_folder(pretrained_model_name_or_path, **hub_kwargs)
-        return cls(**load_components(cls, folder, {"denoiser": AutoModel}, kwargs, **options))
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ) -> None:
-        """
-        Saves every component (weights as safetensors) with `model_index.json`, and this pipeline's code beside them,
-        so that the folder also loads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where
-        this package is not installed. With `push_to_hub=True` the folder is then uploaded as diffusers does
-        (`repo_id`, `private`, `token`, `commit_message`, `create_pr`).
-        """
-        push_kwargs = {name: kwargs.pop(name) for name in ("repo_id", "private", "token", "revision", "commit_message", "create_pr") if name in kwargs}
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
-        write_pipeline_code(self, save_directory, "denoiser")
-        if push_to_hub:
-            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-            upload_folder_to_hub(save_directory, repo_id, **push_kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        revision: str | None = None,
-    ):
-        """
-        Saves the pipeline to a temporary folder and uploads exactly that folder as one commit to `repo_id` (created
-        when missing; private if asked). Where this package is installed the folder also gets the model card, the
-        Inference Endpoints `handler.py` and its `requirements.txt`. To publish a training output with its metrics and
-        examples on the card, push its folder instead (`clip-diffusionlm push DIR REPO_ID`).
-
-        Args:
-            repo_id (`str`):
-                `"user/name"` (a bare name goes to your namespace).
-            commit_message (`str`, *optional*):
-                Defaults to "Upload pipeline".
-            private (`bool`, *optional*):
-                Visibility of a repository that has to be created.
-            token (`str`, *optional*):
-                A Hub token with write access, used for every call; defaults to the saved login or `HF_TOKEN`.
-            create_pr (`bool`, *optional*, defaults to `False`):
-                Open a pull request instead of committing.
-            safe_serialization (`bool`, *optional*, defaults to `True`):
-                Must stay `True` for a repository that loads without pickles.
-            variant (`str`, *optional*):
-                Weight file variant.
-            revision (`str`, *optional*):
-                Branch to commit to (created when missing).
-
-        Returns:
-            `huggingface_hub.CommitInfo`: The commit.
-        """
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return upload_folder_to_hub(
-                folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
-                create_pr=create_pr,
-            )
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.FloatTensor:
         """The CLIP features the denoiser reads (`config.image_features`) of PIL/numpy/torch images: L2-normalised

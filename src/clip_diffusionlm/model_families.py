@@ -1,0 +1,144 @@
+"""
+The model families the training loop trains: what differs between CLIP-DiffusionLM and its autoregressive twin, behind
+one small interface, so that the loop in `training.py` reads the same for both and has no branch on the family.
+
+A family builds its model on the pretrained text backbone, computes its loss on a batch, wraps the model in its
+pipeline, captions the validation features and writes what its saved folder holds besides the pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from transformers import CLIPVisionModelWithProjection, PreTrainedModel
+
+from .diffusion import INFERENCE_SCHEDULERS, diffusion_loss, make_noise_scheduler
+from .evaluation import caption_embeddings
+from .hub.model_card import write_model_card
+from .models.configuration_clip_captioner_ar import CLIPCaptionerARConfig
+from .models.modeling_clip_captioner_ar import CLIPCaptionerARForCausalLM, captioner_loss
+from .models.modeling_clip_diffusionlm import CLIPDiffusionLMModel
+from .pipelines.pipeline_clip_ar_caption import CLIPARCaptionPipeline
+from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .training_args import TrainingConfig
+
+
+class ModelFamily:
+    """
+    What the training loop needs of a model family. Subclasses implement each method; `model_class` is the
+    `PreTrainedModel` the family trains.
+    """
+
+    model_class: type[PreTrainedModel]
+
+    def model_kwargs(self, config: TrainingConfig, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The run's model configuration (`config.model_config` over the CLIP-derived sizes) as this family's."""
+        return model_kwargs
+
+    def build(
+        self, config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, rounding_vocabulary: list[int] | None
+    ) -> PreTrainedModel:
+        """The model on the pretrained text backbone, sized for the CLIP it reads."""
+        model_kwargs = self.model_kwargs(config, {
+            "condition_dim": image_encoder.config.projection_dim,
+            "patch_dim": image_encoder.config.hidden_size,
+            "rounding_vocabulary": rounding_vocabulary,
+            **config.model_config,
+        })
+        pretrained = self.model_class.from_text_backbone(
+            config.text_backbone, num_backbone_layers=config.text_backbone_layers, **model_kwargs
+        )
+        if config.attn_implementation is not None:
+            pretrained.set_attn_implementation(config.attn_implementation)
+        if not config.init_backbone_weights:
+            # The original code's set-up: pretrained (frozen) word embeddings, randomly initialised transformer layers.
+            model = self.model_class(pretrained.config)
+            model.get_input_embeddings().weight.data.copy_(pretrained.get_input_embeddings().weight)
+            pretrained = model
+        if config.gradient_checkpointing:
+            pretrained.gradient_checkpointing_enable()
+        return pretrained
+
+    def noise_scheduler(self, model: PreTrainedModel) -> DDPMScheduler | None:
+        """The training noise schedule, for a family that has one."""
+        raise NotImplementedError
+
+    def loss(self, run, model: torch.nn.Module, input_ids, image_embeds, text_embeds=None):
+        """The objective on a batch: an output with `.loss` and the terms the loop logs."""
+        raise NotImplementedError
+
+    def pipeline(self, run) -> DiffusionPipeline:
+        """The pipeline around the run's current model (EMA weights when they are swapped in)."""
+        raise NotImplementedError
+
+    def validation_captions(self, run, features: torch.Tensor) -> list[list[str]]:
+        """One list of sampled captions per validation image."""
+        raise NotImplementedError
+
+    def write_extras(self, run, pipe: DiffusionPipeline) -> None:
+        """Whatever the saved folder holds besides the pipeline and the training record."""
+
+
+class DiffusionFamily(ModelFamily):
+    """CLIP-DiffusionLM: the diffusion objective, sampled with the run's inference scheduler; its folder has a card."""
+
+    model_class = CLIPDiffusionLMModel
+
+    def noise_scheduler(self, model: CLIPDiffusionLMModel) -> DDPMScheduler:
+        return make_noise_scheduler(model.config, DDPMScheduler)
+
+    def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
+        return diffusion_loss(
+            model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
+            timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.config.timestep_sampling,
+        )
+
+    def pipeline(self, run) -> CLIPDiffusionCaptionPipeline:
+        pipe = CLIPDiffusionCaptionPipeline(
+            denoiser=run.model,
+            scheduler=make_noise_scheduler(run.model.config, INFERENCE_SCHEDULERS[run.config.inference_scheduler]),
+            image_encoder=run.data.image_encoder,
+            image_processor=run.data.image_processor,
+            tokenizer=run.data.tokenizer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validation_captions(self, run, features):
+        return caption_embeddings(
+            self.pipeline(run), features, run.config.validation_inference_steps, run.config.validation_guidance_scale,
+            seed=run.config.seed,
+        )
+
+    def write_extras(self, run, pipe):
+        write_model_card(run.output_dir, pipe, run.config, run.data.dataset)
+
+
+class AutoregressiveFamily(ModelFamily):
+    """The AR baseline: next-token cross-entropy, greedy `generate()`; its folder keeps the training record only."""
+
+    model_class = CLIPCaptionerARForCausalLM
+
+    def model_kwargs(self, config, model_kwargs):
+        return CLIPCaptionerARConfig.shared_kwargs(model_kwargs)
+
+    def noise_scheduler(self, model) -> None:
+        return None
+
+    def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
+        return captioner_loss(model, input_ids, image_embeds)
+
+    def pipeline(self, run) -> CLIPARCaptionPipeline:
+        return CLIPARCaptionPipeline(
+            captioner=run.model, image_encoder=run.data.image_encoder, image_processor=run.data.image_processor,
+            tokenizer=run.data.tokenizer,
+        )
+
+    def validation_captions(self, run, features):
+        # Greedy, all validation images in one `generate()`.
+        return [[caption] for caption in self.pipeline(run)(image_embeds=features).captions]
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {"diffusion": DiffusionFamily(), "ar": AutoregressiveFamily()}
