@@ -11,6 +11,7 @@ repository.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def caption_with_trajectory(
 def build_demo(pipe: DiffusionPipeline, examples: list[str], title: str) -> gr.Blocks:
     """The app: image, sliders and a button in; captions and the step-by-step table out."""
     pipe.set_progress_bar_config(disable=True)
+    # The pipeline's own default is its recommended number of steps.
+    recommended_steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
 
     def run(image, steps, guidance, num_captions, seed):
         if image is None:
@@ -74,7 +77,7 @@ def build_demo(pipe: DiffusionPipeline, examples: list[str], title: str) -> gr.B
         with gr.Row():
             image = gr.Image(type="pil", image_mode="RGB", label="Image", elem_id="image")
             with gr.Column():
-                steps = gr.Slider(1, 50, value=5, step=1, label="Denoising steps")
+                steps = gr.Slider(1, 50, value=recommended_steps, step=1, label="Denoising steps")
                 guidance = gr.Slider(0.0, 5.0, value=1.0, step=0.1, label="Guidance scale (1 = off)")
                 num_captions = gr.Slider(1, 4, value=1, step=1, label="Captions")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")

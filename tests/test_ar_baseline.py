@@ -168,7 +168,7 @@ def test_loss_scores_caption_tokens_and_ignores_padding(tokenizer):
 def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "caption_speed_quality.py"), "--tiny", "--work_dir",
-         str(tmp_path / "work"), "--output_dir", str(tmp_path / "results")],
+         str(tmp_path / "work"), "--output_dir", str(tmp_path / "results"), "--training_seeds", "0", "1"],
         capture_output=True, text=True, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,12 +176,19 @@ def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
     assert (tmp_path / "results" / "caption_speed_quality_tiny.png").stat().st_size > 0
     assert "| AR beam 3 |" in (tmp_path / "results" / "caption_speed_quality_tiny.md").read_text()
     names = [row["name"] for row in results["settings"]]
-    assert {f"DDIM {steps} step{'s' * (steps > 1)}" for steps in (1, 2, 3, 5, 10, 20)} <= set(names)
-    assert {"AR greedy", "AR beam 3", "DDIM 5 steps, clamped", "DDIM 5 steps, guidance 2"} <= set(names)
+    # Rows name the scheduler that runs them (the tiny pipeline was saved with DDIM); the first is the pipeline's
+    # defaults, the recommended setting.
+    assert names[0] == "recommended: DDIM 1 step (the pipeline's defaults)" and results["settings"][0]["kwargs"] == {}
+    assert {f"DDIM {steps} steps" for steps in (2, 3, 5, 10)} <= set(names)
+    assert {"AR greedy", "AR beam 3", "DDIM 2 steps, clamped", "DDIM 1 step, guidance 2"} <= set(names)
     for row in results["settings"]:
         assert set(row["speed"]) == {"1", "16", "64"}
         assert all(speed["captions_per_s"] > 0 and speed["p90_s"] >= speed["median_s"] for speed in row["speed"].values())
-        assert {"CIDEr", "BLEU-4", "object_accuracy"} <= set(row)
+        assert {"CIDEr", "BLEU-4", "object_accuracy", "malformed", "worst"} <= set(row)
+        # Two training seeds, three sampling seeds each for diffusion, one greedy decode each for AR.
+        expected_runs = {(t, s) for t in (0, 1) for s in ((0, 1, 2) if row["family"] == "diffusion" else (0,))}
+        assert {(run["training_seed"], run["sampling_seed"]) for run in row["runs"]} == expected_runs
+        assert row["worst"]["object_accuracy"] == min(run["object_accuracy"] for run in row["runs"])
     assert {(row["caption_length"], row["batch_size"]) for row in results["length_scaling"]} == {
         (length, batch) for length in (16, 32, 64) for batch in (1, 16, 64)
     }
@@ -191,6 +198,17 @@ def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
     # Five denoising steps cost about five times one; beam 3 about three times greedy.
     assert 4 < per_caption["diffusion 5 step(s)"] / per_caption["diffusion 1 step(s)"] < 6
     assert per_caption["AR beam 3"] > 2 * per_caption["AR greedy"]
-    assert {"batch1", "batch64", "matmul_peak"} <= set(results["targets"])
-    assert results["command"].endswith("--tiny --work_dir " + str(tmp_path / "work") + " --output_dir "
-                                       + str(tmp_path / "results"))
+    assert {"object_accuracy", "exact_match", "malformed", "speed_batch1", "speed_batch64"} <= set(results["targets"])
+    assert results["command"].endswith("--output_dir " + str(tmp_path / "results") + " --training_seeds 0 1")
+
+
+def test_malformed_captions_are_those_outside_the_canonical_grammar():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from caption_speed_quality import is_malformed
+
+    assert not is_malformed("a red circle")
+    assert not is_malformed("an orange star, a blue square and a black cross")
+    assert is_malformed("an pink cross")  # article disagreement
+    assert is_malformed("a orange star")
+    assert is_malformed("a red circle and a blue")  # missing word
+    assert is_malformed("a red circle a blue square")  # missing "and"

@@ -252,3 +252,9 @@ def test_debug_shows_the_traceback_of_a_user_error(training_assets, tmp_path):
     flags = ["--dataset_name", str(tmp_path / "nowhere.parquet")]
     assert "Traceback" in _train(tmp_path, training_assets, *flags, "--debug").stderr
     assert "Traceback" in _train(tmp_path, training_assets, *flags, env={"CLIP_DIFFUSIONLM_DEBUG": "1"}).stderr
+
+
+def test_an_unknown_dataset_name_says_what_was_tried(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no waiting for a Hub this machine cannot reach
+    with pytest.raises(ValueError, match=r"'someone/no-such-dataset'.*save_to_disk.*file.*local folder.*Hub dataset id"):
+        load_datasets(dataset_name="someone/no-such-dataset")

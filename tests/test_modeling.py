@@ -388,3 +388,19 @@ def test_gradient_checkpointing_recomputes_and_matches(tokenizer):
         assert len(layer_calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
         gradients[checkpointing] = model.backbone.encoder.layer[0].output.dense.weight.grad
     torch.testing.assert_close(gradients[True], gradients[False])
+
+
+def test_expected_word_embedding_of_a_one_hot_distribution_is_that_word(tokenizer):
+    """CDCD's x̂0: softmax(logits)·E. A (near) one-hot rounding distribution gives the word's embedding exactly; a
+    uniform one gives the mean of the rounding vocabulary's embeddings."""
+    from conftest import tiny_denoiser
+
+    model = tiny_denoiser(tokenizer, rounding_vocabulary=[0, 1, 2, 3, 5, 6, 7], embedding_scale=2.0)
+    words = torch.tensor([[5, 7, 3]])
+    exact = model.embed_captions(words)
+    # Far along its own direction, a word's embedding rounds to itself with probability ~1.
+    with torch.no_grad():
+        torch.testing.assert_close(model.expected_word_embeddings(exact * 1e4), exact, atol=1e-4, rtol=0)
+    weight = model.get_input_embeddings().weight[model.rounding_token_ids] * 2.0
+    zeros = torch.zeros(1, 1, weight.shape[1])  # all logits 0: the uniform distribution
+    torch.testing.assert_close(model.expected_word_embeddings(zeros)[0, 0], weight.mean(dim=0))

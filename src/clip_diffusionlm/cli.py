@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 from .cli_errors import run_cli
+from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS
 
 
 def _load_pipeline(model: str, allow_pickle: bool = False):
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="Caption image files with a saved pipeline.")
     caption.add_argument("images", nargs="+", help="Image files.")
     caption.add_argument("--model", required=True, help="Pipeline directory or Hub repository id.")
-    caption.add_argument("--steps", type=int, default=5, help="num_inference_steps (default 5).")
+    caption.add_argument("--steps", type=int, default=RECOMMENDED_INFERENCE_STEPS,
+                         help=f"num_inference_steps (default {RECOMMENDED_INFERENCE_STEPS}, the recommended setting).")
     caption.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance w (default 1).")
     caption.add_argument("--num-captions", type=int, default=1, help="Captions per image (default 1).")
     caption.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default 0).")
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("folder", help="A folder written by save_pretrained or training.")
     card.add_argument("--repo-id", help="The repository the card is for (default: the one in the current card).")
     card.add_argument("--example-images", nargs="+", help="Caption these images for the card's examples and widget.")
-    card.add_argument("--steps", type=int, default=5, help="num_inference_steps of the examples (default 5).")
+    card.add_argument("--steps", type=int, default=RECOMMENDED_INFERENCE_STEPS,
+                      help=f"num_inference_steps of the examples (default {RECOMMENDED_INFERENCE_STEPS}).")
     card.add_argument("--output", help="Also write the card to this file (e.g. model_cards/NAME.md).")
     card.set_defaults(handler=card_command)
 

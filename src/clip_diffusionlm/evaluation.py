@@ -22,7 +22,7 @@ from .clip_features import encode_dataset_images
 from .data import load_datasets
 from .feature_cache import CLIPFeatureCache
 from .metrics import compute_caption_metrics, compute_diversity, content_accuracy
-from .pipelines.pipeline_clip_diffusion_caption import CLIPDiffusionCaptionPipeline
+from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, CLIPDiffusionCaptionPipeline
 
 TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accuracy", "exact_match", "self_bleu_4")
 
@@ -30,7 +30,7 @@ TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accur
 def caption_embeddings(
     pipe: CLIPDiffusionCaptionPipeline,
     image_embeds: torch.FloatTensor,
-    num_inference_steps: int = 5,
+    num_inference_steps: int = RECOMMENDED_INFERENCE_STEPS,
     guidance_scale: float = 1.0,
     num_captions_per_image: int = 1,
     batch_size: int = 64,
@@ -85,7 +85,7 @@ def evaluate_pipeline(
     split: Dataset,
     output_dir: str | os.PathLike,
     image_embeds: torch.FloatTensor | None = None,
-    num_inference_steps: Sequence[int] = (5,),
+    num_inference_steps: Sequence[int] = (RECOMMENDED_INFERENCE_STEPS,),
     guidance_scales: Sequence[float] = (1.0,),
     num_captions_per_image: int = 1,
     batch_size: int = 64,
@@ -104,7 +104,7 @@ def evaluate_pipeline(
             Receives `predictions.jsonl`, `metrics.json` and `metrics.md`.
         image_embeds (`torch.FloatTensor` of shape `(len(split), condition_dim)` or `(len(split), num_patches + 1, patch_dim)`, *optional*):
             Cached CLIP features of the split's images, of the kind the denoiser reads (`config.image_features`); computed with the pipeline's encoder when omitted.
-        num_inference_steps (`Sequence[int]`, *optional*, defaults to `(5,)`):
+        num_inference_steps (`Sequence[int]`, *optional*, defaults to `(RECOMMENDED_INFERENCE_STEPS,)`):
             Step counts to sweep.
         guidance_scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`):
             Guidance weights to sweep.
@@ -186,7 +186,9 @@ class EvaluationArguments:
         "help": "The caption column; default: `text`, then `caption`, `captions` or `sentences`."
     })
     split: str = field(default="test", metadata={"help": "Split to evaluate."})
-    num_inference_steps: list[int] = field(default_factory=lambda: [5], metadata={"help": "Step counts to sweep."})
+    num_inference_steps: list[int] = field(
+        default_factory=lambda: [RECOMMENDED_INFERENCE_STEPS], metadata={"help": "Step counts to sweep."}
+    )
     guidance_scale: list[float] = field(default_factory=lambda: [1.0], metadata={
         "help": "Classifier-free guidance scales to sweep."
     })

@@ -17,6 +17,7 @@ from transformers import HfArgumentParser
 
 from .diffusion import INFERENCE_SCHEDULERS, WEIGHTING_SCHEMES, TimestepSampling
 from .models.modeling_clip_diffusionlm import CLIPDiffusionLMConfig
+from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS
 
 LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -139,7 +140,9 @@ class TrainingConfig:
     # Validation
     validation_steps: int = _option(500, "Validate every this many steps (0: only at the end).")
     validation_images: int = _option(256, "Validation images captioned each time.")
-    validation_inference_steps: int = _option(5, "Denoising steps of validation captions.")
+    validation_inference_steps: int = _option(
+        RECOMMENDED_INFERENCE_STEPS, "Denoising steps of validation captions (and of the card's examples)."
+    )
     validation_guidance_scale: float = _option(1.0, "Classifier-free guidance of validation captions.")
     inference_scheduler: str = _option(
         "ddim", "Sampler of validation and of the saved pipeline: `ddim` (deterministic) or `ddpm` (ancestral: fresh "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict, Image, List, Value, concatenate_datasets
+from datasets.exceptions import DatasetNotFoundError
 
 from .images import handle_bad_items
 from .schema import (
@@ -79,7 +80,14 @@ def _load_raw(
             )
         loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir)
         return loaded, str(path), path.parent.resolve(), path.stem
-    loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=data_files, cache_dir=cache_dir)
+    try:
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=data_files, cache_dir=cache_dir)
+    except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as error:
+        raise ValueError(
+            f"dataset_name {dataset_name!r} could not be loaded. Tried, in order: a folder saved with "
+            "`save_to_disk` (no such folder), a Parquet/Arrow/CSV/JSON file (no such file), a local folder of data "
+            f"files or images (no such folder), and a Hub dataset id ({type(error).__name__}: {error})."
+        ) from error
     if path.is_dir():
         return loaded, str(path), path.resolve(), path.resolve().name
     return loaded, dataset_name, None, dataset_name.rstrip("/").split("/")[-1]

@@ -47,7 +47,7 @@ class Parameter:
     kind: type
     minimum: float
     maximum: float
-    default: float
+    default: float | None  # None: not passed, so the pipeline's own default applies
 
     def parse(self, name: str, value: Any) -> int | float:
         # bool is an int subclass, and a float is no integer: both are mistakes in a request, not values.
@@ -61,7 +61,8 @@ class Parameter:
 
 
 PARAMETERS = {
-    "num_inference_steps": Parameter(int, 1, 100, 5),
+    # None: the pipeline's own default, its recommended setting.
+    "num_inference_steps": Parameter(int, 1, 100, None),
     "guidance_scale": Parameter(float, 0.0, 20.0, 1.0),
     "num_captions_per_image": Parameter(int, 1, 8, 1),
     "seed": Parameter(int, 0, 2**63 - 1, 0),
@@ -161,8 +162,9 @@ class EndpointHandler:
         """
         Args:
             data (`dict`):
-                `{"inputs": IMAGE or [IMAGE, ...], "parameters": {"num_inference_steps": 5, "guidance_scale": 1.0,
-                "num_captions_per_image": 1, "seed": 0}}`; every parameter is optional.
+                `{"inputs": IMAGE or [IMAGE, ...], "parameters": {"num_inference_steps": 1, "guidance_scale": 1.0,
+                "num_captions_per_image": 1, "seed": 0}}`; every parameter is optional (`num_inference_steps`
+                defaults to the pipeline's recommended setting).
 
         Returns:
             `list`: For one image, `[{"generated_text": caption}, ...]` (one per caption); for a list of images, one
@@ -184,13 +186,11 @@ class EndpointHandler:
             for index, item in enumerate(items)
         ]
         per_image = parameters["num_captions_per_image"]
+        seed = parameters.pop("seed")
+        pipeline_arguments = {name: value for name, value in parameters.items() if value is not None}
         with self._lock:
             captions = self.pipe(
-                images,
-                num_inference_steps=parameters["num_inference_steps"],
-                guidance_scale=parameters["guidance_scale"],
-                num_captions_per_image=per_image,
-                generator=torch.Generator().manual_seed(parameters["seed"]),
+                images, **pipeline_arguments, generator=torch.Generator().manual_seed(seed)
             ).captions
         results = [
             [{"generated_text": caption} for caption in captions[index * per_image : (index + 1) * per_image]]

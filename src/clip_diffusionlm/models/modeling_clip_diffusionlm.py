@@ -542,6 +542,16 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         """Clamps each position to the embedding of its most likely word (Diffusion-LM's clamping trick)."""
         return self.embed_captions(self.round_to_token_ids(embeds))
 
+    def expected_word_embeddings(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
+        """Each position as the rounding head's expectation of the word embedding, `softmax(logits) · E · scale`
+        (CDCD's score interpolation, Dieleman et al. 2022): the model's own uncertainty over words instead of the
+        regression mean; a one-hot distribution gives that word's embedding exactly."""
+        weight = self.get_input_embeddings().weight
+        if self.rounding_token_ids.numel():
+            weight = weight[self.rounding_token_ids]
+        probabilities = self.round_to_logits(embeds).softmax(dim=-1)
+        return probabilities @ weight.to(probabilities.dtype) * self.config.embedding_scale
+
     def predicted_original_sample(
         self,
         prediction: torch.FloatTensor,

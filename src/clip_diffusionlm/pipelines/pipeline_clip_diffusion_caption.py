@@ -31,6 +31,11 @@ from .captioning_utils import (
 
 logger = logging.get_logger(__name__)
 
+# The recommended number of denoising steps, the default of `__call__` (and of the CLI, the Endpoint handler, the
+# Space and training's validation): one x̂0 prediction from pure noise. On the demo world one step captions as well as
+# 5 or 10 (DDIM or DDPM) at 5-10x the speed (benchmarks/results/caption_speed_quality.md).
+RECOMMENDED_INFERENCE_STEPS = 1
+
 
 @dataclass
 class CLIPDiffusionCaptionPipelineOutput(BaseOutput):
@@ -134,11 +139,12 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         images: ImageInput | Sequence[ImageInput] | None = None,
         image_embeds: torch.FloatTensor | None = None,
         text_embeds: torch.FloatTensor | None = None,
-        num_inference_steps: int = 5,
+        num_inference_steps: int = RECOMMENDED_INFERENCE_STEPS,
         guidance_scale: float = 1.0,
         num_captions_per_image: int = 1,
         num_refinement_steps: int = 0,
         clamp_to_vocabulary: bool = False,
+        expected_embedding: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "str",
         return_dict: bool = True,
@@ -162,8 +168,9 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             text_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)`, *optional*):
                 CLIP text embeddings for a denoiser trained with `use_text_condition`; the learned null condition
                 is used when omitted.
-            num_inference_steps (`int`, *optional*, defaults to 5):
-                Denoising steps; an `x0`-predicting model converges in fewer than 5.
+            num_inference_steps (`int`, *optional*, defaults to `RECOMMENDED_INFERENCE_STEPS` = 1):
+                Denoising steps. One is the recommended setting: an `x0`-predicting model's later steps measured no
+                better on the demo world (see `RECOMMENDED_INFERENCE_STEPS`).
             guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance weight `w`: 1 is the conditional model alone, larger values push further
                 from the unconditional prediction. Needs a model trained with `condition_drop_prob > 0`.
@@ -173,6 +180,9 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
                 The paper's refinement: after sampling, feed `x̂0` back through the denoiser at `t = 0` this many times.
             clamp_to_vocabulary (`bool`, *optional*, defaults to `False`):
                 Replace `x̂0` by the nearest word embeddings at every step (Diffusion-LM's clamping trick).
+            expected_embedding (`bool`, *optional*, defaults to `False`):
+                Replace the denoiser's regression `x̂0` at every step by the rounding head's expected word embedding
+                (CDCD's score interpolation).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Makes sampling deterministic.
             output_type (`str`, *optional*, defaults to `"str"`):
@@ -218,6 +228,8 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             original_estimate = self._guided_prediction(
                 model_input, timestep, image_embeds, text_embeds, original_estimate, guidance_scale
             )
+            if expected_embedding:
+                original_estimate = self.denoiser.expected_word_embeddings(original_estimate)
             if clamp_to_vocabulary:
                 original_estimate = self.denoiser.nearest_word_embeddings(original_estimate)
             noisy_embeds = self.scheduler.step(
