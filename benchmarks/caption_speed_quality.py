@@ -40,13 +40,14 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.data import build_shapes_world, load_shapes_world
 from clip_diffusionlm.data.shapes import COLOURS, SHAPES
+from clip_diffusionlm.demo import build_tiny_assets
 from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
 from clip_diffusionlm.pipelines.captioning_utils import encode_images, to_rgb
 from clip_diffusionlm.training import TrainingConfig, train
@@ -153,40 +154,16 @@ def matmul_peak(device: torch.device, shapes: list[tuple[int, int, int]], min_se
 
 
 def tiny_assets(work_dir: Path) -> dict[str, Any]:
-    """A 32-px shapes world, a tokenizer of its words, a random 2-layer BERT and a random tiny CLIP, saved to disk."""
-    from transformers import BertConfig, BertModel, BertTokenizer, CLIPImageProcessorPil
-
-    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-    from clip_diffusionlm.data.shapes import ShapesWorldConfig
-
-    world_dir = build_shapes_world(work_dir / "shapes", num_train=32, num_validation=4, num_test=8, num_holdout=0,
-                                   seed=0, config=ShapesWorldConfig(image_size=32))
-    words = set()
-    for split in load_shapes_world(world_dir).values():
-        for captions in split["captions"]:
-            for caption in captions:
-                words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
-    vocab_file = work_dir / "vocab.txt"
-    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tokenizer = BertTokenizer(str(vocab_file))
-    torch.manual_seed(0)
-    backbone = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
-    backbone.save_pretrained(work_dir / "bert")
-    tokenizer.save_pretrained(work_dir / "bert")
-    clip_config = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16)
-    build_clip(clip_config, tokenizer).save_pretrained(work_dir / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        work_dir / "clip")
-    tokenizer.save_pretrained(work_dir / "clip")
+    """The tests' tiny world, tokenizer, 2-layer BERT and untrained CLIP, with the demo recipe's options at toy size."""
+    assets = build_tiny_assets(work_dir, sizes=(32, 4, 8, 0), max_position_embeddings=128)
     training = {
-        "text_backbone": str(work_dir / "bert"), "restrict_rounding_vocabulary": True,
+        "text_backbone": str(assets["backbone"]), "restrict_rounding_vocabulary": True,
         "model_config": {"caption_length": 14, "image_features": "patches", "self_conditioning": True,
                          "x1_restoring_loss": False},
         "batch_size": 8, "max_steps": 4, "learning_rate": 1e-3, "validation_steps": 0, "checkpointing_steps": 0,
         "validation_images": 4,
     }
-    return {"world": world_dir, "clip": work_dir / "clip", "training": training}
+    return {**assets, "training": training}
 
 
 def current_demo(demo_dir: Path) -> dict[str, Any] | None:
@@ -295,6 +272,8 @@ def settings(models: dict[str, Any]) -> list[dict[str, Any]]:
              for count in (2, 3, 5, 10) if count != recommended]
     rows += [{"family": "diffusion", "name": f"DDIM {steps(count)}", "kwargs": {"num_inference_steps": count},
               "scheduler": DDIMScheduler} for count in (2, 5) if saved != "DDIM"]
+    rows += [{"family": "diffusion", "name": f"DPM-Solver++ {steps(count)}", "kwargs": {"num_inference_steps": count},
+              "scheduler": DPMSolverMultistepScheduler} for count in (2, 3)]
     rows += [
         {"family": "diffusion", "name": f"{saved} 1 step + 1 refinement",
          "kwargs": {"num_inference_steps": 1, "num_refinement_steps": 1}},

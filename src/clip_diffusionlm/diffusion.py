@@ -159,6 +159,20 @@ def make_noise_scheduler(
     return scheduler_class(**kwargs)
 
 
+def weighted_rounding_loss(
+    model: CLIPDiffusionLMModel, prediction: torch.Tensor, rounding_targets: torch.LongTensor, simple_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`L_R = −log softmax(x̂0 · Eᵀ)[ids]` through the tied lm_head, its weight `λ` (the configured one, or
+    `C · L'_simple / L_R` without gradient for dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
+    logits = model.round_to_logits(prediction)
+    rounding_loss = F.cross_entropy(logits.flatten(0, 1).float(), rounding_targets.flatten())
+    if model.config.dynamic_rounding_constant is None:
+        return rounding_loss, torch.tensor(model.config.rounding_weight, device=prediction.device), logits
+    with torch.no_grad():
+        rounding_weight = model.config.dynamic_rounding_constant * simple_loss / rounding_loss
+    return rounding_loss, rounding_weight, logits
+
+
 def diffusion_loss(
     model: CLIPDiffusionLMModel | torch.nn.Module,
     noise_scheduler: DDPMScheduler,
@@ -194,12 +208,10 @@ def diffusion_loss(
     rounding_targets = core.rounding_targets(input_ids)
     if (rounding_targets < 0).any():
         raise ValueError("`input_ids` hold token ids outside `config.rounding_vocabulary`.")
-    if timesteps_per_caption > 1:
-        input_ids = input_ids.repeat_interleave(timesteps_per_caption, dim=0)
-        rounding_targets = rounding_targets.repeat_interleave(timesteps_per_caption, dim=0)
-        image_embeds = image_embeds.repeat_interleave(timesteps_per_caption, dim=0)
-        if text_embeds is not None:
-            text_embeds = text_embeds.repeat_interleave(timesteps_per_caption, dim=0)
+    input_ids, rounding_targets, image_embeds, text_embeds = (
+        None if rows is None else rows.repeat_interleave(timesteps_per_caption, dim=0)
+        for rows in (input_ids, rounding_targets, image_embeds, text_embeds)
+    )
     batch_size, device = input_ids.shape[0], input_ids.device
 
     clean_embeds = core.embed_captions(input_ids)  # x0: (batch, caption_length, hidden)
@@ -245,13 +257,9 @@ def diffusion_loss(
         x1_restoring_loss = squared_error(prediction[batch_size:], clean_embeds)
     simple_loss = restoring_loss + x1_restoring_loss
 
-    logits = core.round_to_logits(prediction[:batch_size])  # (batch, caption_length, rounding_vocab_size)
-    rounding_loss = F.cross_entropy(logits.flatten(0, 1).float(), rounding_targets.flatten())
-    if config.dynamic_rounding_constant is not None:
-        with torch.no_grad():
-            rounding_weight = config.dynamic_rounding_constant * simple_loss / rounding_loss
-    else:
-        rounding_weight = torch.tensor(config.rounding_weight, device=device)
+    rounding_loss, rounding_weight, logits = weighted_rounding_loss(
+        core, prediction[:batch_size], rounding_targets, simple_loss
+    )
     return DiffusionLossOutput(
         loss=simple_loss + rounding_weight * rounding_loss,
         restoring_loss=restoring_loss,
