@@ -45,10 +45,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
-from clip_diffusionlm.data import build_shapes_world, load_shapes_world
-from clip_diffusionlm.data.shapes import COLOURS, SHAPES
-from clip_diffusionlm.demo import build_tiny_assets
-from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
+from clip_diffusionlm.demo import build_shapes_world, build_tiny_assets, content_accuracy, load_shapes_world
+from clip_diffusionlm.demo.shapes_world import COLOURS, SHAPES
+from clip_diffusionlm.metrics import compute_caption_metrics
 from clip_diffusionlm.pipelines.captioning_utils import encode_images, to_rgb
 from clip_diffusionlm.training import TrainingConfig, train
 
@@ -222,8 +221,8 @@ def prepare_models(args) -> dict[str, Any]:
             demo["datasets"][0])
         diffusion_dir = Path(args.demo_dir) / "pipeline"
     else:
-        from clip_diffusionlm.clip_pretraining import pretrain_clip
         from clip_diffusionlm.demo import DemoConfig, default_text_backbone
+        from clip_diffusionlm.demo.clip_pretraining import pretrain_clip
 
         demo_config = DemoConfig()
         world_dir = build_shapes_world(work_dir / "shapes", args.num_train, demo_config.num_validation,

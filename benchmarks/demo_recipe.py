@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.clip_pretraining import attribute_probe, pretrain_clip, zero_shot_retrieval
-from clip_diffusionlm.data import load_shapes_world
-from clip_diffusionlm.demo import DemoConfig, default_text_backbone, evaluate_test_splits, library_chatter
+from clip_diffusionlm.demo import load_shapes_world
+from clip_diffusionlm.demo.clip_pretraining import attribute_probe, pretrain_clip, zero_shot_retrieval
+from clip_diffusionlm.demo.run import DemoConfig, default_text_backbone, evaluate_test_splits, library_chatter
 from clip_diffusionlm.training import TrainingConfig, train
 
 

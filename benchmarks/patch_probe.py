@@ -21,8 +21,8 @@ import torch
 import transformers
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-from clip_diffusionlm.data import load_shapes_world
-from clip_diffusionlm.data.shapes import COLOURS, SHAPES
+from clip_diffusionlm.demo import load_shapes_world
+from clip_diffusionlm.demo.shapes_world import COLOURS, SHAPES
 from clip_diffusionlm.pipelines.captioning_utils import as_rgb_images
 
 GRID = 3

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline, make_noise_scheduler
-from clip_diffusionlm.data import load_shapes_world
-from clip_diffusionlm.demo import library_chatter
+from clip_diffusionlm.demo import content_accuracy, load_shapes_world
+from clip_diffusionlm.demo.run import library_chatter
 from clip_diffusionlm.diffusion import INFERENCE_SCHEDULERS
 from clip_diffusionlm.feature_cache import CLIPFeatureCache
-from clip_diffusionlm.metrics import content_accuracy
 
 
 def article_errors(caption: str) -> int:

@@ -27,9 +27,8 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModelWithP
 
 from clip_diffusionlm import CLIPDiffusionLMModel, diffusion_loss, make_noise_scheduler
 from clip_diffusionlm.clip_features import encode_dataset_images
-from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-from clip_diffusionlm.data import build_shapes_world, load_shapes_world
-from clip_diffusionlm.demo import DemoConfig, default_text_backbone
+from clip_diffusionlm.demo import DemoConfig, build_shapes_world, default_text_backbone, load_shapes_world
+from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig, build_clip
 from clip_diffusionlm.pipelines.captioning_utils import encode_images
 from clip_diffusionlm.training import caption_pairs, tokenize_captions
 

@@ -6,6 +6,7 @@
 
 import sys
 
+import clip_diffusionlm.demo  # noqa: F401  (a shapes world's splits are scored for content accuracy too)
 from clip_diffusionlm.cli_errors import run_cli
 from clip_diffusionlm.evaluation import evaluate_main
 

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from clip_diffusionlm.cli_errors import run_cli
-from clip_diffusionlm.clip_pretraining import (
+from clip_diffusionlm.data import load_image_folder
+from clip_diffusionlm.demo import build_shapes_world, default_text_backbone
+from clip_diffusionlm.demo.clip_pretraining import (
     CLIPPretrainingConfig,
     attribute_probe,
     pretrain_clip,
     zero_shot_retrieval,
 )
-from clip_diffusionlm.data import build_shapes_world, load_image_folder
-from clip_diffusionlm.data.shapes import contradicting_words
-from clip_diffusionlm.demo import default_text_backbone
+from clip_diffusionlm.demo.shapes_world import contradicting_words
 
 
 @dataclass

@@ -5,6 +5,7 @@ Every field of `clip_diffusionlm.training.TrainingConfig` is a flag; `--config` 
 
 import sys
 
+import clip_diffusionlm.demo  # noqa: F401  (a shapes world's splits are scored for content accuracy too)
 from clip_diffusionlm.cli_errors import run_cli
 from clip_diffusionlm.training import train, training_config_from_args
 

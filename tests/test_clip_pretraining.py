@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from clip_diffusionlm.clip_pretraining import build_clip, contrastive_loss, hard_negative
-from clip_diffusionlm.data.shapes import COLOUR_SYNONYMS, SHAPE_SYNONYMS, contradicting_words
-from clip_diffusionlm.metrics import content_accuracy
+from clip_diffusionlm.demo import content_accuracy
+from clip_diffusionlm.demo.clip_pretraining import build_clip, contrastive_loss, hard_negative
+from clip_diffusionlm.demo.shapes_world import COLOUR_SYNONYMS, SHAPE_SYNONYMS, contradicting_words
 
 SWAPS = contradicting_words()
 ONE_RED_CIRCLE = [{"shape": "circle", "colour": "red", "size": "small"}]
@@ -48,7 +48,7 @@ def test_no_negative_without_a_swappable_word():
 
 
 def test_contrastive_loss_without_negatives_is_clips_own_loss(tmp_path):
-    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig
+    from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig
 
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "blue", "circle"]))
     tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
@@ -65,7 +65,7 @@ def test_contrastive_loss_without_negatives_is_clips_own_loss(tmp_path):
 
 
 def test_contrastive_texts_draw_from_the_first_references_then_add_negatives():
-    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, contrastive_texts
+    from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig, contrastive_texts
 
     references = [["a red circle", "a big red disc", "there is a red circle"], ["a blue star", "one blue star"]] * 20
     drawn = set()
@@ -85,7 +85,7 @@ def test_contrastive_texts_draw_from_the_first_references_then_add_negatives():
 
 def test_length_grouped_logits_equal_clips_own(tmp_path):
     """Encoding the texts in length groups, each cut after its longest text, must not change a single logit."""
-    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, contrastive_logits
+    from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig, contrastive_logits
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "blue", "circle", "star", "and", "big"]
     (tmp_path / "vocab.txt").write_text("\n".join(words))

@@ -8,11 +8,11 @@ import re
 import pytest
 import transformers
 
-from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, zero_shot_retrieval
 from clip_diffusionlm.data import load_image_folder
-from clip_diffusionlm.data.shapes import ShapesWorldConfig, contradicting_words
-from clip_diffusionlm.demo import DemoConfig, run_demo
-from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
+from clip_diffusionlm.demo import DemoConfig, content_accuracy, run_demo
+from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig, zero_shot_retrieval
+from clip_diffusionlm.demo.shapes_world import ShapesWorldConfig, contradicting_words
+from clip_diffusionlm.metrics import compute_caption_metrics
 
 
 def _tiny_demo(backbone) -> DemoConfig:
@@ -85,8 +85,8 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
 
 
 def test_attribute_probe_is_perfect_against_itself(training_assets):
-    from clip_diffusionlm.clip_pretraining import attribute_probe
     from clip_diffusionlm.data import load_image_folder
+    from clip_diffusionlm.demo.clip_pretraining import attribute_probe
 
     world = load_image_folder(training_assets["world"])
     assert attribute_probe(training_assets["clip"], world["train"], world["train"]) == {
@@ -95,7 +95,7 @@ def test_attribute_probe_is_perfect_against_itself(training_assets):
 
 
 def test_caption_errors_mark_the_differing_words():
-    from clip_diffusionlm.demo import caption_errors
+    from clip_diffusionlm.demo.run import caption_errors
 
     wrong, missed = caption_errors("a red square and a red square", "a red square and a blue circle")
     assert wrong == {5, 6} and missed == {5, 6}

@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from clip_diffusionlm.data import load_image_folder
+from clip_diffusionlm.demo import content_accuracy
 from clip_diffusionlm.evaluation import evaluate_main
 from clip_diffusionlm.hub.model_card import eval_results_from_metrics
-from clip_diffusionlm.metrics import compute_caption_metrics, content_accuracy
+from clip_diffusionlm.metrics import compute_caption_metrics
 
 
 def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, pipeline_from_assets, tmp_path):
@@ -64,7 +65,7 @@ def test_help_documents_every_evaluation_and_clip_flag():
     import sys
     from pathlib import Path
 
-    from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig
+    from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig
     from clip_diffusionlm.evaluation import EvaluationArguments
 
     result = subprocess.run([sys.executable, "-m", "clip_diffusionlm.cli", "evaluate", "--help"], capture_output=True,

@@ -31,8 +31,8 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModelWi
 from venvs import make_venv, run_python, this_python
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline, CLIPDiffusionLMModel
-from clip_diffusionlm.clip_pretraining import CLIPPretrainingConfig, build_clip
-from clip_diffusionlm.data.shapes import COLOURS, SHAPES
+from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig, build_clip
+from clip_diffusionlm.demo.shapes_world import COLOURS, SHAPES
 from clip_diffusionlm.diffusion import make_noise_scheduler
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,8 @@ import pytest
 from datasets import Image
 
 from clip_diffusionlm.data import load_image_folder
-from clip_diffusionlm.data.shapes import (
+from clip_diffusionlm.demo import content_accuracy, parse_caption
+from clip_diffusionlm.demo.shapes_world import (
     COLOUR_RGB,
     COLOURS,
     MAX_CAPTIONS_PER_IMAGE,
@@ -24,7 +25,6 @@ from clip_diffusionlm.data.shapes import (
     canonical_caption,
     generate_shapes_world,
 )
-from clip_diffusionlm.metrics import content_accuracy, parse_caption
 
 # Every word the templates use. All are single word pieces in BERT's uncased vocabulary, which is what makes the
 # word-piece estimate below exact; a new template word must be checked against the tokenizer before joining this set.

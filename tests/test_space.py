@@ -14,8 +14,8 @@ import torch
 from conftest import tiny_pipeline
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.data import build_shapes_world
-from clip_diffusionlm.data.shapes import ShapesWorldConfig
+from clip_diffusionlm.demo import build_shapes_world
+from clip_diffusionlm.demo.shapes_world import ShapesWorldConfig
 from clip_diffusionlm.pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

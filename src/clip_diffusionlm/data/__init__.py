@@ -18,7 +18,6 @@ from .readers import (
     load_karpathy_json,
 )
 from .schema import SCHEMA_FEATURES, SPLITS, LoadOptions, split_by_image
-from .shapes import build_shapes_world, canonical_caption, load_shapes_world
 
 
 def load_datasets(
@@ -91,9 +90,6 @@ __all__ = [
     "SCHEMA_FEATURES",
     "SPLITS",
     "LoadOptions",
-    "build_shapes_world",
-    "load_shapes_world",
-    "canonical_caption",
     "combine_datasets",
     "load_caption_dataset",
     "load_coco_captions_json",

@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .clip_features import encode_dataset_images, encode_texts
-from .pipelines.captioning_utils import to_rgb
+from ..clip_features import encode_dataset_images, encode_texts
+from ..pipelines.captioning_utils import to_rgb
 
 logger = logging.getLogger("clip_diffusionlm.clip_pretraining")
 

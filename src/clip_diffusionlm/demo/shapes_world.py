@@ -8,7 +8,7 @@ reference of every image is its canonical caption ([`canonical_caption`]), the o
 sizes and synonyms like human annotations.
 
 The words the captions use for shapes, colours and sizes come from small synonym tables (`SHAPE_SYNONYMS`,
-`COLOUR_SYNONYMS`, `SIZE_SYNONYMS`) that [`~clip_diffusionlm.metrics.content_accuracy`] shares, so the metric
+`COLOUR_SYNONYMS`, `SIZE_SYNONYMS`) that [`~clip_diffusionlm.demo.content_accuracy`] shares, so the metric
 understands every word the generator uses. A world loads like any image folder, e.g. with
 [`~clip_diffusionlm.data.load_image_folder`].
 """
@@ -28,7 +28,7 @@ from typing import Any
 from datasets import DatasetDict
 from PIL import Image, ImageDraw
 
-from .hf_datasets import load_image_folder
+from ..data.hf_datasets import load_image_folder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")

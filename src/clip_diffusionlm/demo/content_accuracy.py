@@ -1,7 +1,7 @@
 """Content accuracy: how well captions name the objects of their shapes-world images.
 
 [`parse_caption`] reads the objects a caption names with the synonym tables the shapes-world generator
-(:mod:`clip_diffusionlm.data.shapes`) writes captions from, so the metric understands every word the generator uses;
+(:mod:`clip_diffusionlm.demo.shapes_world`) writes captions from, so the metric understands every word the generator uses;
 [`content_accuracy`] compares them with the ground-truth objects stored in the world's `objects` column.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.shapes import COLOUR_SYNONYMS, COLOURS, SHAPE_SYNONYMS, SHAPES, SIZE_SYNONYMS, plural
+from .shapes_world import COLOUR_SYNONYMS, COLOURS, SHAPE_SYNONYMS, SHAPES, SIZE_SYNONYMS, plural
 
 __all__ = ["ObjectMention", "ParsedCaption", "content_accuracy", "parse_caption"]
 

@@ -25,13 +25,13 @@ import PIL.ImageDraw
 import torch
 import transformers
 
+from ..evaluation import evaluate_pipeline
+from ..feature_cache import CLIPFeatureCache
+from ..pipelines.captioning_utils import decode_captions
+from ..pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, CLIPDiffusionCaptionPipeline
+from ..training import TrainingConfig, train
 from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_clip, zero_shot_retrieval
-from .data.shapes import ShapesWorldConfig, build_shapes_world, contradicting_words, load_shapes_world
-from .evaluation import evaluate_pipeline
-from .feature_cache import CLIPFeatureCache
-from .pipelines.captioning_utils import decode_captions
-from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, CLIPDiffusionCaptionPipeline
-from .training import TrainingConfig, train
+from .shapes_world import ShapesWorldConfig, build_shapes_world, contradicting_words, load_shapes_world
 
 logger = logging.getLogger("clip_diffusionlm.demo")
 
