@@ -1,5 +1,5 @@
 """One change to the demo's denoiser recipe, measured: train on a finished demo's world, CLIP and feature cache with
-some training options overridden, then caption the test and held-out-combination splits (5 DDIM steps).
+some training options overridden, then caption the test and held-out-combination splits (the recommended steps).
 
     python benchmarks/demo_recipe.py --demo_dir outputs/demo --name scale10 \
         --overrides '{"model_config": {"rounding_logit_scale": 10}}'

@@ -256,5 +256,6 @@ def test_debug_shows_the_traceback_of_a_user_error(training_assets, tmp_path):
 
 def test_an_unknown_dataset_name_says_what_was_tried(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no waiting for a Hub this machine cannot reach
-    with pytest.raises(ValueError, match=r"'someone/no-such-dataset'.*save_to_disk.*file.*local folder.*Hub dataset id"):
+    tried = r"Tried, in order: a save_to_disk folder, a Parquet/Arrow/CSV/JSON file, a local folder .*, a Hub dataset id"
+    with pytest.raises(ValueError, match=r"Cannot load dataset_name='someone/no-such-dataset'(.|\n)*" + tried):
         load_datasets(dataset_name="someone/no-such-dataset")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import datasets
 from datasets import Dataset, DatasetDict, Image, List, Value, concatenate_datasets
-from datasets.exceptions import DatasetNotFoundError
 
 from .images import handle_bad_items
 from .schema import (
@@ -80,14 +79,7 @@ def _load_raw(
             )
         loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir)
         return loaded, str(path), path.parent.resolve(), path.stem
-    try:
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=data_files, cache_dir=cache_dir)
-    except (FileNotFoundError, ConnectionError, DatasetNotFoundError) as error:
-        raise ValueError(
-            f"dataset_name {dataset_name!r} could not be loaded. Tried, in order: a folder saved with "
-            "`save_to_disk` (no such folder), a Parquet/Arrow/CSV/JSON file (no such file), a local folder of data "
-            f"files or images (no such folder), and a Hub dataset id ({type(error).__name__}: {error})."
-        ) from error
+    loaded = datasets.load_dataset(dataset_name, dataset_config_name, data_files=data_files, cache_dir=cache_dir)
     if path.is_dir():
         return loaded, str(path), path.resolve(), path.resolve().name
     return loaded, dataset_name, None, dataset_name.rstrip("/").split("/")[-1]
@@ -297,7 +289,8 @@ def load_hf_caption_dataset(
         raise ValueError(
             f"Cannot load dataset_name={dataset_name!r}: {str(error).rstrip('.')}. Give a Hub dataset id, a local "
             "folder or data file, or a save_to_disk folder; to work offline, load a Hub dataset once online so it is "
-            "in the datasets cache (--cache_dir)."
+            "in the datasets cache (--cache_dir). Tried, in order: a save_to_disk folder, a Parquet/Arrow/CSV/JSON "
+            "file, a local folder of data files or images, a Hub dataset id."
         ) from error
     except datasets.exceptions.DatasetGenerationError as error:
         raise ValueError(f"datasets cannot read {dataset_name or train_data_dir}: {error.__cause__ or error}") from error

@@ -128,8 +128,8 @@ class DemoConfig:
     # never reads the last layer's patch tokens; in the earlier 3-layer CLIP they blurred unseen colour-shape pairs),
     # no extra x_1 pass, a rounding head sharpened 10x (the paper's flat head barely tells "a" from "an"; the sharp one
     # trains the words faster), no self-conditioning (its extra training pass bought nothing here) and captions of 13
-    # positions, the longest canonical caption. Captions are sampled in the recommended single step: later steps,
-    # DDIM or ancestral DDPM, measured no better (the saved pipeline keeps DDPM for those who ask for more steps).
+    # positions, the longest canonical caption. Captions are sampled in the recommended single step (more steps, DDIM
+    # or ancestral DDPM, added at most 0.6 points of test accuracy; the saved pipeline keeps DDPM for them).
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "captions_per_image": 1,

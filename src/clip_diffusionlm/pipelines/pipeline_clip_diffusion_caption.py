@@ -32,8 +32,8 @@ from .captioning_utils import (
 logger = logging.get_logger(__name__)
 
 # The recommended number of denoising steps, the default of `__call__` (and of the CLI, the Endpoint handler, the
-# Space and training's validation): one x̂0 prediction from pure noise. On the demo world one step captions as well as
-# 5 or 10 (DDIM or DDPM) at 5-10x the speed (benchmarks/results/caption_speed_quality.md).
+# Space and training's validation): one x̂0 prediction from pure noise, the fastest setting. On the demo world's
+# benchmark (docs/benchmarks.md) 2-10 steps added at most 0.6 points of object accuracy at 2-9x the cost.
 RECOMMENDED_INFERENCE_STEPS = 1
 
 
@@ -169,8 +169,8 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
                 CLIP text embeddings for a denoiser trained with `use_text_condition`; the learned null condition
                 is used when omitted.
             num_inference_steps (`int`, *optional*, defaults to `RECOMMENDED_INFERENCE_STEPS` = 1):
-                Denoising steps. One is the recommended setting: an `x0`-predicting model's later steps measured no
-                better on the demo world (see `RECOMMENDED_INFERENCE_STEPS`).
+                Denoising steps. One is the recommended setting, the fastest; more steps cost one denoiser pass each
+                and added little on the demo world (see `RECOMMENDED_INFERENCE_STEPS`).
             guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance weight `w`: 1 is the conditional model alone, larger values push further
                 from the unconditional prediction. Needs a model trained with `condition_drop_prob > 0`.
