@@ -43,7 +43,7 @@ import transformers
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
+from clip_diffusionlm import CLIPARCaptionPipeline, CLIPCaptionerARConfig, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.demo import build_shapes_world, build_tiny_assets, content_accuracy, load_shapes_world
 from clip_diffusionlm.demo.shapes_world import COLOURS, SHAPES
@@ -179,13 +179,21 @@ def current_demo(demo_dir: Path) -> dict[str, Any] | None:
     return config
 
 
+def what_trains(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded training config without what its model type ignores: the AR baseline reads only the `model_config`
+    keys it shares with the denoiser, so a change of e.g. the rounding weight does not train it again."""
+    if config.get("model_type") != "ar":
+        return config
+    return {**config, "model_config": CLIPCaptionerARConfig.shared_kwargs(config.get("model_config", {}))}
+
+
 def train_if_needed(config: TrainingConfig) -> Path:
-    """Trains unless the output folder already holds a pipeline trained with exactly this config."""
+    """Trains unless the output folder already holds a pipeline trained with this config (as far as it matters)."""
     output_dir = Path(config.output_dir)
     recorded = output_dir / "training_config.json"
-    if (output_dir / "model_index.json").is_file() and recorded.is_file() and json.loads(
-        recorded.read_text()
-    ) == dataclasses.asdict(config):
+    if (output_dir / "model_index.json").is_file() and recorded.is_file() and what_trains(
+        json.loads(recorded.read_text())
+    ) == what_trains(dataclasses.asdict(config)):
         print(f"Reusing {output_dir}.", flush=True)
         return output_dir
     started = time.monotonic()
