@@ -130,7 +130,7 @@ def test_the_package_loads_the_pipeline_by_id_over_http(published, local_hub, hu
     assert any(path.endswith("/denoiser/model.safetensors") for path in downloaded)
 
 
-def test_without_the_package_the_card_snippet_automodel_and_handler_work(published, runtime_python, hub_env):
+def test_without_the_package_the_card_snippet_automodel_and_handler_work(published, runtime_python, hub_env, tmp_path):
     files, expected = published
     # This virtualenv has never heard of the package.
     check = "import importlib.util; print(importlib.util.find_spec('clip_diffusionlm') is None)"
@@ -160,7 +160,7 @@ def test_without_the_package_the_card_snippet_automodel_and_handler_work(publish
     )
     module, values = json.loads(run_python(runtime_python, script, hub_env))
     assert module.startswith("transformers_modules.")
-    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(_snapshot(files))
+    pipe = CLIPDiffusionCaptionPipeline.from_pretrained(write_files(files, tmp_path / "pushed"))
     torch.manual_seed(0)
     noisy, patches = torch.randn(1, 13, 384), torch.randn(1, 10, 128)
     with torch.no_grad():
@@ -185,21 +185,12 @@ def test_without_the_package_the_card_snippet_automodel_and_handler_work(publish
     assert json.loads(run_python(runtime_python, script, hub_env)) == [{"generated_text": expected[0]}]
 
 
-_SNAPSHOTS: dict[int, Path] = {}
-
-
-def _snapshot(files: dict[str, bytes]) -> Path:
+def write_files(files: dict[str, bytes], folder: Path) -> Path:
     """The pushed files on disk, for loading in this process."""
-    import tempfile
-
-    key = id(files)
-    if key not in _SNAPSHOTS:
-        folder = Path(tempfile.mkdtemp(prefix="pushed-"))
-        for name, content in files.items():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(content)
-        _SNAPSHOTS[key] = folder
-    return _SNAPSHOTS[key]
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return folder
 
 
 def test_the_space_app_runs_from_its_own_requirements(published, tmp_path, hub_env):

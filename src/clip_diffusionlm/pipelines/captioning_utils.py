@@ -25,6 +25,7 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPVisionModelWithProjection, PreTrainedTokenizerBase
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.image_processing_utils import BaseImageProcessor
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
@@ -206,9 +207,11 @@ def read_model_index(folder: str) -> dict:
         return json.load(file)
 
 
-def check_pipeline_folder(folder: str, components: Sequence[str], weighted: Sequence[str], allow_pickle: bool) -> None:
-    """Clear errors for a saved pipeline with missing pieces, before the loaders report them obliquely."""
-    index = read_model_index(folder)
+def check_pipeline_folder(
+    folder: str, index: dict, components: Sequence[str], weighted: Sequence[str], allow_pickle: bool
+) -> None:
+    """Clear errors for a saved pipeline (`index` its `model_index.json`) with missing pieces, before the loaders
+    report them obliquely."""
     missing = []
     for component in components:
         if component not in index:
@@ -247,7 +250,7 @@ def load_components(
     """
     index = read_model_index(folder)
     expected = [name for name in inspect.signature(pipeline_class.__init__).parameters if name != "self"]
-    check_pipeline_folder(folder, expected, [*model_auto_classes, "image_encoder"], allow_pickle)
+    check_pipeline_folder(folder, index, expected, [*model_auto_classes, "image_encoder"], allow_pickle)
     weights = {"use_safetensors": None if allow_pickle else True}
     if torch_dtype is not None:
         weights["dtype"] = torch_dtype
@@ -274,17 +277,8 @@ def load_components(
 
 def _module_files(module_name: str) -> list[str]:
     """A module's file and, recursively, the files it imports relatively (`from .x import ...`)."""
-    folder = os.path.dirname(sys.modules[module_name].__file__)
-    files, pending = [], [sys.modules[module_name].__file__]
-    while pending:
-        path = pending.pop()
-        if path in files:
-            continue
-        files.append(path)
-        with open(path, encoding="utf-8") as file:
-            imported = re.findall(r"^\s*from\s+\.(\w+)\s+import", file.read(), flags=re.MULTILINE)
-        pending.extend(os.path.join(folder, f"{name}.py") for name in imported)
-    return files
+    module_file = sys.modules[module_name].__file__
+    return [module_file, *get_relative_import_files(module_file)]
 
 
 def write_pipeline_code(pipeline, save_directory: str | os.PathLike, model_component: str) -> None:
