@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPCaptionerARConfig, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.demo import build_shapes_world, build_tiny_assets, content_accuracy, load_shapes_world
-from clip_diffusionlm.demo.shapes_world import COLOURS, SHAPES
+from clip_diffusionlm.demo.shapes_world import COLOURS, SHAPES, ShapesWorldConfig
 from clip_diffusionlm.metrics import compute_caption_metrics
 from clip_diffusionlm.pipelines.captioning_utils import encode_images, to_rgb
 from clip_diffusionlm.training import TrainingConfig, train
@@ -152,9 +152,10 @@ def matmul_peak(device: torch.device, shapes: list[tuple[int, int, int]], min_se
 # ------------------------------------------------------------------------------------------------------ models
 
 
-def tiny_assets(work_dir: Path) -> dict[str, Any]:
-    """The tests' tiny world, tokenizer, 2-layer BERT and untrained CLIP, with the demo recipe's options at toy size."""
-    assets = build_tiny_assets(work_dir, sizes=(32, 4, 8, 0), max_position_embeddings=128)
+def tiny_assets(work_dir: Path, world: ShapesWorldConfig | None = None) -> dict[str, Any]:
+    """The tests' tiny world (the demo's, or `world` at 32 px), tokenizer, 2-layer BERT and untrained CLIP, with the
+    demo recipe's options at toy size."""
+    assets = build_tiny_assets(work_dir, sizes=(32, 4, 8, 0), max_position_embeddings=128, world=world)
     training = {
         "text_backbone": str(assets["backbone"]), "restrict_rounding_vocabulary": True,
         "model_config": {"caption_length": 14, "image_features": "patches", "self_conditioning": True,

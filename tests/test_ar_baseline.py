@@ -212,3 +212,43 @@ def test_malformed_captions_are_those_outside_the_canonical_grammar():
     assert is_malformed("a orange star")
     assert is_malformed("a red circle and a blue")  # missing word
     assert is_malformed("a red circle a blue square")  # missing "and"
+
+
+def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "harder_world.py"), "--tiny", "--work_dir", str(tmp_path / "work"),
+         "--output_dir", str(tmp_path / "results"), "--training_seeds", "0", "1"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "harder_world_tiny.json").read_text())
+    assert (tmp_path / "results" / "harder_world_tiny.png").stat().st_size > 0
+    assert "| AR greedy |" in (tmp_path / "results" / "harder_world_tiny.md").read_text()
+    # Both families trained on all five references of the harder world, with the same recipe.
+    assert results["recipe"]["captions_per_image"] is None
+    world = json.loads(Path(results["recipe"]["datasets"][0], "world.json").read_text())
+    assert world["config"]["caption_style"] == "scene" and world["config"]["max_objects"] == 4
+    rows = {row["name"]: row for row in results["settings"]}
+    assert next(iter(rows)) == "recommended: DDIM 1 step (the pipeline's defaults)"
+    assert {"AR greedy", "AR beam 3", "DDIM 2 steps", "DDIM 1 step + 1 refinement"} <= set(rows)
+    for row in rows.values():
+        assert {"object_accuracy", "count_accuracy", "relation_accuracy", "fully_correct", "CIDEr"} <= set(row)
+        assert row["worst"]["fully_correct"] == min(run["fully_correct"] for run in row["runs"])
+        assert {(run["training_seed"], run["sampling_seed"]) for run in row["runs"]} == {
+            (t, s) for t in (0, 1) for s in ((0, 1, 2) if row["family"] == "diffusion" else (0,))}
+        assert all(row["speed"][batch]["captions_per_s"] > 0 for batch in ("1", "64"))
+    goal = results["targets"]
+    assert rows[goal["setting"]]["passes"] <= 2
+    assert {"object_accuracy", "relation_accuracy", "count_accuracy", "CIDEr", "speed_batch1"} <= set(goal)
+
+
+def test_harder_world_malformed_captions():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from harder_world import is_malformed
+
+    assert not is_malformed("two green triangles and a red circle")
+    assert not is_malformed("a blue square is to the right of a red circle, with an orange star")
+    assert is_malformed("an pink cross")
+    assert is_malformed("a red red circle")
+    assert is_malformed("a red circle to the left of")  # cut off
+    assert is_malformed("there are")

@@ -103,10 +103,16 @@ def test_timestep_conditioning_switch(tokenizer):
     )
 
 
-def test_word_embeddings_frozen_and_tied(tokenizer):
+def test_word_embeddings_frozen_and_tied(tokenizer, tmp_path):
     model = tiny_denoiser(tokenizer, embedding_scale=4.0, rounding_logit_scale=10.0)
     embeddings = model.get_input_embeddings()
     assert not embeddings.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    # Loading builds new parameters; a loaded model that is trained further (resumed, distilled) keeps them frozen.
+    loaded = CLIPDiffusionLMModel.from_pretrained(tmp_path)
+    assert [name for name, weight in loaded.named_parameters() if not weight.requires_grad] == [
+        "backbone.embeddings.word_embeddings.weight"
+    ]
     ids = _ids(tokenizer)
     x0 = model.embed_captions(ids)
     torch.testing.assert_close(x0, embeddings(ids) * 4.0)
@@ -404,3 +410,47 @@ def test_expected_word_embedding_of_a_one_hot_distribution_is_that_word(tokenize
     weight = model.get_input_embeddings().weight[model.rounding_token_ids] * 2.0
     zeros = torch.zeros(1, 1, weight.shape[1])  # all logits 0: the uniform distribution
     torch.testing.assert_close(model.expected_word_embeddings(zeros)[0, 0], weight.mean(dim=0))
+
+
+@pytest.mark.parametrize("self_conditioning", [False, True])
+def test_distillation_target_is_the_teachers_two_step_ddim_result(tokenizer, self_conditioning):
+    """From x_T at t = T - 1, the teacher's two trailing DDIM steps are what the pipeline samples with DDIM in two."""
+    from conftest import tiny_pipeline
+
+    from clip_diffusionlm.diffusion import teacher_estimate
+
+    pipe = tiny_pipeline(tokenizer, self_conditioning=self_conditioning)
+    pipe.set_progress_bar_config(disable=True)
+    if self_conditioning:
+        torch.nn.init.normal_(pipe.denoiser.self_condition_projection.weight, std=0.5)  # zero-initialised
+    image = torch.randn(3, CONDITION_DIM)
+    sampled = pipe(image_embeds=image, num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).captions
+    config = pipe.denoiser.config
+    start = torch.randn(3, config.caption_length, pipe.denoiser.hidden_size, generator=torch.Generator().manual_seed(0))
+    last = torch.full((3,), config.num_train_timesteps - 1)
+    with torch.no_grad():
+        target = teacher_estimate(pipe.denoiser, pipe.scheduler.alphas_cumprod, start, last, 2, image_embeds=image)
+        one_step = teacher_estimate(pipe.denoiser, pipe.scheduler.alphas_cumprod, start, last, 1, image_embeds=image)
+    torch.testing.assert_close(target, sampled)
+    assert not torch.allclose(one_step, sampled)
+
+
+def test_distillation_loss_is_zero_for_a_student_matching_a_one_step_teacher(tokenizer):
+    from clip_diffusionlm.diffusion import distillation_loss
+
+    # The same weights (tiny_denoiser seeds its initialisation), without dropout: the same function.
+    teacher = tiny_denoiser(tokenizer, caption_length=LENGTH).requires_grad_(False)
+    student = tiny_denoiser(tokenizer, caption_length=LENGTH)
+    scheduler = make_noise_scheduler(teacher.config, DDPMScheduler)
+    image = torch.randn(BATCH, CONDITION_DIM)
+    torch.manual_seed(0)
+    same = distillation_loss(student, teacher, scheduler, _ids(tokenizer), image, teacher_steps=1)
+    assert same.restoring_loss.item() == pytest.approx(0.0, abs=1e-10)
+    torch.manual_seed(0)
+    output = distillation_loss(student, teacher, scheduler, _ids(tokenizer), image, teacher_steps=2,
+                               timesteps_per_caption=2)
+    assert output.restoring_loss > 0 and output.prediction.shape[0] == 2 * BATCH
+    output.loss.backward()
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in student.parameters())

@@ -14,6 +14,7 @@ from datasets import Image
 from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.demo import content_accuracy, parse_caption
 from clip_diffusionlm.demo.shapes_world import (
+    HARDER_WORLD,
     COLOUR_RGB,
     COLOURS,
     MAX_CAPTIONS_PER_IMAGE,
@@ -79,8 +80,9 @@ def test_images_and_objects_are_well_formed(examples):
         assert example.image.mode == "RGB" and example.image.size == (size, size)
         assert len({(o["colour"], o["shape"]) for o in example.objects}) == len(example.objects)
         for obj in example.objects:
-            assert set(obj) == {"shape", "colour", "size", "x", "y"}
+            assert set(obj) == {"shape", "colour", "size", "x", "y", "row", "column"}
             assert 0 < obj["x"] < size and 0 < obj["y"] < size
+            assert (obj["row"], obj["column"]) == (obj["y"] * 3 // size, obj["x"] * 3 // size)
             # The object's colour is really drawn at its centre (the centre pixel is inside every shape).
             drawn = example.image.getpixel((obj["x"], obj["y"]))
             assert max(abs(a - b) for a, b in zip(drawn, COLOUR_RGB[obj["colour"]], strict=True)) < 40
@@ -173,7 +175,10 @@ def test_holdout_combinations():
     ("kwargs", "message"),
     [
         ({"max_objects": 4}, "max_objects must be between 1 and 3"),
-        ({"min_objects": 0}, "min_objects must be between 1 and 3"),
+        ({"min_objects": 0}, "min_objects must be between 1 and 4"),
+        ({"max_objects": 5, "caption_style": "scene"}, "max_objects must be between 1 and 4"),
+        ({"caption_style": "poem"}, "caption_style must be one of"),
+        ({"repeat_probability": 1.5}, "repeat_probability must be a number between 0 and 1"),
         ({"min_objects": 3, "max_objects": 2}, "max_objects must be between 3 and 3"),
         ({"image_size": 16}, "image_size must be between 32 and 128"),
         ({"image_size": 256}, "image_size must be between 32 and 128"),
@@ -201,6 +206,66 @@ def test_bad_generation_arguments_raise(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Metric on hand-made captions; the expected numbers are worked out by hand in the comments.
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_harder_world_counts_relates_and_varies_its_references():
+    examples = generate_shapes_world(300, seed=0, config=HARDER_WORLD)
+    assert set(Counter(len(e.objects) for e in examples)) == {1, 2, 3, 4}
+    repeated = [e for e in examples if len({(o["colour"], o["shape"]) for o in e.objects}) < len(e.objects)]
+    assert len(repeated) > 30
+    captions = [caption for e in examples for caption in e.captions]
+    scores = content_accuracy(captions, [e.objects for e in examples for _ in e.captions])
+    # Every reference is right in all it states: objects, counts, sizes and relations.
+    assert scores["fully_correct"] == 1.0 and scores["relation_accuracy"] == 1.0
+    assert scores["relations_per_caption"] > 0.15
+    assert any(re.search(r"\b(two|three|four) \w+ \w+s\b", caption) for caption in captions)
+    assert any(" is " in caption for caption in captions) and any(caption.startswith(("red", "blue")) for caption in captions)
+    for example in examples:
+        assert len(set(example.captions)) == len(example.captions) == 5
+    # No canonical reference: the first caption is as varied as the others.
+    assert sum(e.captions[0] == canonical_caption(e.objects) for e in examples) < len(examples) / 4
+    assert max(len(_pieces(caption)) + 2 for caption in captions) <= 26
+
+
+TWO_OBJECTS_IN_CELLS = [
+    {"shape": "circle", "colour": "red", "size": "small", "row": 0, "column": 0},
+    {"shape": "square", "colour": "blue", "size": "large", "row": 0, "column": 2},
+]
+
+
+@pytest.mark.parametrize(
+    ("caption", "relations", "expected"),
+    [
+        ("a red circle to the left of a blue square", [(0, "left of", 1)], {"relation": 1.0, "fully": 1.0}),
+        ("a blue square is right of a small red circle", [(0, "right of", 1)], {"relation": 1.0, "fully": 1.0}),
+        # Named right, related wrong: an exact match that is not fully correct.
+        ("a blue square is left of a red circle", [(0, "left of", 1)], {"relation": 0.0, "fully": 0.0}),
+        ("a red circle above a blue square", [(0, "above", 1)], {"relation": 0.0, "fully": 0.0}),
+        # A wrong size is a false statement, and there is no large red circle to relate.
+        ("a large red circle left of a blue square", [(0, "left of", 1)], {"relation": 0.0, "fully": 0.0}),
+        # Direction words with no mention on one side state no relation.
+        ("from left to right: a red circle and a blue square", [], {"relation": 1.0, "fully": 1.0}),
+        ("a red circle on the left and a blue square", [], {"relation": 1.0, "fully": 1.0}),
+    ],
+)
+def test_relations_are_read_and_checked_against_the_grid(caption, relations, expected):
+    parsed = parse_caption(caption)
+    assert [(r.subject, r.relation, r.other) for r in parsed.relations] == relations
+    scores = content_accuracy([caption], [TWO_OBJECTS_IN_CELLS])
+    assert scores["exact_match"] == 1.0
+    assert {"relation": scores["relation_accuracy"], "fully": scores["fully_correct"]} == expected
+
+
+def test_counts_of_repeated_objects():
+    objects = [*TWO_OBJECTS_IN_CELLS, {"shape": "circle", "colour": "red", "size": "large", "row": 2, "column": 1}]
+    right = content_accuracy(["two red circles and a blue square"], [objects])
+    assert right["fully_correct"] == right["object_accuracy"] == right["count_accuracy"] == 1.0
+    wrong = content_accuracy(["three red circles and a blue square"], [objects])
+    assert wrong["object_accuracy"] == 1.0 and wrong["count_accuracy"] == 0.0 and wrong["fully_correct"] == 0.0
+    # The lone red circle on the bottom row is below the square: some red circle makes the statement true.
+    assert content_accuracy(["a red circle below a blue square, and a red circle"], [objects])["relation_accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"lacks the grid cells \('row', 'column'\)"):
+        content_accuracy(["a red circle left of a blue square"], [TWO_OBJECTS])
 
 
 def test_parse_caption():

@@ -154,6 +154,22 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     assert set(ids.flatten().tolist()) <= vocabulary
 
 
+def test_step_distillation_trains_a_copy_of_a_saved_pipeline(training_assets, pipeline_from_assets, tmp_path):
+    teacher = CLIPDiffusionCaptionPipeline.from_pretrained(pipeline_from_assets).denoiser
+    output_dir = train(tiny_training_config(
+        training_assets, tmp_path / "student", distill_from=str(pipeline_from_assets), model_config={},
+        distillation_teacher_steps=2, max_steps=3, checkpointing_steps=0,
+    ))
+    assert all(record["restoring_loss"] > 0 for record in _history(output_dir))
+    student = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir).denoiser
+    assert student.config.to_diff_dict() | {"_name_or_path": ""} == teacher.config.to_diff_dict() | {"_name_or_path": ""}
+    changed = [name for name, weight in student.state_dict().items()
+               if not torch.equal(weight, teacher.state_dict()[name])]
+    assert changed and all(not name.startswith("backbone.embeddings.word") for name in changed)
+    with pytest.raises(ValueError, match="`distill_from` trains a copy of a diffusion model"):
+        tiny_training_config(training_assets, tmp_path / "bad", distill_from=str(pipeline_from_assets))
+
+
 def test_train_uses_a_dataset_given_in_memory(training_assets, tmp_path):
     from datasets import DatasetDict
     from transformers import AutoTokenizer

@@ -269,3 +269,108 @@ def diffusion_loss(
         prediction=prediction[:batch_size],
         logits=logits,
     )
+
+
+def trailing_timesteps(timesteps: torch.LongTensor, num_steps: int, step_index: int) -> torch.LongTensor:
+    """The `step_index`-th of `num_steps` evenly spaced sampling timesteps from `t` down, per row: diffusers'
+    "trailing" spacing started at `t` instead of `T - 1` (`[999, 499]` for `t = 999`, two steps); `-1` past the last,
+    the clean end."""
+    return ((timesteps + 1) * (num_steps - step_index) / num_steps).round().long() - 1
+
+
+def ddim_step(
+    alphas_cumprod: torch.Tensor, original_estimate: torch.Tensor, noisy_embeds: torch.Tensor,
+    timesteps: torch.LongTensor, next_timesteps: torch.LongTensor,
+) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) from `x_t` to `x_{t'}` per row: `√ᾱ_{t'}·x̂0 + √(1−ᾱ_{t'})·ε̂`, with
+    `ε̂ = (x_t − √ᾱ_t·x̂0) / √(1−ᾱ_t)` and `ᾱ_{-1} = 1` (what `DDIMScheduler(set_alpha_to_one=True)` does)."""
+    alphas_cumprod = alphas_cumprod.to(noisy_embeds.device, torch.float32)
+    alpha = alphas_cumprod[timesteps][:, None, None]
+    alpha_next = torch.where(next_timesteps >= 0, alphas_cumprod[next_timesteps.clamp(min=0)], 1.0)[:, None, None]
+    noise = (noisy_embeds - alpha.sqrt() * original_estimate) / (1 - alpha).sqrt()
+    return alpha_next.sqrt() * original_estimate + (1 - alpha_next).sqrt() * noise
+
+
+@torch.no_grad()
+def teacher_estimate(
+    teacher: CLIPDiffusionLMModel, alphas_cumprod: torch.Tensor, noisy_embeds: torch.FloatTensor,
+    timesteps: torch.LongTensor, num_steps: int, **condition,
+) -> torch.FloatTensor:
+    """
+    The teacher's `x̂0` after `num_steps` deterministic DDIM steps from `x_t` (trailing spacing from each row's `t`, its
+    own estimate fed back when it self-conditions): the target of step distillation. From `t = T - 1` it is what the
+    pipeline returns with `DDIMScheduler` and `num_inference_steps=num_steps`.
+    """
+    estimate = None
+    for step_index in range(num_steps):
+        self_conditioning = estimate if teacher.config.self_conditioning else None
+        prediction = teacher(noisy_embeds, timesteps, self_conditioning_embeds=self_conditioning, **condition).prediction
+        estimate = predicted_original_sample(teacher.config, alphas_cumprod, prediction, noisy_embeds, timesteps)
+        next_timesteps = trailing_timesteps(timesteps, num_steps, step_index + 1)
+        noisy_embeds = ddim_step(alphas_cumprod, estimate, noisy_embeds, timesteps, next_timesteps)
+        timesteps = next_timesteps.clamp(min=0)
+    return estimate
+
+
+def distillation_loss(
+    student: CLIPDiffusionLMModel | torch.nn.Module,
+    teacher: CLIPDiffusionLMModel,
+    noise_scheduler: DDPMScheduler,
+    input_ids: torch.LongTensor,
+    image_embeds: torch.FloatTensor,
+    text_embeds: torch.FloatTensor | None = None,
+    teacher_steps: int = 2,
+    timesteps_per_caption: int = 1,
+    timestep_sampling: TimestepSampling | None = None,
+) -> DiffusionLossOutput:
+    """
+    Step distillation (Salimans & Ho 2022, in embedding space): at a training `x_t` (a caption noised as in
+    [`diffusion_loss`]), one student pass learns what `teacher_steps` teacher passes reach ([`teacher_estimate`]):
+    `‖f_student(x_t, t) − x̂0_teacher‖² + λ·CE(f_student · Eᵀ, words of x̂0_teacher)`. The rounding term names the
+    teacher's words rather than the data's: the student learns the teacher's sampler, one caption per `x_t`, instead of
+    the mean of the references the teacher was trained on.
+
+    Args:
+        student (`CLIPDiffusionLMModel` or a wrapper of it such as DDP):
+            Starts as a copy of the teacher; an `x0` predictor (`prediction_type="sample"`).
+        teacher (`CLIPDiffusionLMModel`):
+            The trained model, frozen.
+        noise_scheduler (`DDPMScheduler`):
+            From [`make_noise_scheduler`] with the teacher's config.
+        input_ids (`torch.LongTensor` of shape `(batch_size, caption_length)`):
+            The captions `x_t` is made from.
+        image_embeds, text_embeds:
+            As for [`diffusion_loss`].
+        teacher_steps (`int`, *optional*, defaults to 2):
+            Teacher passes one student pass learns to match.
+        timesteps_per_caption (`int`, *optional*, defaults to 1):
+            How many independent `t` each caption is distilled at in this step.
+        timestep_sampling (`TimestepSampling`, *optional*):
+            How `t` is drawn; uniformly by default.
+    """
+    core: CLIPDiffusionLMModel = getattr(student, "module", student)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    input_ids, image_embeds, text_embeds = (
+        None if rows is None else rows.repeat_interleave(timesteps_per_caption, dim=0)
+        for rows in (input_ids, image_embeds, text_embeds)
+    )
+    clean_embeds = core.embed_captions(input_ids)
+    batch_size, device = input_ids.shape[0], input_ids.device
+    timesteps = (timestep_sampling or TimestepSampling()).sample(core.config.num_train_timesteps, batch_size, device)
+    noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), timesteps)
+    condition = {"image_embeds": image_embeds, "text_embeds": text_embeds}
+    target_embeds = teacher_estimate(teacher, alphas_cumprod, noisy_embeds, timesteps, teacher_steps, **condition)
+    target_words = teacher.round_to_logits(target_embeds).argmax(dim=-1)  # indices into the rounding vocabulary
+
+    prediction = student(noisy_embeds, timesteps, **condition).prediction
+    restoring_loss = squared_error(prediction, target_embeds)
+    rounding_loss, rounding_weight, logits = weighted_rounding_loss(core, prediction, target_words, restoring_loss)
+    return DiffusionLossOutput(
+        loss=restoring_loss + rounding_weight * rounding_loss,
+        restoring_loss=restoring_loss,
+        x1_restoring_loss=torch.zeros_like(restoring_loss),
+        rounding_loss=rounding_loss,
+        rounding_weight=rounding_weight,
+        prediction=prediction,
+        logits=logits,
+    )

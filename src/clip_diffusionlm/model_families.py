@@ -3,7 +3,8 @@ The model families the training loop trains: what differs between CLIP-Diffusion
 one small interface, so that the loop in `training.py` reads the same for both and has no branch on the family.
 
 A family builds its model on the pretrained text backbone, computes its loss on a batch, wraps the model in its
-pipeline, captions the validation features and writes what its saved folder holds besides the pipeline.
+pipeline, captions the validation features and writes what its saved folder holds besides the pipeline. Step
+distillation (`distill_from`) is a third: a diffusion model that starts as a trained one and learns its few-step sampler.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from transformers import CLIPVisionModelWithProjection, PreTrainedModel
 
-from .diffusion import INFERENCE_SCHEDULERS, diffusion_loss, make_noise_scheduler
+from .diffusion import INFERENCE_SCHEDULERS, diffusion_loss, distillation_loss, make_noise_scheduler
 from .evaluation import caption_embeddings
 from .hub.model_card import write_model_card
 from .models.configuration_clip_captioner_ar import CLIPCaptionerARConfig
@@ -141,4 +142,45 @@ class AutoregressiveFamily(ModelFamily):
         return [[caption] for caption in self.pipeline(run)(image_embeds=features).captions]
 
 
+class StepDistillationFamily(DiffusionFamily):
+    """
+    CLIP-DiffusionLM distilled from a trained one (`config.distill_from`): the student starts as a copy of the teacher's
+    denoiser, and one of its steps learns what `config.distillation_teacher_steps` teacher DDIM steps reach
+    ([`distillation_loss`]). Saved, validated and carded like any diffusion model. One instance per run: it holds the
+    frozen teacher.
+    """
+
+    def __init__(self):
+        self.teacher: CLIPDiffusionLMModel | None = None
+
+    def build(self, config, image_encoder, rounding_vocabulary):
+        self.teacher = CLIPDiffusionLMModel.from_pretrained(config.distill_from, subfolder="denoiser")
+        self.teacher.requires_grad_(False).eval()
+        if self.teacher.config.prediction_type != "sample":
+            raise ValueError(
+                f"distill_from={config.distill_from!r} predicts {self.teacher.config.prediction_type!r}; step "
+                "distillation needs an x0 predictor (prediction_type='sample')."
+            )
+        student = CLIPDiffusionLMModel.from_pretrained(config.distill_from, subfolder="denoiser")
+        if config.attn_implementation is not None:
+            for model in (self.teacher, student):
+                model.set_attn_implementation(config.attn_implementation)
+        if config.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        return student
+
+    def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
+        self.teacher.to(input_ids.device, image_embeds.dtype)
+        return distillation_loss(
+            model, self.teacher, run.noise_scheduler, input_ids, image_embeds, text_embeds,
+            teacher_steps=run.config.distillation_teacher_steps, timesteps_per_caption=run.config.timesteps_per_caption,
+            timestep_sampling=run.config.timestep_sampling,
+        )
+
+
 MODEL_FAMILIES: dict[str, ModelFamily] = {"diffusion": DiffusionFamily(), "ar": AutoregressiveFamily()}
+
+
+def model_family(config: TrainingConfig) -> ModelFamily:
+    """The family that trains `config`: a fresh step-distillation one when it distils, else its `model_type`'s."""
+    return StepDistillationFamily() if config.distill_from is not None else MODEL_FAMILIES[config.model_type]

@@ -57,7 +57,7 @@ from .evaluation import score_split
 from .feature_cache import CLIPFeatureCache
 from .hub.model_card import write_training_record
 from .hub.repository import check_hub_repo, push_folder_to_hub
-from .model_families import MODEL_FAMILIES, ModelFamily
+from .model_families import ModelFamily, model_family
 from .models.modeling_clip_captioner_ar import CaptionerLossOutput
 from .training_args import TrainingConfig, training_config_from_args
 
@@ -159,6 +159,7 @@ class TrainingRun:
     dataloader: DataLoader
     sampler: EpochShuffleSampler
     noise_scheduler: DDPMScheduler | None  # None for the AR baseline
+    family: ModelFamily
     ema: EMAModel | None
     state: TrainingState
     total_steps: int
@@ -172,10 +173,6 @@ class TrainingRun:
     @property
     def model(self) -> PreTrainedModel:
         return self.accelerator.unwrap_model(self.denoiser)
-
-    @property
-    def family(self) -> ModelFamily:
-        return MODEL_FAMILIES[self.config.model_type]
 
 
 # ---------------------------------------------------------------------------------------------------------- set-up
@@ -234,7 +231,8 @@ def caption_pairs(split: Dataset, captions_per_image: int | None = None) -> tupl
 
 
 def prepare_data(
-    config: TrainingConfig, accelerator: Accelerator, dataset: DatasetDict | None = None
+    config: TrainingConfig, accelerator: Accelerator, dataset: DatasetDict | None = None,
+    family: ModelFamily | None = None,
 ) -> TrainingData:
     """
     Loads the dataset (unless given), the frozen CLIP towers (on the run's device, in its weight dtype) and the
@@ -260,7 +258,7 @@ def prepare_data(
     if config.restrict_rounding_vocabulary:
         words = {token for ids in tokenizer(train_captions)["input_ids"] for token in ids}
         rounding_vocabulary = sorted(words | set(tokenizer.all_special_ids))
-    denoiser = MODEL_FAMILIES[config.model_type].build(config, image_encoder, rounding_vocabulary)
+    denoiser = (family or model_family(config)).build(config, image_encoder, rounding_vocabulary)
     model_config = denoiser.config
 
     text_encoder = text_tokenizer = None
@@ -594,7 +592,8 @@ def build_run(config: TrainingConfig, dataset: DatasetDict | None = None) -> Tra
         )
     set_seed(config.seed, device_specific=True)
     # Bad data fails inside `prepare_data`, before anything but the feature cache is written.
-    data = prepare_data(config, accelerator, dataset)
+    family = model_family(config)
+    data = prepare_data(config, accelerator, dataset, family)
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.output_dir) / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -618,7 +617,7 @@ def build_run(config: TrainingConfig, dataset: DatasetDict | None = None) -> Tra
     run = TrainingRun(
         config=config, accelerator=accelerator, data=data, denoiser=denoiser, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, ema=ema, state=TrainingState(),
-        noise_scheduler=MODEL_FAMILIES[config.model_type].noise_scheduler(data.denoiser),
+        noise_scheduler=family.noise_scheduler(data.denoiser), family=family,
         total_steps=total_steps,
     )
     for stateful in (lr_scheduler, ema, run.state):

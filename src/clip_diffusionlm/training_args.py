@@ -81,6 +81,12 @@ class TrainingConfig:
         "the same output vocabulary) with the same data, schedule and loop, to compare the two. `model_config` keys "
         "the baseline does not have (noise, fusion, losses) are ignored for it.", choices=list(MODEL_TYPES),
     )
+    distill_from: str | None = _option(
+        None, "A trained CLIP-DiffusionLM pipeline (folder or Hub id) to distil: the run trains a copy of its denoiser "
+        "so that one denoising step does what `distillation_teacher_steps` of its DDIM steps do (step distillation). "
+        "The model is the teacher's, so `model_config` must be empty and `text_backbone` the teacher's."
+    )
+    distillation_teacher_steps: int = _option(2, "Teacher DDIM steps that one student step learns to match.")
     clip_model: str = _option("openai/clip-vit-base-patch32", "The CLIP checkpoint; its towers are frozen.")
     text_backbone: str = _option(
         "distilbert-base-uncased", "A BERT-family encoder: word embeddings (frozen), tokenizer and initial layers."
@@ -196,9 +202,14 @@ class TrainingConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
         for name in ("batch_size", "gradient_accumulation_steps", "timesteps_per_caption", "num_epochs",
-                     "captions_per_image", "max_steps", "logging_steps"):
+                     "captions_per_image", "max_steps", "logging_steps", "distillation_teacher_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.distill_from is not None and (self.model_type != "diffusion" or self.model_config):
+            raise ValueError(
+                "`distill_from` trains a copy of a diffusion model: it needs model_type='diffusion' and an empty "
+                f"`model_config`, got model_type={self.model_type!r} and model_config={self.model_config!r}."
+            )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
         # Fails early on an unknown value; `backbone_config` only overrides keys of the text backbone's config.

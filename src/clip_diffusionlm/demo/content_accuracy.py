@@ -1,8 +1,9 @@
-"""Content accuracy: how well captions name the objects of their shapes-world images.
+"""Content accuracy: whether what captions state is true of their shapes-world images.
 
-[`parse_caption`] reads the objects a caption names with the synonym tables the shapes-world generator
-(:mod:`clip_diffusionlm.demo.shapes_world`) writes captions from, so the metric understands every word the generator uses;
-[`content_accuracy`] compares them with the ground-truth objects stored in the world's `objects` column.
+[`parse_caption`] reads the objects, counts and spatial relations a caption states with the word tables the
+shapes-world generator (:mod:`clip_diffusionlm.demo.shapes_world`) writes captions from, so the metric understands every
+word the generator uses; [`content_accuracy`] compares them with the ground-truth objects stored in the world's
+`objects` column.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .shapes_world import COLOUR_SYNONYMS, COLOURS, SHAPE_SYNONYMS, SHAPES, SIZE_SYNONYMS, plural
+from .shapes_world import (
+    COLOUR_SYNONYMS,
+    COLOURS,
+    RELATION_WORDS,
+    SHAPE_SYNONYMS,
+    SHAPES,
+    SIZE_SYNONYMS,
+    plural,
+    relations_between,
+)
 
-__all__ = ["ObjectMention", "ParsedCaption", "content_accuracy", "parse_caption"]
+__all__ = ["ObjectMention", "ParsedCaption", "RelationMention", "content_accuracy", "parse_caption"]
 
 _NUMBER_WORDS = {"one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 _GENERIC_NOUNS = frozenset({"shape", "shapes", "object", "objects", "thing", "things", "item", "items"})
@@ -51,6 +61,25 @@ class ObjectMention:
 
 
 @dataclass(frozen=True)
+class RelationMention:
+    """
+    One spatial relation stated in a caption: `mentions[subject]` is `relation` `mentions[other]`.
+
+    Args:
+        subject (`int`):
+            Index of the subject's mention in [`ParsedCaption`]'s `mentions`.
+        relation (`str`):
+            "left of", "right of", "above" or "below".
+        other (`int`):
+            Index of the other object's mention.
+    """
+
+    subject: int
+    relation: str
+    other: int
+
+
+@dataclass(frozen=True)
 class ParsedCaption:
     """
     The content of a caption as read by [`parse_caption`].
@@ -60,10 +89,13 @@ class ParsedCaption:
             Object mentions in caption order.
         stated_count (`int`, *optional*):
             Total given explicitly as "<number> shapes/objects/things/items", or `None`.
+        relations (`tuple[RelationMention, ...]`, *optional*, defaults to `()`):
+            Spatial relations between mentions, in caption order.
     """
 
     mentions: tuple[ObjectMention, ...]
     stated_count: int | None = None
+    relations: tuple[RelationMention, ...] = ()
 
     @property
     def count(self) -> int:
@@ -90,6 +122,10 @@ def parse_caption(caption: str) -> ParsedCaption:
            the mention's multiplicity ("two red circles" names two objects); otherwise it is 1, plural or not.
         4. A number word directly followed by "shape(s)", "object(s)", "thing(s)" or "item(s)" ("three shapes: ...")
            states the total count; the first such statement wins.
+        5. A direction word ("left of", "right of", "above", "over", "below", "under") between two mentions states a
+           relation of the mention before it to the mention after it ("a red circle is to the left of a blue square").
+           One with no mention on either side ("from left to right: ...") states none, nor do "left" and "right"
+           without "of" ("a red circle on the left").
         Attributes after the noun ("a circle that is red"), coreference ("... the circle is small") and negation are
         not understood: every mention is read as a separate object claim.
 
@@ -104,6 +140,8 @@ def parse_caption(caption: str) -> ParsedCaption:
         raise ValueError(f"caption must be a str, got {type(caption).__name__}.")
     tokens = _TOKEN.findall(caption.lower())
     mentions = []
+    # Token positions where each mention starts (its number or first attribute) and ends (its shape word).
+    spans: list[tuple[int, int]] = []
     stated_count = None
     for position, token in enumerate(tokens):
         if token in _GENERIC_NOUNS and position > 0 and stated_count is None:
@@ -119,7 +157,34 @@ def parse_caption(caption: str) -> ParsedCaption:
             start -= 1
         count = _number(tokens[start]) if start >= 0 else None
         mentions.append(ObjectMention(shape=shape, colour=colour, size=size, count=1 if count is None else count))
-    return ParsedCaption(mentions=tuple(mentions), stated_count=stated_count)
+        spans.append((start if count is not None else start + 1, position))
+    relations = []
+    for position, token in enumerate(tokens):
+        # "left"/"right" relate only as "(to the) left of": "on the left" names a region of the image.
+        if token not in RELATION_WORDS or token in ("left", "right") and tokens[position + 1:position + 2] != ["of"]:
+            continue
+        before = [index for index, (_, end) in enumerate(spans) if end < position]
+        after = [index for index, (begin, _) in enumerate(spans) if begin > position]
+        if before and after:
+            relations.append(RelationMention(subject=before[-1], relation=RELATION_WORDS[token], other=after[0]))
+    return ParsedCaption(mentions=tuple(mentions), stated_count=stated_count, relations=tuple(relations))
+
+
+def _fits(obj: Mapping[str, Any], mention: ObjectMention) -> bool:
+    return obj["shape"] == mention.shape and all(
+        stated is None or obj.get(key) == stated for key, stated in (("colour", mention.colour), ("size", mention.size))
+    )
+
+
+def relation_holds(parsed: ParsedCaption, relation: RelationMention, objects: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some object fitting the subject's mention (its shape, and its colour and size where stated) stands in
+    the stated relation to some other object fitting the other mention, by their grid cells (`row`, `column`)."""
+    subject, other = parsed.mentions[relation.subject], parsed.mentions[relation.other]
+    return any(
+        relation.relation in relations_between(a, b)
+        for a in objects if _fits(a, subject)
+        for b in objects if b is not a and _fits(b, other)
+    )
 
 
 def _ground_truth(index: int, objects: Sequence[Mapping[str, Any]] | str) -> list[Mapping[str, Any]]:
@@ -169,6 +234,11 @@ def content_accuracy(
           mentioned objects) equals the number of objects.
         - `exact_match`: fraction of images where every object is named with the right colour and shape and nothing
           else is mentioned.
+        - `relation_accuracy`: stated spatial relations that hold ([`relation_holds`]) over all stated relations; 1
+          when no caption states one (nothing stated is false), so read it with `relations_per_caption`.
+        - `relations_per_caption`: stated relations over captions.
+        - `fully_correct`: fraction of images whose caption is an exact match, states the right count, and whose every
+          stated size and relation is true: the caption is right in all it states.
         - `hallucination_rate`: mentioned objects that match no ground-truth object (by colour and shape, or by shape
           for mentions without a colour, matching as multisets) over all mentioned objects; 0 if nothing is mentioned.
     """
@@ -214,10 +284,22 @@ def content_accuracy(
         totals["shape_hits"] += _overlap(Counter(obj["shape"] for obj in truth), named_shapes)
         totals["colour_hits"] += _overlap(Counter(obj["colour"] for obj in truth), named_colours)
         totals["size_hits"] += _overlap(true_triples, named_triples)
-        totals["count_hits"] += parsed.count == len(truth)
-        totals["exact_hits"] += matched == len(truth) and num_mentions == len(truth)
+        count_right = parsed.count == len(truth)
+        exact = matched == len(truth) and num_mentions == len(truth)
+        if parsed.relations and not all({"row", "column"} <= obj.keys() for obj in truth):
+            raise ValueError(
+                f"predictions[{index}] states a spatial relation, but objects[{index}] lacks the grid cells ('row', "
+                "'column') to check it; worlds written before version 5 lack them and build_shapes_world rebuilds them."
+            )
+        true_relations = sum(relation_holds(parsed, relation, truth) for relation in parsed.relations)
+        sizes_right = not named_triples - true_triples
+        totals["count_hits"] += count_right
+        totals["exact_hits"] += exact
         totals["mentions"] += num_mentions
         totals["hallucinations"] += num_mentions - explained
+        totals["relations"] += len(parsed.relations)
+        totals["relation_hits"] += true_relations
+        totals["fully_correct"] += exact and count_right and sizes_right and true_relations == len(parsed.relations)
 
     num_objects = max(totals["objects"], 1)
     return {
@@ -228,4 +310,7 @@ def content_accuracy(
         "count_accuracy": totals["count_hits"] / len(predictions),
         "exact_match": totals["exact_hits"] / len(predictions),
         "hallucination_rate": totals["hallucinations"] / totals["mentions"] if totals["mentions"] else 0.0,
+        "relation_accuracy": totals["relation_hits"] / totals["relations"] if totals["relations"] else 1.0,
+        "relations_per_caption": totals["relations"] / len(predictions),
+        "fully_correct": totals["fully_correct"] / len(predictions),
     }

@@ -56,6 +56,7 @@ def build_tiny_assets(
     folder: str | os.PathLike,
     sizes: tuple[int, int, int, int] = (24, 6, 6, 4),
     max_position_embeddings: int = 64,
+    world: ShapesWorldConfig | None = None,
 ) -> dict[str, Any]:
     """
     The smallest version of the demo's assets, for tests and quick benchmark runs: a 32-px shapes world, a WordPiece
@@ -69,6 +70,8 @@ def build_tiny_assets(
             Train, validation, test and held-out images of the world.
         max_position_embeddings (`int`, *optional*, defaults to 64):
             Longest caption (in tokens) the BERT can read.
+        world (`ShapesWorldConfig`, *optional*):
+            The world's generator settings; defaults to the demo world's at 32 px. Its `image_size` is set to 32.
 
     Returns:
         `dict`: `world`, `backbone` and `clip` folders and the `clip_config`.
@@ -78,7 +81,8 @@ def build_tiny_assets(
     from .clip_pretraining import build_clip
 
     folder = Path(folder)
-    world_dir = build_shapes_world(folder / "shapes", *sizes, seed=0, config=ShapesWorldConfig(image_size=32))
+    world_config = dataclasses.replace(world or ShapesWorldConfig(), image_size=TINY_CLIP.image_size)
+    world_dir = build_shapes_world(folder / "shapes", *sizes, seed=0, config=world_config)
     words = set()
     for split in load_shapes_world(world_dir).values():
         for captions in split["captions"]:

@@ -477,6 +477,14 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         self.post_init()
         self.get_input_embeddings().weight.requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> CLIPDiffusionLMModel:
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading materialises new parameters, which forgets `requires_grad`: a loaded model fine-tuned (resumed,
+        # distilled) must keep its word embeddings, the diffusion space, frozen too.
+        model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.get_input_embeddings()
 
