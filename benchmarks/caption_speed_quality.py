@@ -149,6 +149,21 @@ def matmul_peak(device: torch.device, shapes: list[tuple[int, int, int]], min_se
     return {"gflops_by_shape": rates, "peak_gflops": rates[best], "peak_shape": best}
 
 
+def start_benchmark(args, argv: list[str] | None, script: str, default_min_seconds: float) -> tuple[torch.device, float, str]:
+    """The settings every benchmark run shares: quiet libraries, fewer timed calls and one thread for `--tiny`. Returns
+    the device, the seconds each measurement lasts at least, and the command line that reproduces the run."""
+    # Guidance on a denoiser trained without condition dropout warns at every call; its cost is what is measured.
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+    MIN_CALLS["value"] = 1 if args.tiny else 3
+    if args.tiny:
+        # Toy matmuls gain nothing from a second thread, and OpenMP threads spinning on a busy machine lose a lot.
+        torch.set_num_threads(1)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.tiny else default_min_seconds)
+    command = f"python benchmarks/{script}" + "".join(f" {arg}" for arg in (argv or sys.argv[1:]))
+    return torch.device(args.device), min_seconds, command
+
+
 # ------------------------------------------------------------------------------------------------------ models
 
 
@@ -389,16 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="Quality over models of these training seeds (the first one's are also timed); more "
                         "seeds train more pairs with the same recipe.")
     args = parser.parse_args(argv)
-    # Guidance on a denoiser trained without condition dropout warns at every call; its cost is what is measured.
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.tiny else 1.5)
-    MIN_CALLS["value"] = 1 if args.tiny else 3
-    if args.tiny:
-        # Toy matmuls gain nothing from a second thread, and OpenMP threads spinning on a busy machine lose a lot.
-        torch.set_num_threads(1)
-    command = "python benchmarks/caption_speed_quality.py" + "".join(f" {arg}" for arg in (argv or sys.argv[1:]))
+    device, min_seconds, command = start_benchmark(args, argv, "caption_speed_quality.py", default_min_seconds=1.5)
     started = time.monotonic()
 
     models = prepare_models(args)
@@ -738,8 +744,13 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def frontier_plot(results: dict[str, Any], path: Path) -> None:
-    """Quality (CIDEr) against captions/s at batch 1 and 64, both families, one panel per batch size."""
+def frontier_plot(
+    results: dict[str, Any], path: Path, metrics: tuple[str, ...] = ("CIDEr",),
+    ylabel: str = "CIDEr (shapes test, median of seeds)",
+    title: str = "Quality vs speed: CLIP-DiffusionLM and its autoregressive baseline, same features and layers",
+) -> None:
+    """Quality (each of `metrics`: the first filled and labelled per setting, the others hollow) against captions/s at
+    batch 1 and 64, both families, one panel per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -749,18 +760,21 @@ def frontier_plot(results: dict[str, Any], path: Path) -> None:
     for axis, batch_size in zip(axes, (1, 64)):
         for family, marker, colour in (("diffusion", "o", "tab:blue"), ("ar", "s", "tab:red")):
             rows = [row for row in results["settings"] if row["family"] == family]
-            axis.scatter([row["speed"][batch_size]["captions_per_s"] for row in rows], [row["CIDEr"] for row in rows],
-                         marker=marker, color=colour, label="diffusion" if family == "diffusion" else "autoregressive")
-            for row in rows:
-                label = row["name"].replace(" (the pipeline's defaults)", "")
-                axis.annotate(label, (row["speed"][batch_size]["captions_per_s"], row["CIDEr"]),
+            speeds = [row["speed"][batch_size]["captions_per_s"] for row in rows]
+            name = "diffusion" if family == "diffusion" else "autoregressive"
+            for index, metric in enumerate(metrics):
+                axis.scatter(speeds, [row[metric] for row in rows], marker=marker, edgecolors=colour,
+                             facecolors=colour if index == 0 else "none",
+                             label=name if len(metrics) == 1 else f"{name}: {metric}")
+            for row, speed in zip(rows, speeds):
+                axis.annotate(row["name"].replace(" (the pipeline's defaults)", ""), (speed, row[metrics[0]]),
                               fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_xscale("log")
         axis.set_xlabel(f"captions/s at batch {batch_size}")
-        axis.set_ylabel("CIDEr (shapes test, median of seeds)")
+        axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle("Quality vs speed: CLIP-DiffusionLM and its autoregressive baseline, same features and layers")
+        axis.legend(fontsize=7)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -6,6 +6,8 @@ some training options overridden, then caption the test and held-out-combination
     python benchmarks/demo_recipe.py --demo_dir outputs/demo --name steps700 --overrides '{"max_steps": 700}'
 
     python benchmarks/demo_recipe.py --demo_dir outputs/demo --name clip_epochs10 --clip_overrides '{"epochs": 10}'
+    python benchmarks/demo_recipe.py --demo_dir outputs/demo --name distilled --overrides \
+        '{"distill_from": "outputs/demo/pipeline", "max_steps": 400, "learning_rate": 3e-4}'
 
 `--overrides` is a JSON object of `TrainingConfig` fields; its `model_config` is merged into the demo's. Prints one
 line and appends it to `--output` (JSON lines), so a series of runs builds the README's table of what helped. The
@@ -33,9 +35,12 @@ from clip_diffusionlm.training import TrainingConfig, train
 
 
 def recipe(overrides: dict) -> dict:
-    """The demo's training options with `overrides` on top (`model_config` merged key by key)."""
+    """The demo's training options with `overrides` on top (`model_config` merged key by key; none when distilling,
+    where the model is the teacher's)."""
     training = DemoConfig().training
     model_config = {**training["model_config"], **overrides.get("model_config", {})}
+    if overrides.get("distill_from"):
+        model_config = {}
     return {**training, **overrides, "model_config": model_config}
 
 

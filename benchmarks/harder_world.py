@@ -11,7 +11,8 @@ demo's, on all references, longer captions); then, for every setting, quality on
 × sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts, relations, captions right in all they state)
 and captions/s at batch 1 and 64 of the first seed's pair, timed in the same run.
 
-Writes `harder_world.json`, `harder_world.md` and `harder_world.png` (content accuracy against captions/s) to
+Writes `harder_world.json`, `harder_world.md` and `harder_world.png` (captions right in all they state, and object
+accuracy, against captions/s) to
 `--output_dir`.
 """
 
@@ -22,22 +23,20 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
-import transformers
 from caption_speed_quality import (
-    SAMPLING_SEEDS,
-    MIN_CALLS,
     QUALITY_BATCH,
+    SAMPLING_SEEDS,
     batch_of,
     caption_fn,
+    frontier_plot,
     latency_row,
     load_pair,
+    start_benchmark,
     time_calls,
     tiny_assets,
     train_if_needed,
@@ -180,14 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--min_seconds", type=float, default=None, help="Time each measurement at least this long.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.tiny else 2.0)
-    MIN_CALLS["value"] = 1 if args.tiny else 3
-    if args.tiny:
-        torch.set_num_threads(1)
-    command = "python benchmarks/harder_world.py" + "".join(f" {arg}" for arg in (argv or sys.argv[1:]))
+    device, min_seconds, command = start_benchmark(args, argv, "harder_world.py", default_min_seconds=2.0)
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
@@ -237,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (output_dir / f"{name}.md").write_text(table)
-    frontier_plot(results, output_dir / f"{name}.png")
+    frontier_plot(results, output_dir / f"{name}.png", metrics=("fully_correct", "object_accuracy"),
+                  ylabel="harder world test split, median of seeds",
+                  title="The harder world: CLIP-DiffusionLM and its autoregressive twin, same features, layers and data")
     print("\n" + table)
     return results
 
@@ -282,37 +276,6 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["settings"]:
         lines.append(f"- {row['name']}: " + " · ".join(f"“{caption}”" for caption in row["runs"][0]["examples"]))
     return "\n".join(lines) + "\n"
-
-
-def frontier_plot(results: dict[str, Any], path: Path) -> None:
-    """Captions right in all they state, and object accuracy, against captions/s at batch 1 and 64."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, batch_size in zip(axes, BATCH_SIZES):
-        for family, marker, colour in (("diffusion", "o", "tab:blue"), ("ar", "s", "tab:red")):
-            rows = [row for row in results["settings"] if row["family"] == family]
-            speeds = [row["speed"][batch_size]["captions_per_s"] for row in rows]
-            label = "diffusion" if family == "diffusion" else "autoregressive"
-            axis.scatter(speeds, [row["fully_correct"] for row in rows], marker=marker, color=colour,
-                         label=f"{label}: fully correct")
-            axis.scatter(speeds, [row["object_accuracy"] for row in rows], marker=marker, facecolors="none",
-                         edgecolors=colour, label=f"{label}: object accuracy")
-            for row, speed in zip(rows, speeds):
-                axis.annotate(row["name"].replace(" (the pipeline's defaults)", ""), (speed, row["fully_correct"]),
-                              fontsize=6, xytext=(3, 3), textcoords="offset points")
-        axis.set_xscale("log")
-        axis.set_xlabel(f"captions/s at batch {batch_size}")
-        axis.set_ylabel("harder world test split, median of seeds")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.suptitle("The harder world: CLIP-DiffusionLM and its autoregressive twin, same features, layers and data")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

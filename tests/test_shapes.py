@@ -14,9 +14,9 @@ from datasets import Image
 from clip_diffusionlm.data import load_image_folder
 from clip_diffusionlm.demo import content_accuracy, parse_caption
 from clip_diffusionlm.demo.shapes_world import (
-    HARDER_WORLD,
     COLOUR_RGB,
     COLOURS,
+    HARDER_WORLD,
     MAX_CAPTIONS_PER_IMAGE,
     SHAPES,
     SHAPES_WORLD_DATA_FILES,

@@ -173,6 +173,11 @@ def weighted_rounding_loss(
     return rounding_loss, rounding_weight, logits
 
 
+def repeat_rows(count: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each row of each tensor `count` times in a row (one copy per sampled timestep); `None` stays `None`."""
+    return tuple(None if rows is None else rows.repeat_interleave(count, dim=0) for rows in tensors)
+
+
 def diffusion_loss(
     model: CLIPDiffusionLMModel | torch.nn.Module,
     noise_scheduler: DDPMScheduler,
@@ -208,9 +213,8 @@ def diffusion_loss(
     rounding_targets = core.rounding_targets(input_ids)
     if (rounding_targets < 0).any():
         raise ValueError("`input_ids` hold token ids outside `config.rounding_vocabulary`.")
-    input_ids, rounding_targets, image_embeds, text_embeds = (
-        None if rows is None else rows.repeat_interleave(timesteps_per_caption, dim=0)
-        for rows in (input_ids, rounding_targets, image_embeds, text_embeds)
+    input_ids, rounding_targets, image_embeds, text_embeds = repeat_rows(
+        timesteps_per_caption, input_ids, rounding_targets, image_embeds, text_embeds
     )
     batch_size, device = input_ids.shape[0], input_ids.device
 
@@ -350,10 +354,7 @@ def distillation_loss(
     """
     core: CLIPDiffusionLMModel = getattr(student, "module", student)
     alphas_cumprod = noise_scheduler.alphas_cumprod
-    input_ids, image_embeds, text_embeds = (
-        None if rows is None else rows.repeat_interleave(timesteps_per_caption, dim=0)
-        for rows in (input_ids, image_embeds, text_embeds)
-    )
+    input_ids, image_embeds, text_embeds = repeat_rows(timesteps_per_caption, input_ids, image_embeds, text_embeds)
     clean_embeds = core.embed_captions(input_ids)
     batch_size, device = input_ids.shape[0], input_ids.device
     timesteps = (timestep_sampling or TimestepSampling()).sample(core.config.num_train_timesteps, batch_size, device)
