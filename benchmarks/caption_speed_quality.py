@@ -196,8 +196,12 @@ def current_demo(demo_dir: Path) -> dict[str, Any] | None:
 
 
 def what_trains(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded training config without what its model type ignores: the AR baseline reads only the `model_config`
-    keys it shares with the denoiser, so a change of e.g. the rounding weight does not train it again."""
+    """A recorded training config as it trained: fields added to `TrainingConfig` since it was written at their
+    defaults (what the run did without them), and without what its model type ignores: the AR baseline reads only the
+    `model_config` keys it shares with the denoiser, so a change of e.g. the rounding weight does not train it again."""
+    added = {spec.name: spec.default for spec in dataclasses.fields(TrainingConfig)
+             if spec.name not in config and spec.default is not dataclasses.MISSING}
+    config = {**added, **config}
     if config.get("model_type") != "ar":
         return config
     return {**config, "model_config": CLIPCaptionerARConfig.shared_kwargs(config.get("model_config", {}))}
@@ -316,8 +320,8 @@ def settings(models: dict[str, Any]) -> list[dict[str, Any]]:
 
 def caption_fn(models: dict[str, Any], setting: dict[str, Any], seed: int = 0) -> Callable[..., list[str]]:
     """`fn(image_embeds=... | images=...)` → captions for a setting (a fresh seeded generator per call; the setting's
-    scheduler swapped in for the call)."""
-    pipe = models[setting["family"]]
+    scheduler swapped in for the call) by `models[setting["model"]]`, by default the one of its family."""
+    pipe = models[setting.get("model", setting["family"])]
     kwargs = dict(setting["kwargs"])
     scheduler = None
     if "scheduler" in setting:

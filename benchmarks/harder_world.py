@@ -7,7 +7,9 @@ The harder world (`clip_diffusionlm.demo.HARDER_WORLD`) has 1-4 objects, repeats
 five references per image in varied wording and order, with spatial relations stated either way round; both models
 train on all five. Stages, each reused by a second run: the world; the toy CLIP pre-trained on it (the demo's recipe);
 for every training seed, a diffusion model and an AR baseline trained by the same loop with the same recipe (the
-demo's, on all references, longer captions); then, for every setting, quality on the test split over training seeds
+demo's, on all references, longer captions), and a third model, diffusion again, trained on the AR twin's caption of
+each training image instead of the references (`caption_teacher`: sequence-level knowledge distillation); then, for
+every setting, quality on the test split over training seeds
 × sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts, relations, captions right in all they state)
 and captions/s at batch 1 and 64 of the first seed's pair, timed in the same run.
 
@@ -88,7 +90,8 @@ def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
 
 def settings(pipe) -> list[dict[str, Any]]:
     """The rows: diffusion at one and two denoiser passes (the recommended setting first), five steps for reference,
-    and AR greedy and beam search. Each diffusion row names the scheduler it runs."""
+    the diffusion model trained on the AR twin's captions at one and two steps, and AR greedy and beam search. Each
+    diffusion row names the scheduler it runs."""
     saved = type(pipe.scheduler).__name__.removesuffix("Scheduler")
     ddim = [] if saved == "DDIM" else [{"family": "diffusion", "name": "DDIM 2 steps", "kwargs": {
         "num_inference_steps": 2}, "scheduler": DDIMScheduler, "passes": 2}]
@@ -102,6 +105,10 @@ def settings(pipe) -> list[dict[str, Any]]:
         {"family": "diffusion", "name": f"{saved} 1 step + 1 refinement",
          "kwargs": {"num_inference_steps": 1, "num_refinement_steps": 1}, "passes": 2},
         {"family": "diffusion", "name": f"{saved} 5 steps", "kwargs": {"num_inference_steps": 5}, "passes": 5},
+        {"family": "diffusion", "model": "distilled", "name": f"on AR's captions: {saved} 1 step", "kwargs": {},
+         "passes": 1},
+        {"family": "diffusion", "model": "distilled", "name": f"on AR's captions: {saved} 2 steps",
+         "kwargs": {"num_inference_steps": 2}, "passes": 2},
         {"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}},
         {"family": "ar", "name": "AR beam 3", "kwargs": {"num_beams": 3}},
     ]
@@ -132,7 +139,7 @@ def quality(pairs: dict[int, dict[str, Any]], setting: dict[str, Any], features:
     """Scores of every training seed's model and sampling seed (greedy and beam AR: one): median, worst and all."""
     runs = []
     for training_seed, pair in pairs.items():
-        for sampling_seed in SAMPLING_SEEDS if setting["family"] == "diffusion" else SAMPLING_SEEDS[:1]:
+        for sampling_seed in SAMPLING_SEEDS if setting["family"] != "ar" else SAMPLING_SEEDS[:1]:
             run = caption_fn(pair, setting, seed=sampling_seed)
             captions = [caption for start in range(0, len(features), QUALITY_BATCH)
                         for caption in run(image_embeds=features[start:start + QUALITY_BATCH])]
@@ -185,10 +192,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     world_dir, recipe = prepare_world_and_recipe(args)
     pairs, folders = {}, {}
     for seed in args.training_seeds:
+        seed_dir = Path(args.work_dir) / f"seed{seed}"
         folders[seed] = [train_if_needed(TrainingConfig(**recipe, seed=seed, model_type=family,
-                                                        output_dir=str(Path(args.work_dir) / f"seed{seed}" / family)))
+                                                        output_dir=str(seed_dir / family)))
                          for family in ("diffusion", "ar")]
-        pairs[seed] = load_pair(*folders[seed], args.device)
+        # Sequence-level knowledge distillation: the same recipe on one caption per image, the AR twin's.
+        folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
+                                                            output_dir=str(seed_dir / "distilled"))))
+        pairs[seed] = load_pair(*folders[seed][:2], args.device)
+        pairs[seed]["distilled"] = load_pair(folders[seed][2], folders[seed][1], args.device)["diffusion"]
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     first = pairs[args.training_seeds[0]]
     test = load_shapes_world(world_dir)["test"]

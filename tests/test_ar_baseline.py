@@ -230,7 +230,12 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
     assert world["config"]["caption_style"] == "scene" and world["config"]["max_objects"] == 4
     rows = {row["name"]: row for row in results["settings"]}
     assert next(iter(rows)) == "recommended: DDIM 1 step (the pipeline's defaults)"
-    assert {"AR greedy", "AR beam 3", "DDIM 2 steps", "DDIM 1 step + 1 refinement"} <= set(rows)
+    assert {"AR greedy", "AR beam 3", "DDIM 2 steps", "DDIM 1 step + 1 refinement",
+            "on AR's captions: DDIM 1 step"} <= set(rows)
+    # The third model of each seed trained on its AR twin's captions.
+    assert [Path(folder).name for folder in results["models"]["0"]] == ["diffusion", "ar", "distilled"]
+    distilled = json.loads(Path(results["models"]["0"][2], "training_config.json").read_text())
+    assert distilled["caption_teacher"] == results["models"]["0"][1]
     for row in rows.values():
         assert {"object_accuracy", "count_accuracy", "relation_accuracy", "fully_correct", "CIDEr"} <= set(row)
         assert row["worst"]["fully_correct"] == min(run["fully_correct"] for run in row["runs"])

@@ -170,6 +170,31 @@ def test_step_distillation_trains_a_copy_of_a_saved_pipeline(training_assets, pi
         tiny_training_config(training_assets, tmp_path / "bad", distill_from=str(pipeline_from_assets))
 
 
+def test_caption_teacher_replaces_the_references_by_its_captions(training_assets, tmp_path):
+    from clip_diffusionlm import CLIPARCaptionPipeline
+    from clip_diffusionlm.training import make_accelerator, prepare_data, tokenize_captions
+
+    teacher_dir = train(tiny_training_config(training_assets, tmp_path / "ar", model_type="ar", max_steps=2,
+                                             checkpointing_steps=0, restrict_rounding_vocabulary=True))
+    config = tiny_training_config(training_assets, tmp_path / "student", caption_teacher=str(teacher_dir),
+                                  restrict_rounding_vocabulary=True)
+    data = prepare_data(config, make_accelerator(config))
+    teacher = CLIPARCaptionPipeline.from_pretrained(teacher_dir)
+    train_split = data.dataset["train"]
+    features = data.train_set.image_features
+    # One pair per training image: the teacher's caption of it, where the references were several per image.
+    assert len(data.train_set) == len(train_split) < sum(len(captions) for captions in train_split["captions"])
+    expected = tokenize_captions(data.tokenizer, teacher(image_embeds=features).captions, 12)
+    torch.testing.assert_close(data.train_set.input_ids, expected)
+
+    with pytest.raises(ValueError, match="leave `captions_per_image` unset"):
+        tiny_training_config(training_assets, tmp_path / "bad", caption_teacher=str(teacher_dir), captions_per_image=1)
+    patches = tiny_training_config(training_assets, tmp_path / "patches", caption_teacher=str(teacher_dir),
+                                   model_config={"caption_length": 12, "image_features": "patches"})
+    with pytest.raises(ValueError, match="it reads other features"):
+        prepare_data(patches, make_accelerator(patches))
+
+
 def test_train_uses_a_dataset_given_in_memory(training_assets, tmp_path):
     from datasets import DatasetDict
     from transformers import AutoTokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from .hub.model_card import write_training_record
 from .hub.repository import check_hub_repo, push_folder_to_hub
 from .model_families import ModelFamily, model_family
 from .models.modeling_clip_captioner_ar import CaptionerLossOutput
+from .pipelines import load_captioning_pipeline
 from .training_args import TrainingConfig, training_config_from_args
 
 logger = get_logger(__name__)
@@ -230,6 +232,30 @@ def caption_pairs(split: Dataset, captions_per_image: int | None = None) -> tupl
     return captions, torch.tensor(image_index, dtype=torch.long)
 
 
+@torch.inference_mode()
+def teacher_captions(
+    config: TrainingConfig, image_encoder: CLIPVisionModelWithProjection, model: PreTrainedModel,
+    image_features: torch.Tensor, device: torch.device, batch_size: int = 256,
+) -> list[str]:
+    """`config.caption_teacher`'s caption of every training image, from the features cached for the student (the
+    teacher must read the same CLIP, and the same kind of features); a diffusion teacher samples with `config.seed`."""
+    teacher = load_captioning_pipeline(config.caption_teacher).to(device)
+    teacher.set_progress_bar_config(disable=True)
+    teacher_config = getattr(teacher, teacher.model_component).config
+    feature_kind = (model.config.image_features, model.config.vision_feature_layer)
+    same_clip = all(torch.equal(mine, theirs.to(mine)) for mine, theirs in zip(
+        image_encoder.state_dict().values(), teacher.image_encoder.state_dict().values(), strict=True))
+    if not same_clip or (teacher_config.image_features, teacher_config.vision_feature_layer) != feature_kind:
+        raise ValueError(
+            f"caption_teacher={config.caption_teacher!r} must read the run's CLIP ({config.clip_model}) and its "
+            f"features {feature_kind}; it reads {'another CLIP' if not same_clip else 'other features'}."
+        )
+    options = {"generator": torch.Generator().manual_seed(config.seed)} if "generator" in inspect.signature(
+        teacher.__call__).parameters else {}
+    return [caption for start in range(0, len(image_features), batch_size)
+            for caption in teacher(image_embeds=image_features[start:start + batch_size].to(device), **options).captions]
+
+
 def prepare_data(
     config: TrainingConfig, accelerator: Accelerator, dataset: DatasetDict | None = None,
     family: ModelFamily | None = None,
@@ -275,9 +301,17 @@ def prepare_data(
     feature_kind = (model_config.image_features, model_config.vision_feature_layer)
     train_features = cache.image_features(train_split, *feature_kind)
     validation_features = cache.image_features(validation_split, *feature_kind)
+    if config.caption_teacher is not None:
+        train_captions = teacher_captions(config, image_encoder, denoiser, train_features, accelerator.device)
+        image_index = torch.arange(len(train_captions))
     text_features = cache.text_features(train_captions) if text_encoder is not None else None
 
     input_ids = tokenize_captions(tokenizer, train_captions, model_config.caption_length)
+    if config.caption_teacher is not None and (denoiser.rounding_targets(input_ids) < 0).any():
+        raise ValueError(
+            f"caption_teacher={config.caption_teacher!r} writes words that no reference uses, outside the restricted "
+            "rounding vocabulary: train without `restrict_rounding_vocabulary`."
+        )
     validation_ids = tokenize_captions(
         tokenizer, [captions[0] for captions in validation_split["captions"]], model_config.caption_length
     )

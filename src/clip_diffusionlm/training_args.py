@@ -87,6 +87,12 @@ class TrainingConfig:
         "The model is the teacher's, so `model_config` must be empty and `text_backbone` the teacher's."
     )
     distillation_teacher_steps: int = _option(2, "Teacher DDIM steps that one student step learns to match.")
+    caption_teacher: str | None = _option(
+        None, "A trained captioning pipeline of this package (folder or Hub id: the AR baseline or a diffusion model, "
+        "reading the same CLIP features) whose caption of each training image replaces its references: sequence-level "
+        "knowledge distillation (Kim & Rush 2016), the usual cure for a non-autoregressive model that averages "
+        "references phrased in different words and orders. Not with `captions_per_image`."
+    )
     clip_model: str = _option("openai/clip-vit-base-patch32", "The CLIP checkpoint; its towers are frozen.")
     text_backbone: str = _option(
         "distilbert-base-uncased", "A BERT-family encoder: word embeddings (frozen), tokenizer and initial layers."
@@ -209,6 +215,11 @@ class TrainingConfig:
             raise ValueError(
                 "`distill_from` trains a copy of a diffusion model: it needs model_type='diffusion' and an empty "
                 f"`model_config`, got model_type={self.model_type!r} and model_config={self.model_config!r}."
+            )
+        if self.caption_teacher is not None and self.captions_per_image is not None:
+            raise ValueError(
+                "`caption_teacher` trains on one caption per image, the teacher's: leave `captions_per_image` unset, "
+                f"got {self.captions_per_image}."
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
