@@ -257,3 +257,20 @@ def test_harder_world_malformed_captions():
     assert is_malformed("a red red circle")
     assert is_malformed("a red circle to the left of")  # cut off
     assert is_malformed("there are")
+
+
+def test_step_distillation_benchmark_tiny_mode(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_distillation.py"), "--tiny", "--work_dir", str(tmp_path / "w"),
+         "--output_dir", str(tmp_path / "results")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "step_distillation_tiny.json").read_text())
+    names = [row["name"] for row in results["settings"]]
+    assert names == ["teacher, DDIM 1 step(s)", "teacher, DDIM 2 step(s)", "step-distilled student, DDPM 1 step(s)",
+                     "step-distilled student, DDPM 2 step(s)"]
+    assert all(len(row["runs"]) == 3 and row["worst"]["malformed"] == max(r["malformed"] for r in row["runs"])
+               for row in results["settings"])
+    student = json.loads((tmp_path / "w" / "distilled_seed0" / "pipeline" / "training_config.json").read_text())
+    assert student["distill_from"] == results["teachers"][0] and student["model_config"] == {}
