@@ -224,11 +224,14 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(training_assets
     command = [sys.executable, str(REPO / "examples" / "train.py"), "--config", str(config_file)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "interrupted" / "checkpoint-10").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        while not (tmp_path / "interrupted" / "checkpoint-10").exists():
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint-10 within two minutes"
+            time.sleep(0.05)
+    finally:  # also when the test fails: no training left running after it
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     assert not (tmp_path / "interrupted" / "model_index.json").exists()
     # A kill during a checkpoint write leaves only a temporary folder, which "latest" never picks.
     shutil.copytree(tmp_path / "interrupted" / "checkpoint-10", tmp_path / "interrupted" / ".tmp-checkpoint-99")
