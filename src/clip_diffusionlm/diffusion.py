@@ -341,16 +341,10 @@ def distillation_loss(
             The trained model, frozen.
         noise_scheduler (`DDPMScheduler`):
             From [`make_noise_scheduler`] with the teacher's config.
-        input_ids (`torch.LongTensor` of shape `(batch_size, caption_length)`):
-            The captions `x_t` is made from.
-        image_embeds, text_embeds:
-            As for [`diffusion_loss`].
         teacher_steps (`int`, *optional*, defaults to 2):
             Teacher passes one student pass learns to match.
-        timesteps_per_caption (`int`, *optional*, defaults to 1):
-            How many independent `t` each caption is distilled at in this step.
-        timestep_sampling (`TimestepSampling`, *optional*):
-            How `t` is drawn; uniformly by default.
+        input_ids, image_embeds, text_embeds, timesteps_per_caption, timestep_sampling:
+            As for [`diffusion_loss`]; `input_ids` are the captions `x_t` is made from.
     """
     core: CLIPDiffusionLMModel = getattr(student, "module", student)
     alphas_cumprod = noise_scheduler.alphas_cumprod
