@@ -222,13 +222,17 @@ def train_if_needed(config: TrainingConfig) -> Path:
     return output_dir
 
 
+def load_quiet(pipeline_class, folder: Path, device: str):
+    """A saved pipeline on `device`, without progress bars."""
+    pipe = pipeline_class.from_pretrained(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_pair(diffusion_dir: Path, ar_dir: Path, device: str) -> dict[str, Any]:
     """`{"diffusion": pipeline, "ar": pipeline}` loaded from their folders, quiet, on `device`."""
-    pair = {"diffusion": CLIPDiffusionCaptionPipeline.from_pretrained(diffusion_dir),
-            "ar": CLIPARCaptionPipeline.from_pretrained(ar_dir)}
-    for pipe in pair.values():
-        pipe.to(device).set_progress_bar_config(disable=True)
-    return pair
+    return {"diffusion": load_quiet(CLIPDiffusionCaptionPipeline, diffusion_dir, device),
+            "ar": load_quiet(CLIPARCaptionPipeline, ar_dir, device)}
 
 
 def prepare_models(args) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from caption_speed_quality import (
     frontier_plot,
     latency_row,
     load_pair,
+    load_quiet,
     start_benchmark,
     time_calls,
     tiny_assets,
@@ -45,6 +46,7 @@ from caption_speed_quality import (
 )
 from diffusers import DDIMScheduler
 
+from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.demo import HARDER_WORLD, build_shapes_world, content_accuracy, load_shapes_world, parse_caption
 from clip_diffusionlm.metrics import compute_caption_metrics
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
                                                             output_dir=str(seed_dir / "distilled"))))
         pairs[seed] = load_pair(*folders[seed][:2], args.device)
-        pairs[seed]["distilled"] = load_pair(folders[seed][2], folders[seed][1], args.device)["diffusion"]
+        pairs[seed]["distilled"] = load_quiet(CLIPDiffusionCaptionPipeline, folders[seed][2], args.device)
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     first = pairs[args.training_seeds[0]]
     test = load_shapes_world(world_dir)["test"]

@@ -155,7 +155,8 @@ class StepDistillationFamily(DiffusionFamily):
 
     def build(self, config, image_encoder, rounding_vocabulary):
         self.teacher = CLIPDiffusionLMModel.from_pretrained(config.distill_from, subfolder="denoiser")
-        self.teacher.requires_grad_(False).eval()
+        # Placed once, beside the frozen CLIP on the run's device; the student is placed by Accelerate.
+        self.teacher.requires_grad_(False).eval().to(image_encoder.device)
         if self.teacher.config.prediction_type != "sample":
             raise ValueError(
                 f"distill_from={config.distill_from!r} predicts {self.teacher.config.prediction_type!r}; step "
@@ -170,7 +171,6 @@ class StepDistillationFamily(DiffusionFamily):
         return student
 
     def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
-        self.teacher.to(input_ids.device, image_embeds.dtype)
         return distillation_loss(
             model, self.teacher, run.noise_scheduler, input_ids, image_embeds, text_embeds,
             teacher_steps=run.config.distillation_teacher_steps, timesteps_per_caption=run.config.timesteps_per_caption,
