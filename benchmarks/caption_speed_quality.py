@@ -181,12 +181,18 @@ def tiny_assets(work_dir: Path, world: ShapesWorldConfig | None = None) -> dict[
     return {**assets, "training": training}
 
 
+def demo_trained_model(demo_dir: Path) -> Path:
+    """The model the demo trained by its recipe: `teacher/` where the demo distils it into `pipeline/`."""
+    return demo_dir / "teacher" if (demo_dir / "teacher").is_dir() else demo_dir / "pipeline"
+
+
 def current_demo(demo_dir: Path) -> dict[str, Any] | None:
-    """The demo's recorded training config when its pipeline is complete and was trained with today's `DemoConfig`."""
+    """The recorded training config of the model the demo trained, when it is complete and was trained with today's
+    `DemoConfig`."""
     from clip_diffusionlm.demo import DemoConfig
 
-    recorded = demo_dir / "pipeline" / "training_config.json"
-    if not ((demo_dir / "pipeline" / "model_index.json").is_file() and recorded.is_file()):
+    recorded = demo_trained_model(demo_dir) / "training_config.json"
+    if not ((recorded.parent / "model_index.json").is_file() and recorded.is_file()):
         return None
     config = json.loads(recorded.read_text())
     wanted = DemoConfig().training
@@ -249,9 +255,9 @@ def prepare_models(args) -> dict[str, Any]:
     elif (demo := current_demo(Path(args.demo_dir))) is not None:
         base = {key: value for key, value in demo.items() if key in training_fields and key != "output_dir"}
         base.update(report_to="none", log_level="warning")
-        source, world_dir = f"the demo's pipeline ({args.demo_dir}/pipeline) and an AR baseline trained here", Path(
+        diffusion_dir = demo_trained_model(Path(args.demo_dir))
+        source, world_dir = f"the demo's model ({diffusion_dir}) and an AR baseline trained here", Path(
             demo["datasets"][0])
-        diffusion_dir = Path(args.demo_dir) / "pipeline"
     else:
         from clip_diffusionlm.demo import DemoConfig, default_text_backbone
         from clip_diffusionlm.demo.clip_pretraining import pretrain_clip

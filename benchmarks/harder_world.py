@@ -8,8 +8,8 @@ five references per image in varied wording and order, with spatial relations st
 train on all five. Stages, each reused by a second run: the world; the toy CLIP pre-trained on it (the demo's recipe);
 for every training seed, a diffusion model and an AR baseline trained by the same loop with the same recipe (the
 demo's, on all references, longer captions), and a third model, diffusion again, trained on the AR twin's caption of
-each training image instead of the references (`caption_teacher`: sequence-level knowledge distillation); then, for
-every setting, quality on the test split over training seeds
+each training image instead of the references (`caption_teacher`: sequence-level knowledge distillation), and a
+fourth, that model step-distilled as `make demo` distils its own (`DemoConfig.distillation`); then, for every setting, quality on the test split over training seeds
 × sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts, relations, captions right in all they state)
 and captions/s at batch 1 and 64 of the first seed's pair, timed in the same run.
 
@@ -48,7 +48,14 @@ from diffusers import DDIMScheduler
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
-from clip_diffusionlm.demo import HARDER_WORLD, build_shapes_world, content_accuracy, load_shapes_world, parse_caption
+from clip_diffusionlm.demo import (
+    HARDER_WORLD,
+    DemoConfig,
+    build_shapes_world,
+    content_accuracy,
+    load_shapes_world,
+    parse_caption,
+)
 from clip_diffusionlm.metrics import compute_caption_metrics
 from clip_diffusionlm.training import TrainingConfig
 
@@ -75,7 +82,7 @@ def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
         recipe["model_config"] = {**recipe["model_config"], "caption_length": CAPTION_LENGTH}
         world_dir = assets["world"]
     else:
-        from clip_diffusionlm.demo import DemoConfig, default_text_backbone
+        from clip_diffusionlm.demo import default_text_backbone
         from clip_diffusionlm.demo.clip_pretraining import pretrain_clip
 
         demo = DemoConfig()
@@ -111,6 +118,8 @@ def settings(pipe) -> list[dict[str, Any]]:
          "passes": 1},
         {"family": "diffusion", "model": "distilled", "name": f"on AR's captions: {saved} 2 steps",
          "kwargs": {"num_inference_steps": 2}, "passes": 2},
+        {"family": "diffusion", "model": "kd_step_distilled",
+         "name": f"on AR's captions, then step-distilled (the demo's recipe): {saved} 1 step", "kwargs": {}, "passes": 1},
         {"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}},
         {"family": "ar", "name": "AR beam 3", "kwargs": {"num_beams": 3}},
     ]
@@ -201,8 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Sequence-level knowledge distillation: the same recipe on one caption per image, the AR twin's.
         folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
                                                             output_dir=str(seed_dir / "distilled"))))
+        # Then the demo's step distillation (what `make demo` saves) of that model.
+        step_distillation = DemoConfig().distillation_training(folders[seed][2], training=recipe)
+        if args.tiny:
+            step_distillation["max_steps"] = recipe["max_steps"]
+        folders[seed].append(train_if_needed(TrainingConfig(**step_distillation, seed=seed,
+                                                            output_dir=str(seed_dir / "kd_step_distilled"))))
         pairs[seed] = load_pair(*folders[seed][:2], args.device)
-        pairs[seed]["distilled"] = load_quiet(CLIPDiffusionCaptionPipeline, folders[seed][2], args.device)
+        for model, folder in zip(("distilled", "kd_step_distilled"), folders[seed][2:]):
+            pairs[seed][model] = load_quiet(CLIPDiffusionCaptionPipeline, folder, args.device)
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     first = pairs[args.training_seeds[0]]
     test = load_shapes_world(world_dir)["test"]

@@ -1,12 +1,13 @@
 """Step distillation of the demo's denoiser, measured: for each trained teacher, a student that starts as its copy
-learns in 400 steps to do in one denoising step what two of the teacher's DDIM steps do (`--distill_from`), then
-teacher and student caption the demo's test split at one and two steps with three sampling seeds each.
+learns in 400 steps to do in one denoising step what two of the teacher's DDIM steps do (`--distill_from`, the
+demo's `DemoConfig.distillation`, what `make demo` saves), then teacher and student caption the demo's test split at
+one and two steps with three sampling seeds each.
 
-    python benchmarks/step_distillation.py --demo_dir outputs/demo --teachers outputs/demo/pipeline \
+    python benchmarks/step_distillation.py --demo_dir outputs/demo --teachers outputs/demo/teacher \
         outputs/benchmarks/caption_speed_quality/seed1/diffusion outputs/benchmarks/caption_speed_quality/seed2/diffusion
     python benchmarks/step_distillation.py --tiny   # toy models, seconds (what the tests run)
 
-The teachers are the demo's pipeline and the benchmark's other training seeds (`caption_speed_quality.py
+The teachers are the model the demo trained and the benchmark's other training seeds (`caption_speed_quality.py
 --training_seeds 0 1 2`), so the figures line up with its table; a student has its teacher's architecture, so it
 captions at the teacher's speed. Writes `step_distillation.json` and `step_distillation.md` to `--output_dir`.
 """
@@ -22,27 +23,23 @@ from typing import Any
 
 import torch
 from caption_speed_quality import SAMPLING_SEEDS, is_malformed, tiny_assets, train_if_needed
-from demo_recipe import recipe
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
-from clip_diffusionlm.demo import content_accuracy, load_shapes_world
+from clip_diffusionlm.demo import DemoConfig, content_accuracy, load_shapes_world
 from clip_diffusionlm.training import TrainingConfig, train
 
-# The distillation run: a tenth of the teacher's learning rate from a short warm-up, mostly at high noise (the one
-# step samples from t = T - 1), and half the teacher's 800 steps.
-DISTILLATION = {"max_steps": 400, "learning_rate": 3e-4, "warmup_steps": 20, "weighting_scheme": "logit_normal",
-                "logit_mean": 1.0, "distillation_teacher_steps": 2}
+DISTILLATION = DemoConfig().distillation  # what `make demo` runs
 STEPS = (1, 2)
 METRICS = ("object_accuracy", "exact_match", "malformed")
 
 
 def student_config(teacher: Path, seed: int, shared: dict[str, Any], output_dir: Path, tiny: bool) -> TrainingConfig:
-    """The demo's recipe with `DISTILLATION` on top, as `demo_recipe.py --overrides` runs it."""
-    overrides = {**DISTILLATION, "distill_from": str(teacher), "seed": seed}
+    """The demo's distillation of `teacher`, as `make demo` runs it."""
+    options = {**DemoConfig().distillation_training(teacher), "seed": seed}
     if tiny:
-        overrides.update(max_steps=2, batch_size=8, validation_images=4)
-    return TrainingConfig(**{**shared, **recipe(overrides), "validation_steps": 0, "checkpointing_steps": 0,
+        options.update(max_steps=2, batch_size=8, validation_images=4)
+    return TrainingConfig(**{**shared, **options, "validation_steps": 0, "checkpointing_steps": 0,
                              "report_to": "none"}, output_dir=str(output_dir))
 
 
@@ -62,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="A toy teacher trained here: runs in seconds.")
     parser.add_argument("--demo_dir", default="outputs/demo", help="A finished demo: its world, CLIP and features.")
-    parser.add_argument("--teachers", nargs="+", default=["outputs/demo/pipeline"],
+    parser.add_argument("--teachers", nargs="+", default=["outputs/demo/teacher"],
                         help="Trained pipelines to distil, one per training seed (seeds 0, 1, ... in this order).")
     parser.add_argument("--work_dir", default="outputs/demo_recipe", help="Where the students go.")
     parser.add_argument("--output_dir", default="benchmarks/results", help="Where the JSON and table go.")

@@ -19,6 +19,7 @@ from conftest import (
 from transformers import BertModel
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPCaptionerARConfig, CLIPCaptionerARForCausalLM, captioner_loss
+from clip_diffusionlm.demo import DemoConfig
 from clip_diffusionlm.pipelines.captioning_utils import decode_captions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,10 +233,18 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
     assert next(iter(rows)) == "recommended: DDIM 1 step (the pipeline's defaults)"
     assert {"AR greedy", "AR beam 3", "DDIM 2 steps", "DDIM 1 step + 1 refinement",
             "on AR's captions: DDIM 1 step"} <= set(rows)
-    # The third model of each seed trained on its AR twin's captions.
-    assert [Path(folder).name for folder in results["models"]["0"]] == ["diffusion", "ar", "distilled"]
+    # The third model of each seed trained on its AR twin's captions, and its card says so; the fourth is that model
+    # step-distilled by the demo's options.
+    assert [Path(folder).name for folder in results["models"]["0"]] == [
+        "diffusion", "ar", "distilled", "kd_step_distilled"]
     distilled = json.loads(Path(results["models"]["0"][2], "training_config.json").read_text())
     assert distilled["caption_teacher"] == results["models"]["0"][1]
+    assert "(`caption_teacher`, sequence-level knowledge distillation)" in " ".join(
+        Path(results["models"]["0"][2], "README.md").read_text().split())
+    step_distilled = json.loads(Path(results["models"]["0"][3], "training_config.json").read_text())
+    assert step_distilled["distill_from"] == results["models"]["0"][2]
+    assert step_distilled["logit_mean"] == DemoConfig().distillation["logit_mean"]
+    assert "on AR's captions, then step-distilled (the demo's recipe): DDIM 1 step" in rows
     for row in rows.values():
         assert {"object_accuracy", "count_accuracy", "relation_accuracy", "fully_correct", "CIDEr"} <= set(row)
         assert row["worst"]["fully_correct"] == min(run["fully_correct"] for run in row["runs"])

@@ -31,6 +31,7 @@ def _tiny_demo(backbone) -> DemoConfig:
             "batch_size": 8, "max_steps": 3, "warmup_steps": 0, "validation_steps": 0, "checkpointing_steps": 0,
             "report_to": "none",
         },
+        distillation={**DemoConfig().distillation, "max_steps": 2, "warmup_steps": 0},
         num_inference_steps=(2,),
     )
 
@@ -42,9 +43,9 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
     assert "| split | steps | BLEU-4 | CIDEr |" in printed and "| holdout | 2 |" in printed
     # Quiet by default: the stages, the table, where things are and the time; no library chatter.
     assert [line for line in printed.splitlines() if line.startswith("== ")] == [
-        "== 1/5 shapes world: 24 training images", "== 2/5 CLIP pre-training (contrastive, on the training split)",
-        "== 3/5 CLIP-DiffusionLM training (features cached)",
-        "== 4/5 evaluation on the test and held-out-combination splits", "== 5/5 pictures",
+        "== 1/6 shapes world: 24 training images", "== 2/6 CLIP pre-training (contrastive, on the training split)",
+        "== 3/6 CLIP-DiffusionLM training (features cached)", "== 4/6 step distillation into one step",
+        "== 5/6 evaluation on the test and held-out-combination splits", "== 6/6 pictures",
     ]
     for chatter in ("Generating train split", "UNEXPECTED", "PTBTokenizer", "tokenized", "validation:"):
         assert chatter not in captured.out + captured.err, chatter
@@ -65,7 +66,11 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
     assert results["clip_retrieval"] == zero_shot_retrieval(tmp_path / "clip", world["test"])
     # One seed for every stage.
     assert json.loads((tmp_path / "clip" / "pretraining_config.json").read_text())["seed"] == 3
-    assert json.loads((tmp_path / "pipeline" / "training_config.json").read_text())["seed"] == 3
+    assert json.loads((tmp_path / "teacher" / "training_config.json").read_text())["seed"] == 3
+    # The saved pipeline is the trained model distilled, with the demo's distillation options.
+    saved = json.loads((tmp_path / "pipeline" / "training_config.json").read_text())
+    assert saved["distill_from"] == str(tmp_path / "teacher") and saved["seed"] == 3
+    assert saved["weighting_scheme"] == DemoConfig().distillation["weighting_scheme"] and saved["max_steps"] == 2
     assert len(results["denoising"]) == 10  # the caption after each of the figure's denoising steps
     for name in ("captions.png", "denoising.png", "loss_curve.png", "results.json", "pipeline/model_index.json",
                  "evaluation/test/metrics.md", "evaluation/holdout/predictions.jsonl"):
@@ -73,7 +78,8 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
 
     produced = {
         path: path.stat().st_mtime_ns
-        for pattern in ("clip/model.safetensors", "pipeline/denoiser/model.safetensors", "shapes/images/*.png",
+        for pattern in ("clip/model.safetensors", "teacher/denoiser/model.safetensors",
+                        "pipeline/denoiser/model.safetensors", "shapes/images/*.png",
                         "feature_cache/**/*.safetensors")
         for path in tmp_path.glob(pattern)
     }

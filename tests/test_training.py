@@ -166,6 +166,11 @@ def test_step_distillation_trains_a_copy_of_a_saved_pipeline(training_assets, pi
     changed = [name for name, weight in student.state_dict().items()
                if not torch.equal(weight, teacher.state_dict()[name])]
     assert changed and all(not name.startswith("backbone.embeddings.word") for name in changed)
+    # Its card says what the steps were: a distillation of a model trained for the teacher's own steps.
+    teacher_steps = json.loads((pipeline_from_assets / "training_results.json").read_text())["global_step"]
+    card = " ".join((output_dir / "README.md").read_text().split())
+    assert (f"These steps **step-distilled** a trained CLIP-DiffusionLM (`distill_from`, itself trained for "
+            f"{teacher_steps} steps)") in card and "what 2 of its DDIM steps do" in card
     with pytest.raises(ValueError, match="`distill_from` trains a copy of a diffusion model"):
         tiny_training_config(training_assets, tmp_path / "bad", distill_from=str(pipeline_from_assets))
 

@@ -165,9 +165,21 @@ def write_training_record(
         "training_options": {name: getattr(config, name) for name in CARD_TRAINING_OPTIONS},
         "metrics": {name: value for name, value in metrics.items() if isinstance(value, (int, float))},
         "paper_reference": config.paper_reference,
+        "step_distillation": step_distillation_record(config),
+        "caption_teacher": config.caption_teacher is not None,
     }
     Path(output_dir, TRAINING_RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record
+
+
+def step_distillation_record(config) -> dict[str, Any] | None:
+    """For a step-distilled run: the teacher DDIM steps one student step learned, and how long the teacher trained
+    when its own training record is at hand (a local folder)."""
+    if config.distill_from is None:
+        return None
+    teacher_record = Path(config.distill_from, TRAINING_RECORD_FILE)
+    teacher_steps = json.loads(teacher_record.read_text())["global_step"] if teacher_record.is_file() else None
+    return {"teacher_steps": config.distillation_teacher_steps, "teacher_global_step": teacher_steps}
 
 
 def write_examples(
