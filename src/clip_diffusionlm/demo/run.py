@@ -106,7 +106,7 @@ def build_tiny_assets(
 
 @dataclass
 class DemoConfig:
-    """Sizes of every stage; the defaults take about 6 minutes on a 2-core CPU (the README has the breakdown)."""
+    """Sizes of every stage; the defaults take about 10 minutes on a 2-core CPU (docs/demo.md has the breakdown)."""
 
     num_train: int = 8000
     num_validation: int = 200
