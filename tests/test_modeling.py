@@ -454,3 +454,49 @@ def test_distillation_loss_is_zero_for_a_student_matching_a_one_step_teacher(tok
     output.loss.backward()
     assert all(parameter.grad is None for parameter in teacher.parameters())
     assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in student.parameters())
+
+
+def test_one_step_draft_is_what_the_pipeline_writes_in_one_step(tokenizer):
+    from conftest import tiny_pipeline
+
+    from clip_diffusionlm.diffusion import one_step_draft
+
+    pipe = tiny_pipeline(tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.randn(3, CONDITION_DIM)
+    written = pipe(image_embeds=image, num_inference_steps=1, output_type="token_ids",
+                   generator=torch.Generator().manual_seed(0)).captions
+    config = pipe.denoiser.config
+    noise = torch.randn(3, config.caption_length, pipe.denoiser.hidden_size, generator=torch.Generator().manual_seed(0))
+    draft = one_step_draft(pipe.denoiser, pipe.scheduler.alphas_cumprod, noise, image_embeds=image)
+    assert torch.equal(pipe.denoiser.round_to_token_ids(draft), written)
+    torch.testing.assert_close(draft, pipe.denoiser.embed_captions(written))  # words, not a regression mean
+
+
+@pytest.mark.parametrize("draft_prob", [0.0, 1.0])
+def test_draft_rows_are_noised_from_the_models_one_step_draft(tokenizer, draft_prob):
+    """Step-unrolled denoising: the denoiser's input x_t is the one-step draft (not the caption) noised to t, and
+    the target stays the caption. With `draft_prob=0` the random draws are those of the plain objective."""
+    from clip_diffusionlm.diffusion import TimestepSampling, diffusion_loss, one_step_draft
+
+    model = tiny_denoiser(tokenizer, caption_length=LENGTH, x1_restoring_loss=False)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    calls = ModelCalls(model)
+    image, ids, sampling = torch.randn(BATCH, CONDITION_DIM), _ids(tokenizer), TimestepSampling()
+    torch.manual_seed(0)
+    output = diffusion_loss(model, scheduler, ids, image, timestep_sampling=sampling, draft_prob=draft_prob)
+    noisy = calls.calls[-1]["noisy_embeds"]
+
+    torch.manual_seed(0)  # the draws in the objective's order: t, the noise, condition dropout, the draft's noise
+    timesteps = sampling.sample(model.config.num_train_timesteps, BATCH, torch.device("cpu"))
+    noise = torch.randn(BATCH, LENGTH, model.hidden_size)
+    torch.rand(BATCH)
+    noised_from = model.embed_captions(ids)
+    if draft_prob:
+        noised_from = one_step_draft(model, scheduler.alphas_cumprod, torch.randn(BATCH, LENGTH, model.hidden_size),
+                                     image_embeds=image)
+        assert not torch.equal(model.round_to_token_ids(noised_from), ids)
+    torch.testing.assert_close(noisy, scheduler.add_noise(noised_from, noise, timesteps))
+    target = model.embed_captions(ids)
+    assert output.restoring_loss.item() == pytest.approx(
+        (output.prediction - target).pow(2).sum(-1).mean().item(), rel=1e-6)

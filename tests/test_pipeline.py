@@ -206,6 +206,22 @@ def test_refinement_and_clamping(pipeline):
     assert distances.max() < 1e-4
 
 
+def test_renoised_refinement_predicts_again_from_the_words_noised_to_its_timestep(pipeline):
+    calls = ModelCalls(pipeline.denoiser)
+    generator = torch.Generator().manual_seed(0)
+    first = pipeline(_images(), output_type="latent", generator=generator).captions
+    refinement_noise = torch.randn(first.shape, generator=generator)  # the generator's next draw
+    refined = _run(pipeline, output_type="latent", num_refinement_steps=1, refinement_timestep=600).captions
+    call = calls.calls[-1]
+    assert call["timesteps"].unique().tolist() == [600]
+    words = pipeline.denoiser.nearest_word_embeddings(first)
+    torch.testing.assert_close(call["noisy_embeds"], pipeline.scheduler.add_noise(words, refinement_noise,
+                                                                                   torch.tensor(600)))
+    torch.testing.assert_close(refined, call["prediction"])  # an x0 predictor: its output is the new estimate
+    with pytest.raises(ValueError, match=r"`refinement_timestep` must be an integer in \[0, 1000\), got 1000"):
+        _run(pipeline, num_refinement_steps=1, refinement_timestep=1000)
+
+
 def test_previous_sample_model_converts_each_output_to_x0(tokenizer):
     pipe = tiny_pipeline(tokenizer, prediction_type="previous_sample", prediction_step_offset=100)
     pipe.set_progress_bar_config(disable=True)

@@ -178,6 +178,18 @@ def repeat_rows(count: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor
     return tuple(None if rows is None else rows.repeat_interleave(count, dim=0) for rows in tensors)
 
 
+@torch.no_grad()
+def one_step_draft(
+    model: CLIPDiffusionLMModel, alphas_cumprod: torch.Tensor, pure_noise: torch.FloatTensor, **condition
+) -> torch.FloatTensor:
+    """What one sampling step writes from `x_{T-1}` = `pure_noise`: the denoiser's `x̂0`, rounded to the nearest word
+    embeddings. The pipeline's first step and the draft that [`diffusion_loss`]'s `draft_prob` trains on."""
+    timesteps = torch.full(pure_noise.shape[:1], len(alphas_cumprod) - 1, device=pure_noise.device)
+    prediction = model(pure_noise, timesteps, **condition).prediction
+    estimate = predicted_original_sample(model.config, alphas_cumprod, prediction, pure_noise, timesteps)
+    return model.nearest_word_embeddings(estimate)
+
+
 def diffusion_loss(
     model: CLIPDiffusionLMModel | torch.nn.Module,
     noise_scheduler: DDPMScheduler,
@@ -186,6 +198,7 @@ def diffusion_loss(
     text_embeds: torch.FloatTensor | None = None,
     timesteps_per_caption: int = 1,
     timestep_sampling: TimestepSampling | None = None,
+    draft_prob: float = 0.0,
 ) -> DiffusionLossOutput:
     """
     The paper's objective on a batch, `L = L'_simple + λ·L_R`: sample `t` (several per caption, as the paper samples
@@ -207,6 +220,12 @@ def diffusion_loss(
             How many independent `t` each caption is trained on in this step.
         timestep_sampling (`TimestepSampling`, *optional*):
             How `t` is drawn; uniformly by default.
+        draft_prob (`float`, *optional*, defaults to 0.0):
+            Share of the rows whose `x_t` is noised from the model's own one-step draft ([`one_step_draft`], no
+            gradient) instead of from the caption, still with the caption as the target: step-unrolled denoising
+            (Savinov et al. 2022, SUNDAE). A model trained only on noised correct captions trusts the words it is
+            shown; these rows teach it to correct a draft, which a re-noised refinement pass (the pipeline's
+            `refinement_timestep`) needs.
     """
     core: CLIPDiffusionLMModel = getattr(model, "module", model)
     config = core.config
@@ -220,15 +239,22 @@ def diffusion_loss(
 
     clean_embeds = core.embed_captions(input_ids)  # x0: (batch, caption_length, hidden)
     timesteps = (timestep_sampling or TimestepSampling()).sample(config.num_train_timesteps, batch_size, device)
-    noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), timesteps)
+    noise = torch.randn_like(clean_embeds)
+    # Always a mask (all False when p = 0) so the null condition takes part in every graph, as DDP requires.
+    drop_condition = torch.rand(batch_size, device=device) < config.condition_drop_prob
+    noised_from = clean_embeds
+    if draft_prob > 0:
+        draft = one_step_draft(core, noise_scheduler.alphas_cumprod, torch.randn_like(clean_embeds),
+                               image_embeds=image_embeds, text_embeds=text_embeds, drop_condition=drop_condition)
+        from_draft = torch.rand(batch_size, device=device) < draft_prob
+        noised_from = torch.where(from_draft[:, None, None], draft, clean_embeds)
+    noisy_embeds = noise_scheduler.add_noise(noised_from, noise, timesteps)
     target_embeds = clean_embeds
     if config.prediction_type == "previous_sample":
         coefficient_x0, coefficient_xt = jump_posterior_coefficients(
             noise_scheduler.alphas_cumprod, timesteps, config.prediction_step_offset
         )
         target_embeds = coefficient_x0 * clean_embeds + coefficient_xt * noisy_embeds
-    # Always a mask (all False when p = 0) so the null condition takes part in every graph, as DDP requires.
-    drop_condition = torch.rand(batch_size, device=device) < config.condition_drop_prob
 
     # x_1 rides in the same batch as x_t (the first `batch_size` rows), with the same conditioning.
     copies = 2 if config.x1_restoring_loss else 1

@@ -144,6 +144,10 @@ class TrainingConfig:
     logit_mean: float = _option(0.0, "Mean of `logit_normal`; above 0 trains more at high noise.")
     logit_std: float = _option(1.0, "Standard deviation of `logit_normal`.")
     mode_scale: float = _option(1.29, "Scale of the `mode` weighting scheme.")
+    draft_prob: float = _option(
+        0.0, "Share of each batch noised from the model's own one-step draft instead of the caption (step-unrolled "
+        "denoising, SUNDAE): trains the denoiser to correct its drafts, for the pipeline's `refinement_timestep`.",
+    )
     mixed_precision: str | None = _option(
         None, "`no`, `fp16` or `bf16`; default: what `accelerate config` / `accelerate launch --mixed_precision` say."
     )
@@ -215,6 +219,13 @@ class TrainingConfig:
             raise ValueError(
                 "`distill_from` trains a copy of a diffusion model: it needs model_type='diffusion' and an empty "
                 f"`model_config`, got model_type={self.model_type!r} and model_config={self.model_config!r}."
+            )
+        if not 0.0 <= self.draft_prob <= 1.0:
+            raise ValueError(f"`draft_prob` must be in [0, 1], got {self.draft_prob}.")
+        if self.draft_prob > 0 and (self.model_type != "diffusion" or self.distill_from is not None):
+            raise ValueError(
+                "`draft_prob` is a term of the diffusion objective: it needs model_type='diffusion' and no "
+                f"`distill_from`, got model_type={self.model_type!r} and distill_from={self.distill_from!r}."
             )
         if self.caption_teacher is not None and self.captions_per_image is not None:
             raise ValueError(

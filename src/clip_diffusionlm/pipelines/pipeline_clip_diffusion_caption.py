@@ -143,6 +143,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         guidance_scale: float = 1.0,
         num_captions_per_image: int = 1,
         num_refinement_steps: int = 0,
+        refinement_timestep: int = 0,
         clamp_to_vocabulary: bool = False,
         expected_embedding: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -178,6 +179,11 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
                 Independent samples per image.
             num_refinement_steps (`int`, *optional*, defaults to 0):
                 The paper's refinement: after sampling, feed `x̂0` back through the denoiser at `t = 0` this many times.
+            refinement_timestep (`int`, *optional*, defaults to 0):
+                With `num_refinement_steps`, above 0: each refinement rounds `x̂0` to its words, noises them to this
+                timestep and predicts again (LaDiC's Back&Refine, SUNDAE's unrolled steps), so that the denoiser can
+                rewrite a word that does not fit the others. It helps a model trained with `draft_prob` (to correct
+                its own one-step drafts); one trained only on noised correct captions keeps the words it is shown.
             clamp_to_vocabulary (`bool`, *optional*, defaults to `False`):
                 Replace `x̂0` by the nearest word embeddings at every step (Diffusion-LM's clamping trick).
             expected_embedding (`bool`, *optional*, defaults to `False`):
@@ -203,8 +209,8 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["original_estimate"]
         self.check_inputs(
-            images, image_embeds, num_inference_steps, num_captions_per_image, num_refinement_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs,
+            images, image_embeds, num_inference_steps, num_captions_per_image, num_refinement_steps,
+            refinement_timestep, guidance_scale, output_type, callback_on_step_end_tensor_inputs,
         )
 
         # 1. Conditioning: CLIP features, one row per caption to sample
@@ -244,11 +250,16 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
                 original_estimate = returned.get("original_estimate", original_estimate)
                 image_embeds = returned.get("image_embeds", image_embeds)
 
-        # 4. The paper's refinement: x̂0 fed back at t = 0
-        final_timestep = torch.zeros((), dtype=torch.long, device=device)
+        # 4. Refinement: x̂0 fed back at t = 0 (the paper's), or its words re-noised to `refinement_timestep`
+        refinement_timesteps = torch.full((), refinement_timestep, dtype=torch.long, device=device)
         for _ in range(num_refinement_steps):
+            model_input = original_estimate
+            if refinement_timestep > 0:
+                words = self.denoiser.nearest_word_embeddings(original_estimate)
+                noise = randn_tensor(words.shape, generator=generator, device=device, dtype=dtype)
+                model_input = self.scheduler.add_noise(words, noise, refinement_timesteps)
             original_estimate = self._guided_prediction(
-                original_estimate, final_timestep, image_embeds, text_embeds, original_estimate, guidance_scale
+                model_input, refinement_timesteps, image_embeds, text_embeds, original_estimate, guidance_scale
             )
 
         # 5. Rounding to words
@@ -265,6 +276,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         num_inference_steps,
         num_captions_per_image,
         num_refinement_steps,
+        refinement_timestep,
         guidance_scale,
         output_type,
         callback_on_step_end_tensor_inputs,
@@ -283,6 +295,11 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`num_captions_per_image` must be a positive integer, got {num_captions_per_image!r}.")
         if not isinstance(num_refinement_steps, int) or num_refinement_steps < 0:
             raise ValueError(f"`num_refinement_steps` must be a non-negative integer, got {num_refinement_steps!r}.")
+        num_train_timesteps = self.denoiser.config.num_train_timesteps
+        if not isinstance(refinement_timestep, int) or not 0 <= refinement_timestep < num_train_timesteps:
+            raise ValueError(
+                f"`refinement_timestep` must be an integer in [0, {num_train_timesteps}), got {refinement_timestep!r}."
+            )
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")
         if output_type not in OUTPUT_TYPES:
