@@ -283,3 +283,22 @@ def test_step_distillation_benchmark_tiny_mode(tmp_path):
                for row in results["settings"])
     student = json.loads((tmp_path / "w" / "distilled_seed0" / "pipeline" / "training_config.json").read_text())
     assert student["distill_from"] == results["teachers"][0] and student["model_config"] == {}
+
+
+def test_draft_refinement_benchmark_tiny_mode(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "draft_refinement.py"), "--tiny", "--work_dir", str(tmp_path / "w"),
+         "--output_dir", str(tmp_path / "results")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "draft_refinement_tiny.json").read_text())
+    rows = {row["name"]: row for row in results["settings"]}
+    assert rows["on AR's captions, draft_prob: 1 step + refinement at t = 600"]["kwargs"] == {
+        "num_refinement_steps": 1, "refinement_timestep": 600}
+    assert len(rows) == 8 and all(len(row["runs"]) == 3 for row in rows.values())
+    # The second model is the first's recipe (on the AR twin's captions) with drafts in its batches.
+    plain, drafts = (json.loads(Path(results["models"]["0"][name], "training_config.json").read_text())
+                     for name in ("on AR's captions", "on AR's captions, draft_prob"))
+    assert drafts["draft_prob"] == 0.5 and plain.get("draft_prob", 0.0) == 0.0
+    assert drafts["caption_teacher"] == plain["caption_teacher"] == str(tmp_path / "w" / "seed0" / "ar")

@@ -1,0 +1,121 @@
+"""Re-noised refinement on the harder world, with and without step-unrolled training of the drafts it refines.
+
+    python benchmarks/draft_refinement.py --training_seeds 0   # reuses harder_world.py's world, CLIP and models
+    python benchmarks/draft_refinement.py --tiny               # toy sizes, seconds (what the tests run)
+
+The harder world's best diffusion model is trained on its AR twin's captions (`caption_teacher`, `harder_world.py`'s
+"on AR's captions"); its one-step captions lose the coordination of many positions. A refinement pass re-noises the
+rounded caption to `refinement_timestep` and predicts it again (LaDiC's Back&Refine, the pipeline's
+`num_refinement_steps` with `refinement_timestep`): two denoiser passes in all. This benchmark trains a twin of that
+model by the same recipe with `draft_prob` (half of each batch noised from the model's own one-step draft, SUNDAE's
+step-unrolled denoising, so that it learns to correct its drafts), and captions the test split with both models at one
+step and with one refinement at three timesteps, over the training seeds × three sampling seeds.
+
+Writes `draft_refinement.json` and `draft_refinement.md` to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
+from harder_world import CONTENT_METRICS, QUALITY_BATCH, prepare_world_and_recipe, quality
+
+from clip_diffusionlm import CLIPDiffusionCaptionPipeline
+from clip_diffusionlm.clip_features import encode_dataset_images
+from clip_diffusionlm.demo import load_shapes_world
+from clip_diffusionlm.training import TrainingConfig
+
+RESULT_NAME = "draft_refinement"
+REFINEMENT_TIMESTEPS = (300, 600, 900)
+# Each model's name in the table and its folder under the training seed's (`distilled`: harder_world.py's KD model).
+MODELS = {"on AR's captions": "distilled", "on AR's captions, draft_prob": "kd_draft"}
+
+
+def settings() -> list[dict[str, Any]]:
+    rows = []
+    for model in MODELS:
+        rows.append({"family": "diffusion", "model": model, "name": f"{model}: 1 step", "kwargs": {}, "passes": 1})
+        rows += [{"family": "diffusion", "model": model, "passes": 2,
+                  "name": f"{model}: 1 step + refinement at t = {timestep}",
+                  "kwargs": {"num_refinement_steps": 1, "refinement_timestep": timestep}}
+                 for timestep in REFINEMENT_TIMESTEPS]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="Toy models and a toy world: runs in seconds.")
+    parser.add_argument("--work_dir", default="outputs/benchmarks/harder_world",
+                        help="harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
+    parser.add_argument("--output_dir", default="benchmarks/results", help="Where the JSON and table go.")
+    parser.add_argument("--num_train", type=int, default=8000, help="Training images of the world.")
+    parser.add_argument("--num_test", type=int, default=500, help="Test images of the world.")
+    parser.add_argument("--max_steps", type=int, default=1200, help="Training steps of every model.")
+    parser.add_argument("--training_seeds", type=int, nargs="+", default=[0], help="Training seeds of the models.")
+    parser.add_argument("--draft_prob", type=float, default=0.5, help="`draft_prob` of the second model.")
+    parser.set_defaults(min_seconds=None)  # nothing is timed here
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device, _, command = start_benchmark(args, argv, "draft_refinement.py", default_min_seconds=0.0)
+    started = time.monotonic()
+
+    world_dir, recipe = prepare_world_and_recipe(args)
+    models: dict[int, dict[str, Any]] = {}
+    folders: dict[int, dict[str, str]] = {}
+    for seed in args.training_seeds:
+        seed_dir = Path(args.work_dir) / f"seed{seed}"
+        teacher = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar", output_dir=str(seed_dir / "ar")))
+        models[seed], folders[seed] = {}, {}
+        for name, folder in MODELS.items():
+            options = {"draft_prob": args.draft_prob} if folder == "kd_draft" else {}
+            trained = train_if_needed(TrainingConfig(**recipe, **options, seed=seed, caption_teacher=str(teacher),
+                                                     output_dir=str(seed_dir / folder)))
+            models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
+            folders[seed][name] = str(trained)
+    test = load_shapes_world(world_dir)["test"]
+    pipe = next(iter(models[args.training_seeds[0]].values()))
+    features = encode_dataset_images(pipe.image_encoder, pipe.image_processor, test, QUALITY_BATCH,
+                                     pipe.denoiser.config.image_features, num_workers=0,
+                                     vision_feature_layer=pipe.denoiser.config.vision_feature_layer)
+    results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob, "models": folders,
+                               "num_test_images": len(test), "settings": []}
+    with torch.inference_mode():
+        for setting in settings():
+            row = {**setting, **quality(models, setting, features, test)}
+            results["settings"].append(row)
+            print(f"{row['name']:<55} objects {row['object_accuracy']:.3f} fully correct {row['fully_correct']:.3f} "
+                  f"malformed {row['malformed']:g}", flush=True)
+    results["seconds"] = round(time.monotonic() - started, 1)
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = RESULT_NAME + ("_tiny" if args.tiny else "")
+    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (output_dir / f"{name}.md").write_text(table)
+    print("\n" + table)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
+    lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; median (worst) "
+             f"over training seeds {seeds} × 3 sampling seeds; `draft_prob` {results['draft_prob']}; "
+             f"{results['seconds'] / 60:.0f} min.", "",
+             "| setting | passes | CIDEr | objects | counts | relations | fully correct | malformed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results["settings"]:
+        cells = [f"{row[metric]:.3f} ({row['worst'][metric]:.3f})" for metric in ("CIDEr", *CONTENT_METRICS)]
+        lines.append(f"| {row['name']} | {row['passes']} | " + " | ".join(cells)
+                     + f" | {row['malformed']:g} ({row['worst']['malformed']}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
