@@ -9,9 +9,10 @@ train on all five. Stages, each reused by a second run: the world; the toy CLIP 
 for every training seed, a diffusion model and an AR baseline trained by the same loop with the same recipe (the
 demo's, on all references, longer captions), and a third model, diffusion again, trained on the AR twin's caption of
 each training image instead of the references (`caption_teacher`: sequence-level knowledge distillation), and a
-fourth, that model step-distilled as `make demo` distils its own (`DemoConfig.distillation`); then, for every setting, quality on the test split over training seeds
-× sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts, relations, captions right in all they state)
-and captions/s at batch 1 and 64 of the first seed's pair, timed in the same run.
+fourth, that model step-distilled as `make demo` distils its own (`DemoConfig.distillation`); then, for every
+setting, quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4 and content accuracy:
+objects, counts, relations, captions right in all they state) and captions/s at batch 1 and 64 of the first seed's
+pair, timed in the same run.
 
 Writes `harder_world.json`, `harder_world.md` and `harder_world.png` (captions right in all they state, and object
 accuracy, against captions/s) to
