@@ -769,8 +769,9 @@ def frontier_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     for axis, batch_size in zip(axes, (1, 64)):
         for family, marker, colour in (("diffusion", "o", "tab:blue"), ("ar", "s", "tab:red")):
             rows = [row for row in results["settings"] if row["family"] == family]
@@ -781,9 +782,10 @@ def frontier_plot(
                              facecolors=colour if index == 0 else "none",
                              label=name if len(metrics) == 1 else f"{name}: {metric}")
             for row, speed in zip(rows, speeds):
-                axis.annotate(row["name"].replace(" (the pipeline's defaults)", ""), (speed, row[metrics[0]]),
-                              fontsize=6, xytext=(3, 3), textcoords="offset points")
+                label = row["name"].replace(" (the pipeline's defaults)", "").replace(" (the demo's recipe)", "")
+                axis.annotate(label, (speed, row[metrics[0]]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # the log axis's minor labels overlap
         axis.set_xlabel(f"captions/s at batch {batch_size}")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
