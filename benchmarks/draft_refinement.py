@@ -24,11 +24,15 @@ from typing import Any
 
 import torch
 from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
-from harder_world import CONTENT_METRICS, QUALITY_BATCH, prepare_world_and_recipe, quality
+from harder_world import (
+    CONTENT_METRICS,
+    add_world_arguments,
+    features_of_test_split,
+    prepare_world_and_recipe,
+    quality,
+)
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.clip_features import encode_dataset_images
-from clip_diffusionlm.demo import load_shapes_world
 from clip_diffusionlm.training import TrainingConfig
 
 RESULT_NAME = "draft_refinement"
@@ -50,17 +54,10 @@ def settings() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="Toy models and a toy world: runs in seconds.")
-    parser.add_argument("--work_dir", default="outputs/benchmarks/harder_world",
-                        help="harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
-    parser.add_argument("--output_dir", default="benchmarks/results", help="Where the JSON and table go.")
-    parser.add_argument("--num_train", type=int, default=8000, help="Training images of the world.")
-    parser.add_argument("--num_test", type=int, default=500, help="Test images of the world.")
-    parser.add_argument("--max_steps", type=int, default=1200, help="Training steps of every model.")
+    add_world_arguments(parser, "harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
     parser.add_argument("--training_seeds", type=int, nargs="+", default=[0], help="Training seeds of the models.")
     parser.add_argument("--draft_prob", type=float, default=0.5, help="`draft_prob` of the second model.")
     parser.set_defaults(min_seconds=None)  # nothing is timed here
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device, _, command = start_benchmark(args, argv, "draft_refinement.py", default_min_seconds=0.0)
     started = time.monotonic()
@@ -78,11 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                      output_dir=str(seed_dir / folder)))
             models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
             folders[seed][name] = str(trained)
-    test = load_shapes_world(world_dir)["test"]
-    pipe = next(iter(models[args.training_seeds[0]].values()))
-    features = encode_dataset_images(pipe.image_encoder, pipe.image_processor, test, QUALITY_BATCH,
-                                     pipe.denoiser.config.image_features, num_workers=0,
-                                     vision_feature_layer=pipe.denoiser.config.vision_feature_layer)
+    test, features = features_of_test_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
     results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob, "models": folders,
                                "num_test_images": len(test), "settings": []}
     with torch.inference_mode():

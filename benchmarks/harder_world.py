@@ -72,6 +72,27 @@ CIDER_RATIO_TARGET = 0.97
 SPEED_TARGETS = {1: 3.0, 64: 1.5}
 
 
+def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> None:
+    """The options of the world, its models' recipe and the device, which `prepare_world_and_recipe` reads."""
+    parser.add_argument("--tiny", action="store_true", help="Toy models and a toy world: runs in seconds.")
+    parser.add_argument("--work_dir", default="outputs/benchmarks/harder_world", help=work_dir_help)
+    parser.add_argument("--output_dir", default="benchmarks/results", help="Where the results go.")
+    parser.add_argument("--num_train", type=int, default=8000, help="Training images of the world.")
+    parser.add_argument("--num_test", type=int, default=500, help="Test images of the world.")
+    parser.add_argument("--max_steps", type=int, default=1200, help="Training steps of every model.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def features_of_test_split(world_dir: Path, pipe: CLIPDiffusionCaptionPipeline) -> tuple[Any, torch.Tensor]:
+    """The world's test split and its CLIP features as `pipe`'s denoiser reads them."""
+    test = load_shapes_world(world_dir)["test"]
+    config = pipe.denoiser.config
+    features = encode_dataset_images(pipe.image_encoder, pipe.image_processor, test, QUALITY_BATCH,
+                                     config.image_features, num_workers=0,
+                                     vision_feature_layer=config.vision_feature_layer)
+    return test, features
+
+
 def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
     """The world's folder and the training fields both families share (everything but `seed`, `model_type` and
     `output_dir`)."""
@@ -186,17 +207,10 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="Toy models and a toy world: runs in seconds.")
-    parser.add_argument("--work_dir", default="outputs/benchmarks/harder_world",
-                        help="Where the world, CLIP and the models trained here go (reused by a second run).")
-    parser.add_argument("--output_dir", default="benchmarks/results", help="Where the JSON, table and picture go.")
-    parser.add_argument("--num_train", type=int, default=8000, help="Training images of the world.")
-    parser.add_argument("--num_test", type=int, default=500, help="Test images of the world.")
-    parser.add_argument("--max_steps", type=int, default=1200, help="Training steps of every model.")
+    add_world_arguments(parser, "Where the world, CLIP and the models trained here go (reused by a second run).")
     parser.add_argument("--training_seeds", type=int, nargs="+", default=[0],
                         help="One diffusion model and one AR baseline per seed; the first seed's pair is timed.")
     parser.add_argument("--min_seconds", type=float, default=None, help="Time each measurement at least this long.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device, min_seconds, command = start_benchmark(args, argv, "harder_world.py", default_min_seconds=2.0)
     started = time.monotonic()
@@ -222,11 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pairs[seed][model] = load_quiet(CLIPDiffusionCaptionPipeline, folder, args.device)
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     first = pairs[args.training_seeds[0]]
-    test = load_shapes_world(world_dir)["test"]
-    config = first["diffusion"].denoiser.config
-    features = encode_dataset_images(first["diffusion"].image_encoder, first["diffusion"].image_processor, test,
-                                     QUALITY_BATCH, config.image_features, num_workers=0,
-                                     vision_feature_layer=config.vision_feature_layer)
+    test, features = features_of_test_split(world_dir, first["diffusion"])
 
     results: dict[str, Any] = {
         "command": command,

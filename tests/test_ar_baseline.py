@@ -166,14 +166,19 @@ def test_loss_scores_caption_tokens_and_ignores_padding(tokenizer):
     torch.testing.assert_close(loss, expected)
 
 
-def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
+def run_tiny_benchmark(script: str, tmp_path: Path, work_dir: str, *arguments: str) -> dict:
+    """Runs `benchmarks/<script>.py --tiny` in a subprocess, as a user would, and returns its JSON results."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "caption_speed_quality.py"), "--tiny", "--work_dir",
-         str(tmp_path / "work"), "--output_dir", str(tmp_path / "results"), "--training_seeds", "0", "1"],
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--tiny", "--work_dir", str(tmp_path / work_dir),
+         "--output_dir", str(tmp_path / "results"), *arguments],
         capture_output=True, text=True, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "results" / "caption_speed_quality_tiny.json").read_text())
+    return json.loads((tmp_path / "results" / f"{script}_tiny.json").read_text())
+
+
+def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
+    results = run_tiny_benchmark("caption_speed_quality", tmp_path, "work", "--training_seeds", "0", "1")
     assert (tmp_path / "results" / "caption_speed_quality_tiny.png").stat().st_size > 0
     assert "| AR beam 3 |" in (tmp_path / "results" / "caption_speed_quality_tiny.md").read_text()
     names = [row["name"] for row in results["settings"]]
@@ -216,13 +221,7 @@ def test_malformed_captions_are_those_outside_the_canonical_grammar():
 
 
 def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "harder_world.py"), "--tiny", "--work_dir", str(tmp_path / "work"),
-         "--output_dir", str(tmp_path / "results"), "--training_seeds", "0", "1"],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "results" / "harder_world_tiny.json").read_text())
+    results = run_tiny_benchmark("harder_world", tmp_path, "work", "--training_seeds", "0", "1")
     assert (tmp_path / "results" / "harder_world_tiny.png").stat().st_size > 0
     assert "| AR greedy |" in (tmp_path / "results" / "harder_world_tiny.md").read_text()
     # Both families trained on all five references of the harder world, with the same recipe.
@@ -269,13 +268,7 @@ def test_harder_world_malformed_captions():
 
 
 def test_step_distillation_benchmark_tiny_mode(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "step_distillation.py"), "--tiny", "--work_dir", str(tmp_path / "w"),
-         "--output_dir", str(tmp_path / "results")],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "results" / "step_distillation_tiny.json").read_text())
+    results = run_tiny_benchmark("step_distillation", tmp_path, "w")
     names = [row["name"] for row in results["settings"]]
     assert names == ["teacher, DDIM 1 step(s)", "teacher, DDIM 2 step(s)", "step-distilled student, DDPM 1 step(s)",
                      "step-distilled student, DDPM 2 step(s)"]
@@ -286,13 +279,7 @@ def test_step_distillation_benchmark_tiny_mode(tmp_path):
 
 
 def test_draft_refinement_benchmark_tiny_mode(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "draft_refinement.py"), "--tiny", "--work_dir", str(tmp_path / "w"),
-         "--output_dir", str(tmp_path / "results")],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "results" / "draft_refinement_tiny.json").read_text())
+    results = run_tiny_benchmark("draft_refinement", tmp_path, "w")
     rows = {row["name"]: row for row in results["settings"]}
     assert rows["on AR's captions, draft_prob: 1 step + refinement at t = 600"]["kwargs"] == {
         "num_refinement_steps": 1, "refinement_timestep": 600}
