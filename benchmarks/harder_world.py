@@ -266,17 +266,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = round(time.monotonic() - started, 1)
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = RESULT_NAME + ("_tiny" if args.tiny else "")
-    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (output_dir / f"{name}.md").write_text(table)
-    frontier_plot(results, output_dir / f"{name}.png", metrics=("fully_correct", "object_accuracy"),
+    written = write_results(args, RESULT_NAME, results, markdown(results))
+    frontier_plot(results, written.with_suffix(".png"), metrics=("fully_correct", "object_accuracy"),
                   ylabel="harder world test split, median of seeds",
                   title="The harder world: CLIP-DiffusionLM and its autoregressive twin, same features, layers and data")
-    print("\n" + table)
     return results
+
+
+def write_results(args, result_name: str, results: dict[str, Any], table: str) -> Path:
+    """Writes `<result_name>.json` and `.md` (`_tiny` added in `--tiny` mode) to `--output_dir` and prints the
+    table; returns their path without the suffix."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = output_dir / (result_name + ("_tiny" if args.tiny else ""))
+    written.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    written.with_suffix(".md").write_text(table)
+    print("\n" + table)
+    return written
 
 
 def markdown(results: dict[str, Any]) -> str:

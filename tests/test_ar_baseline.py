@@ -278,14 +278,19 @@ def test_step_distillation_benchmark_tiny_mode(tmp_path):
     assert student["distill_from"] == results["teachers"][0] and student["model_config"] == {}
 
 
-def test_draft_refinement_benchmark_tiny_mode(tmp_path):
-    results = run_tiny_benchmark("draft_refinement", tmp_path, "w")
+def test_refinement_benchmark_tiny_mode(tmp_path):
+    results = run_tiny_benchmark("refinement", tmp_path, "w")
     rows = {row["name"]: row for row in results["settings"]}
-    assert rows["on AR's captions, draft_prob: 1 step + refinement at t = 600"]["kwargs"] == {
+    assert rows["on AR's captions, draft_prob: 1 step + refinement of every word at t = 600"]["kwargs"] == {
         "num_refinement_steps": 1, "refinement_timestep": 600}
-    assert len(rows) == 8 and all(len(row["runs"]) == 3 for row in rows.values())
-    # The second model is the first's recipe (on the AR twin's captions) with drafts in its batches.
-    plain, drafts = (json.loads(Path(results["models"]["0"][name], "training_config.json").read_text())
-                     for name in ("on AR's captions", "on AR's captions, draft_prob"))
-    assert drafts["draft_prob"] == 0.5 and plain.get("draft_prob", 0.0) == 0.0
-    assert drafts["caption_teacher"] == plain["caption_teacher"] == str(tmp_path / "w" / "seed0" / "ar")
+    assert rows["on AR's captions, mask_predict_prob: 1 step + refinement of the least sure 25% at t = 999"][
+        "kwargs"] == {"num_refinement_steps": 1, "refinement_timestep": 999, "refinement_ratio": 0.25}
+    assert len(rows) == 12 and all(len(row["runs"]) == 3 for row in rows.values())
+    # The second and third models are the first's recipe (on the AR twin's captions) with one option more.
+    plain, drafts, masks = (json.loads(Path(results["models"]["0"][name], "training_config.json").read_text())
+                            for name in ("on AR's captions", "on AR's captions, draft_prob",
+                                         "on AR's captions, mask_predict_prob"))
+    assert drafts["draft_prob"] == 0.5 and plain.get("draft_prob", 0.0) == 0.0 == masks["draft_prob"]
+    assert masks["mask_predict_prob"] == 0.5 and drafts["mask_predict_prob"] == 0.0
+    assert drafts["caption_teacher"] == plain["caption_teacher"] == masks["caption_teacher"] == str(
+        tmp_path / "w" / "seed0" / "ar")

@@ -500,3 +500,49 @@ def test_draft_rows_are_noised_from_the_models_one_step_draft(tokenizer, draft_p
     target = model.embed_captions(ids)
     assert output.restoring_loss.item() == pytest.approx(
         (output.prediction - target).pow(2).sum(-1).mean().item(), rel=1e-6)
+
+
+def test_per_position_timesteps_equal_per_row_ones_when_all_positions_share_them(tokenizer):
+    model = tiny_denoiser(tokenizer, caption_length=LENGTH, prediction_type="previous_sample",
+                          prediction_step_offset=100).eval()
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    noisy, image = torch.randn(BATCH, LENGTH, model.hidden_size), torch.randn(BATCH, CONDITION_DIM)
+    per_row = torch.tensor([0, 999, 500, 250])[:BATCH]
+    per_position = per_row[:, None].expand(-1, LENGTH)
+    for timesteps in (per_row, per_position):
+        prediction = model(noisy, timesteps, image).prediction
+        estimate = model.predicted_original_sample(prediction, noisy, timesteps, scheduler.alphas_cumprod)
+        if timesteps.ndim == 1:
+            expected_prediction, expected_estimate = prediction, estimate
+    torch.testing.assert_close(prediction, expected_prediction)
+    torch.testing.assert_close(estimate, expected_estimate)
+    mixed = per_position.clone()
+    mixed[:, 0] = 500
+    assert not torch.allclose(model(noisy, mixed, image).prediction, expected_prediction)
+
+
+def test_mask_predict_rows_are_pure_noise_where_masked_and_clean_words_elsewhere(tokenizer):
+    from clip_diffusionlm.diffusion import TimestepSampling, diffusion_loss
+
+    model = tiny_denoiser(tokenizer, caption_length=LENGTH, x1_restoring_loss=False)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    calls = ModelCalls(model)
+    ids, image, rows = _ids(tokenizer).repeat(4, 1), torch.randn(4 * BATCH, CONDITION_DIM), 4 * BATCH
+    torch.manual_seed(0)
+    diffusion_loss(model, scheduler, ids, image, mask_predict_prob=1.0)
+    timesteps, noisy = calls.calls[-1]["timesteps"], calls.calls[-1]["noisy_embeds"]
+    assert timesteps.shape == (rows, LENGTH) and set(timesteps.unique().tolist()) == {0, 999}
+
+    torch.manual_seed(0)  # the draws in the objective's order: t, the noise, condition dropout, then the masks
+    TimestepSampling().sample(1000, rows, torch.device("cpu"))
+    noise = torch.randn(rows, LENGTH, model.hidden_size)
+    torch.rand(rows), torch.rand(rows)  # dropout; which rows refine (all of them)
+    masked_share = torch.rand(rows, 1)
+    masked = torch.rand(rows, LENGTH) < masked_share
+    assert torch.equal(timesteps, torch.where(masked, 999, 0))
+    alpha_bar = scheduler.alphas_cumprod[timesteps][..., None]
+    torch.testing.assert_close(noisy, alpha_bar.sqrt() * model.embed_captions(ids) + (1 - alpha_bar).sqrt() * noise)
+
+    torch.manual_seed(0)
+    diffusion_loss(model, scheduler, ids, image, mask_predict_prob=0.0)
+    assert calls.calls[-1]["timesteps"].shape == (rows,)

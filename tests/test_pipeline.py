@@ -222,6 +222,32 @@ def test_renoised_refinement_predicts_again_from_the_words_noised_to_its_timeste
         _run(pipeline, num_refinement_steps=1, refinement_timestep=1000)
 
 
+def test_mask_predict_refinement_renoises_only_the_least_sure_words_and_keeps_the_others(pipeline):
+    calls = ModelCalls(pipeline.denoiser)
+    generator = torch.Generator().manual_seed(0)
+    first = pipeline(_images(), output_type="latent", generator=generator).captions  # (3, 8, 32)
+    refinement_noise = torch.randn(first.shape, generator=generator)
+    refined = _run(pipeline, output_type="latent", num_refinement_steps=1, refinement_timestep=999,
+                   refinement_ratio=0.25).captions
+    call = calls.calls[-1]
+    confidence = pipeline.denoiser.round_to_logits(first).softmax(dim=-1).amax(dim=-1)
+    least_sure = confidence.argsort(dim=1)[:, :2]  # 0.25 of 8 positions
+    renoised = torch.zeros_like(confidence, dtype=torch.bool).scatter_(1, least_sure, True)
+    assert call["timesteps"].shape == (3, 8)
+    assert torch.equal(call["timesteps"], torch.where(renoised, 999, 0))
+    words = pipeline.denoiser.nearest_word_embeddings(first)
+    expected_input = torch.where(renoised[..., None],
+                                 pipeline.scheduler.add_noise(words, refinement_noise, torch.tensor(999)),
+                                 pipeline.scheduler.add_noise(words, refinement_noise, torch.tensor(0)))
+    torch.testing.assert_close(call["noisy_embeds"], expected_input)
+    torch.testing.assert_close(refined[renoised], call["prediction"][renoised])
+    torch.testing.assert_close(refined[~renoised], first[~renoised])
+    for kwargs, message in (({"refinement_ratio": 0.0, "refinement_timestep": 999}, r"`refinement_ratio` must be in"),
+                            ({"refinement_ratio": 0.5}, "give a `refinement_timestep` above 0")):
+        with pytest.raises(ValueError, match=message):
+            _run(pipeline, num_refinement_steps=1, **kwargs)
+
+
 def test_previous_sample_model_converts_each_output_to_x0(tokenizer):
     pipe = tiny_pipeline(tokenizer, prediction_type="previous_sample", prediction_step_offset=100)
     pipe.set_progress_bar_config(disable=True)

@@ -175,16 +175,17 @@ def test_step_distillation_trains_a_copy_of_a_saved_pipeline(training_assets, pi
         tiny_training_config(training_assets, tmp_path / "bad", distill_from=str(pipeline_from_assets))
 
 
-def test_draft_prob_trains_on_drafts_and_only_for_the_diffusion_objective(training_assets, pipeline_from_assets,
-                                                                            tmp_path):
-    output_dir = train(tiny_training_config(training_assets, tmp_path / "drafts", draft_prob=0.5, max_steps=2,
+@pytest.mark.parametrize("option", ["draft_prob", "mask_predict_prob"])
+def test_refinement_training_options_train_and_only_for_the_diffusion_objective(training_assets, pipeline_from_assets,
+                                                                                tmp_path, option):
+    output_dir = train(tiny_training_config(training_assets, tmp_path / "drafts", **{option: 0.5}, max_steps=2,
                                             checkpointing_steps=0))
-    assert json.loads((output_dir / "training_config.json").read_text())["draft_prob"] == 0.5
+    assert json.loads((output_dir / "training_config.json").read_text())[option] == 0.5
     assert all(record["restoring_loss"] > 0 for record in _history(output_dir))
-    for bad, message in (({"draft_prob": 1.5}, r"`draft_prob` must be in \[0, 1\], got 1.5"),
-                         ({"draft_prob": 0.5, "model_type": "ar"}, "`draft_prob` is a term of the diffusion objective"),
-                         ({"draft_prob": 0.5, "distill_from": str(pipeline_from_assets), "model_config": {}},
-                          "`draft_prob` is a term of the diffusion objective")):
+    for bad, message in (({option: 1.5}, rf"`{option}` must be in \[0, 1\], got 1.5"),
+                         ({option: 0.5, "model_type": "ar"}, f"`{option}` is a term of the diffusion objective"),
+                         ({option: 0.5, "distill_from": str(pipeline_from_assets), "model_config": {}},
+                          f"`{option}` is a term of the diffusion objective")):
         with pytest.raises(ValueError, match=message):
             tiny_training_config(training_assets, tmp_path / "bad", **bad)
 

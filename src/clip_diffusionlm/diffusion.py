@@ -178,6 +178,36 @@ def repeat_rows(count: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor
     return tuple(None if rows is None else rows.repeat_interleave(count, dim=0) for rows in tensors)
 
 
+def add_noise(
+    noise_scheduler: SchedulerMixin, clean_embeds: torch.FloatTensor, noise: torch.FloatTensor,
+    timesteps: torch.LongTensor,
+) -> torch.FloatTensor:
+    """`x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε` through the scheduler's `add_noise`, which takes one `t` per row; per-position
+    timesteps `(batch, caption_length)` are given to it one position per row."""
+    if timesteps.ndim < 2:
+        return noise_scheduler.add_noise(clean_embeds, noise, timesteps)
+    positions = clean_embeds.flatten(0, 1)[:, None]  # (batch · caption_length, 1, hidden)
+    noisy = noise_scheduler.add_noise(positions, noise.flatten(0, 1)[:, None], timesteps.flatten())
+    return noisy.view_as(clean_embeds)
+
+
+def mask_predict_timesteps(
+    timesteps: torch.LongTensor, caption_length: int, mask_predict_prob: float, num_train_timesteps: int
+) -> torch.LongTensor:
+    """
+    Per-position timesteps `(batch, caption_length)`: each row keeps its `t` at every position, except a share
+    `mask_predict_prob` of the rows, trained as a mask-predict refinement (CMLM, Ghazvininejad et al. 2019, in
+    embedding space): a uniformly drawn share of their positions is pure noise (`t = T - 1`, the continuous [MASK]),
+    the others are the clean words (`t = 0`) that the prediction of the noised ones may read.
+    """
+    batch_size, device = timesteps.shape[0], timesteps.device
+    refining = torch.rand(batch_size, device=device) < mask_predict_prob
+    masked_share = torch.rand(batch_size, 1, device=device)
+    masked = torch.rand(batch_size, caption_length, device=device) < masked_share
+    per_position = torch.where(masked, num_train_timesteps - 1, 0)
+    return torch.where(refining[:, None], per_position, timesteps[:, None].expand(-1, caption_length))
+
+
 @torch.no_grad()
 def one_step_draft(
     model: CLIPDiffusionLMModel, alphas_cumprod: torch.Tensor, pure_noise: torch.FloatTensor, **condition
@@ -199,6 +229,7 @@ def diffusion_loss(
     timesteps_per_caption: int = 1,
     timestep_sampling: TimestepSampling | None = None,
     draft_prob: float = 0.0,
+    mask_predict_prob: float = 0.0,
 ) -> DiffusionLossOutput:
     """
     The paper's objective on a batch, `L = L'_simple + λ·L_R`: sample `t` (several per caption, as the paper samples
@@ -226,6 +257,9 @@ def diffusion_loss(
             (Savinov et al. 2022, SUNDAE). A model trained only on noised correct captions trusts the words it is
             shown; these rows teach it to correct a draft, which a re-noised refinement pass (the pipeline's
             `refinement_timestep`) needs.
+        mask_predict_prob (`float`, *optional*, defaults to 0.0):
+            Share of the rows trained as a mask-predict refinement ([`mask_predict_timesteps`]): some positions
+            pure noise, the rest clean words at `t = 0`; what the pipeline's `refinement_ratio` samples with.
     """
     core: CLIPDiffusionLMModel = getattr(model, "module", model)
     config = core.config
@@ -248,7 +282,11 @@ def diffusion_loss(
                                image_embeds=image_embeds, text_embeds=text_embeds, drop_condition=drop_condition)
         from_draft = torch.rand(batch_size, device=device) < draft_prob
         noised_from = torch.where(from_draft[:, None, None], draft, clean_embeds)
-    noisy_embeds = noise_scheduler.add_noise(noised_from, noise, timesteps)
+    if mask_predict_prob > 0:
+        timesteps = mask_predict_timesteps(
+            timesteps, clean_embeds.shape[1], mask_predict_prob, config.num_train_timesteps
+        )  # (batch, caption_length)
+    noisy_embeds = add_noise(noise_scheduler, noised_from, noise, timesteps)
     target_embeds = clean_embeds
     if config.prediction_type == "previous_sample":
         coefficient_x0, coefficient_xt = jump_posterior_coefficients(
@@ -260,7 +298,7 @@ def diffusion_loss(
     copies = 2 if config.x1_restoring_loss else 1
     if config.x1_restoring_loss:
         ones = torch.ones_like(timesteps)
-        x1_noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), ones)
+        x1_noisy_embeds = add_noise(noise_scheduler, clean_embeds, torch.randn_like(clean_embeds), ones)
         noisy_embeds = torch.cat([noisy_embeds, x1_noisy_embeds])
         timesteps = torch.cat([timesteps, ones])
     condition = {

@@ -94,7 +94,7 @@ class DiffusionFamily(ModelFamily):
         return diffusion_loss(
             model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
             timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.config.timestep_sampling,
-            draft_prob=run.config.draft_prob,
+            draft_prob=run.config.draft_prob, mask_predict_prob=run.config.mask_predict_prob,
         )
 
     def pipeline(self, run) -> CLIPDiffusionCaptionPipeline:

@@ -148,6 +148,11 @@ class TrainingConfig:
         0.0, "Share of each batch noised from the model's own one-step draft instead of the caption (step-unrolled "
         "denoising, SUNDAE): trains the denoiser to correct its drafts, for the pipeline's `refinement_timestep`.",
     )
+    mask_predict_prob: float = _option(
+        0.0, "Share of each batch trained as a mask-predict refinement: a random share of the positions is pure "
+        "noise, the others are the caption's words at t = 0. For the pipeline's `refinement_ratio`, which re-noises "
+        "only the words the model is least sure of.",
+    )
     mixed_precision: str | None = _option(
         None, "`no`, `fp16` or `bf16`; default: what `accelerate config` / `accelerate launch --mixed_precision` say."
     )
@@ -220,13 +225,14 @@ class TrainingConfig:
                 "`distill_from` trains a copy of a diffusion model: it needs model_type='diffusion' and an empty "
                 f"`model_config`, got model_type={self.model_type!r} and model_config={self.model_config!r}."
             )
-        if not 0.0 <= self.draft_prob <= 1.0:
-            raise ValueError(f"`draft_prob` must be in [0, 1], got {self.draft_prob}.")
-        if self.draft_prob > 0 and (self.model_type != "diffusion" or self.distill_from is not None):
-            raise ValueError(
-                "`draft_prob` is a term of the diffusion objective: it needs model_type='diffusion' and no "
-                f"`distill_from`, got model_type={self.model_type!r} and distill_from={self.distill_from!r}."
-            )
+        for name in ("draft_prob", "mask_predict_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
+            if getattr(self, name) > 0 and (self.model_type != "diffusion" or self.distill_from is not None):
+                raise ValueError(
+                    f"`{name}` is a term of the diffusion objective: it needs model_type='diffusion' and no "
+                    f"`distill_from`, got model_type={self.model_type!r} and distill_from={self.distill_from!r}."
+                )
         if self.caption_teacher is not None and self.captions_per_image is not None:
             raise ValueError(
                 "`caption_teacher` trains on one caption per image, the teacher's: leave `captions_per_image` unset, "

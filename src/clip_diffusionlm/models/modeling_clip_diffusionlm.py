@@ -335,7 +335,8 @@ def jump_posterior_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Coefficients of the posterior mean of `q(x_s | x_t, x0) = c0·x0 + ct·x_t` for the jump `s = t - offset`
-    (`s < 0` means the data itself: `c0 = 1`, `ct = 0`). Shapes `(batch, 1, 1)`.
+    (`s < 0` means the data itself: `c0 = 1`, `ct = 0`). Shapes `(batch, 1, 1)`, or `(batch, caption_length, 1)` for
+    per-position timesteps `(batch, caption_length)`.
     """
     alphas_cumprod = alphas_cumprod.to(timesteps.device)
     alpha_bar_t = alphas_cumprod[timesteps]
@@ -344,7 +345,8 @@ def jump_posterior_coefficients(
     alpha_ts = alpha_bar_t / alpha_bar_s
     coefficient_x0 = alpha_bar_s.sqrt() * (1 - alpha_ts) / (1 - alpha_bar_t)
     coefficient_xt = alpha_ts.sqrt() * (1 - alpha_bar_s) / (1 - alpha_bar_t)
-    return coefficient_x0[:, None, None], coefficient_xt[:, None, None]
+    broadcast_shape = (*timesteps.shape, *(1,) * (3 - timesteps.ndim))
+    return coefficient_x0.reshape(broadcast_shape), coefficient_xt.reshape(broadcast_shape)
 
 
 def predicted_original_sample(
@@ -384,12 +386,12 @@ class SinusoidalTimestepEmbedding(nn.Module):
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         half = self.hidden_size // 2
         exponent = -math.log(self.max_period) * torch.arange(half, device=timesteps.device) / half
-        angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]  # (batch, half)
+        angles = timesteps.float()[..., None] * torch.exp(exponent)  # (*timesteps.shape, half)
         features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
         if self.hidden_size % 2:
             features = F.pad(features, (0, 1))
         features = features.to(self.linear_1.weight.dtype)
-        return self.norm(self.linear_2(self.act(self.linear_1(features))))  # (batch, hidden)
+        return self.norm(self.linear_2(self.act(self.linear_1(features))))  # (*timesteps.shape, hidden)
 
 
 class ConditionProjection(nn.Module):
@@ -611,8 +613,9 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         Args:
             noisy_embeds (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
                 `x_t`, noisy caption embeddings in the scaled embedding space.
-            timesteps (`torch.LongTensor` of shape `(batch_size,)` or `()`):
-                `t` of each sample, in `[0, num_train_timesteps)`.
+            timesteps (`torch.LongTensor` of shape `(batch_size,)`, `(batch_size, caption_length)` or `()`):
+                `t` of each sample, in `[0, num_train_timesteps)`, or of each position (a mask-predict refinement:
+                words kept at `t = 0`, the rest re-noised).
             image_embeds (`torch.FloatTensor` of shape `(batch_size, condition_dim)` or `(batch_size, num_patches + 1, patch_dim)`):
                 Frozen CLIP image features: `image_embeds`, or the patch features when
                 `config.image_features == "patches"`.
@@ -636,7 +639,8 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
                 self_conditioning_embeds = torch.zeros_like(noisy_embeds)
             hidden = hidden + self.self_condition_projection(self_conditioning_embeds)
         if self.timestep_embedding is not None:
-            hidden = hidden + self.timestep_embedding(timesteps)[:, None, :]
+            timestep_embeds = self.timestep_embedding(timesteps)
+            hidden = hidden + (timestep_embeds[:, None, :] if timesteps.ndim == 1 else timestep_embeds)
 
         condition = self._condition_tokens(image_embeds, text_embeds, drop_condition)  # (batch, slots, hidden)
         if self.segment_embedding is not None:

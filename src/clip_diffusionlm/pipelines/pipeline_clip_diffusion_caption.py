@@ -110,7 +110,9 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
     ) -> torch.FloatTensor:
         """`x̂0 = f(x|∅) + w·(f(x|c) − f(x|∅))`, both halves in one batch; `w = 1` runs the conditional pass only."""
         batch_size = noisy_embeds.shape[0]
-        timesteps = timestep.to(noisy_embeds.device).expand(batch_size)
+        timesteps = timestep.to(noisy_embeds.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(batch_size)
         if guidance_scale == 1.0:
             prediction = self.denoiser(
                 noisy_embeds, timesteps, image_embeds, text_embeds, self_conditioning_embeds
@@ -144,6 +146,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         num_captions_per_image: int = 1,
         num_refinement_steps: int = 0,
         refinement_timestep: int = 0,
+        refinement_ratio: float = 1.0,
         clamp_to_vocabulary: bool = False,
         expected_embedding: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -184,6 +187,11 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
                 timestep and predicts again (LaDiC's Back&Refine, SUNDAE's unrolled steps), so that the denoiser can
                 rewrite a word that does not fit the others. It helps a model trained with `draft_prob` (to correct
                 its own one-step drafts); one trained only on noised correct captions keeps the words it is shown.
+            refinement_ratio (`float`, *optional*, defaults to 1.0):
+                Share of the positions each re-noised refinement re-noises: below 1, only the words the rounding head
+                is least sure of, while the others stay clean at `t = 0` and are kept (mask-predict, Ghazvininejad
+                et al. 2019). `refinement_timestep=999` re-noises them to pure noise, the continuous [MASK]. Needs a
+                model trained with `mask_predict_prob`.
             clamp_to_vocabulary (`bool`, *optional*, defaults to `False`):
                 Replace `x̂0` by the nearest word embeddings at every step (Diffusion-LM's clamping trick).
             expected_embedding (`bool`, *optional*, defaults to `False`):
@@ -210,7 +218,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs = ["original_estimate"]
         self.check_inputs(
             images, image_embeds, num_inference_steps, num_captions_per_image, num_refinement_steps,
-            refinement_timestep, guidance_scale, output_type, callback_on_step_end_tensor_inputs,
+            refinement_timestep, refinement_ratio, guidance_scale, output_type, callback_on_step_end_tensor_inputs,
         )
 
         # 1. Conditioning: CLIP features, one row per caption to sample
@@ -250,16 +258,12 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
                 original_estimate = returned.get("original_estimate", original_estimate)
                 image_embeds = returned.get("image_embeds", image_embeds)
 
-        # 4. Refinement: x̂0 fed back at t = 0 (the paper's), or its words re-noised to `refinement_timestep`
-        refinement_timesteps = torch.full((), refinement_timestep, dtype=torch.long, device=device)
+        # 4. Refinement: x̂0 fed back at t = 0 (the paper's), or its words (all, or the least sure) re-noised to
+        # `refinement_timestep`
         for _ in range(num_refinement_steps):
-            model_input = original_estimate
-            if refinement_timestep > 0:
-                words = self.denoiser.nearest_word_embeddings(original_estimate)
-                noise = randn_tensor(words.shape, generator=generator, device=device, dtype=dtype)
-                model_input = self.scheduler.add_noise(words, noise, refinement_timesteps)
-            original_estimate = self._guided_prediction(
-                model_input, refinement_timesteps, image_embeds, text_embeds, original_estimate, guidance_scale
+            original_estimate = self.refine(
+                original_estimate, refinement_timestep, refinement_ratio, image_embeds, text_embeds, guidance_scale,
+                generator,
             )
 
         # 5. Rounding to words
@@ -269,6 +273,43 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             return (result,)
         return CLIPDiffusionCaptionPipelineOutput(captions=result)
 
+    def refine(
+        self,
+        original_estimate: torch.FloatTensor,
+        refinement_timestep: int,
+        refinement_ratio: float,
+        image_embeds: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None,
+        guidance_scale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> torch.FloatTensor:
+        """One refinement pass over `x̂0` `(batch, caption_length, hidden_size)`; see `refinement_timestep` and
+        `refinement_ratio` of `__call__`."""
+        device, dtype = original_estimate.device, original_estimate.dtype
+        timesteps = torch.full((), refinement_timestep, dtype=torch.long, device=device)
+        if refinement_timestep == 0:
+            return self._guided_prediction(
+                original_estimate, timesteps, image_embeds, text_embeds, original_estimate, guidance_scale
+            )
+        words = self.denoiser.nearest_word_embeddings(original_estimate)
+        noise = randn_tensor(words.shape, generator=generator, device=device, dtype=dtype)
+        model_input = self.scheduler.add_noise(words, noise, timesteps)
+        if refinement_ratio == 1.0:
+            return self._guided_prediction(
+                model_input, timesteps, image_embeds, text_embeds, original_estimate, guidance_scale
+            )
+        confidence = self.denoiser.round_to_logits(original_estimate).softmax(dim=-1).amax(dim=-1)  # (batch, length)
+        num_renoised = max(1, round(refinement_ratio * confidence.shape[1]))
+        least_sure = confidence.topk(num_renoised, dim=1, largest=False).indices
+        renoised = torch.zeros_like(confidence, dtype=torch.bool).scatter_(1, least_sure, True)
+        kept_input = self.scheduler.add_noise(words, noise, torch.zeros_like(timesteps))
+        model_input = torch.where(renoised[..., None], model_input, kept_input)
+        per_position_timesteps = torch.where(renoised, timesteps, 0)  # (batch, caption_length)
+        prediction = self._guided_prediction(
+            model_input, per_position_timesteps, image_embeds, text_embeds, original_estimate, guidance_scale
+        )
+        return torch.where(renoised[..., None], prediction, original_estimate)
+
     def check_inputs(
         self,
         images,
@@ -277,6 +318,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         num_captions_per_image,
         num_refinement_steps,
         refinement_timestep,
+        refinement_ratio,
         guidance_scale,
         output_type,
         callback_on_step_end_tensor_inputs,
@@ -299,6 +341,13 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         if not isinstance(refinement_timestep, int) or not 0 <= refinement_timestep < num_train_timesteps:
             raise ValueError(
                 f"`refinement_timestep` must be an integer in [0, {num_train_timesteps}), got {refinement_timestep!r}."
+            )
+        if not 0 < refinement_ratio <= 1:
+            raise ValueError(f"`refinement_ratio` must be in (0, 1], got {refinement_ratio!r}.")
+        if refinement_ratio < 1 and refinement_timestep == 0:
+            raise ValueError(
+                "`refinement_ratio` below 1 re-noises the least sure words to `refinement_timestep`: give a "
+                "`refinement_timestep` above 0."
             )
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be non-negative, got {guidance_scale}.")

@@ -1,23 +1,25 @@
-"""Re-noised refinement on the harder world, with and without step-unrolled training of the drafts it refines.
+"""Refinement passes on the harder world, and the training that teaches the denoiser to refine.
 
-    python benchmarks/draft_refinement.py --training_seeds 0   # reuses harder_world.py's world, CLIP and models
-    python benchmarks/draft_refinement.py --tiny               # toy sizes, seconds (what the tests run)
+    python benchmarks/refinement.py --training_seeds 0   # reuses harder_world.py's world, CLIP and models
+    python benchmarks/refinement.py --tiny               # toy sizes, seconds (what the tests run)
 
 The harder world's best diffusion model is trained on its AR twin's captions (`caption_teacher`, `harder_world.py`'s
 "on AR's captions"); its one-step captions lose the coordination of many positions. A refinement pass re-noises the
-rounded caption to `refinement_timestep` and predicts it again (LaDiC's Back&Refine, the pipeline's
-`num_refinement_steps` with `refinement_timestep`): two denoiser passes in all. This benchmark trains a twin of that
-model by the same recipe with `draft_prob` (half of each batch noised from the model's own one-step draft, SUNDAE's
-step-unrolled denoising, so that it learns to correct its drafts), and captions the test split with both models at one
-step and with one refinement at three timesteps, over the training seeds × three sampling seeds.
+rounded caption and predicts it again: two denoiser passes in all. This benchmark trains two twins of that model by
+the same recipe and captions the test split with the three at one step and with one refinement, over the training
+seeds × three sampling seeds:
+- `draft_prob`: half of each batch noised from the model's own one-step draft (SUNDAE's step-unrolled denoising, so
+  that it learns to correct its drafts); refined by re-noising every word to `refinement_timestep` (LaDiC's
+  Back&Refine, the pipeline's `num_refinement_steps` with `refinement_timestep`);
+- `mask_predict_prob`: half of each batch with a random share of the positions pure noise and the rest clean words
+  (CMLM's mask-predict in embedding space); refined by re-noising only the least sure words (`refinement_ratio`).
 
-Writes `draft_refinement.json` and `draft_refinement.md` to `--output_dir`.
+Writes `refinement.json` and `refinement.md` to `--output_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,25 +32,38 @@ from harder_world import (
     features_of_test_split,
     prepare_world_and_recipe,
     quality,
+    write_results,
 )
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.training import TrainingConfig
 
-RESULT_NAME = "draft_refinement"
-REFINEMENT_TIMESTEPS = (300, 600, 900)
-# Each model's name in the table and its folder under the training seed's (`distilled`: harder_world.py's KD model).
-MODELS = {"on AR's captions": "distilled", "on AR's captions, draft_prob": "kd_draft"}
+RESULT_NAME = "refinement"
+# Each model's name in the table: its folder under the training seed's (`distilled`: harder_world.py's KD model), the
+# training option that tells it from that model, and the refinements it is captioned with besides one step.
+MODELS = {
+    "on AR's captions": ("distilled", None, [{"refinement_timestep": t} for t in (300, 600, 900)]),
+    "on AR's captions, draft_prob": ("kd_draft", "draft_prob", [{"refinement_timestep": t} for t in (300, 600, 900)]),
+    "on AR's captions, mask_predict_prob": ("kd_mask_predict", "mask_predict_prob", [
+        {"refinement_timestep": 999, "refinement_ratio": ratio} for ratio in (0.25, 0.5)
+    ] + [{"refinement_timestep": 600, "refinement_ratio": 0.5}]),
+}
+
+
+def refinement_name(kwargs: dict[str, Any]) -> str:
+    ratio = kwargs.get("refinement_ratio", 1.0)
+    renoised = "every word" if ratio == 1.0 else f"the least sure {ratio:.0%}"
+    return f"refinement of {renoised} at t = {kwargs['refinement_timestep']}"
 
 
 def settings() -> list[dict[str, Any]]:
     rows = []
-    for model in MODELS:
+    for model, (_, _, refinements) in MODELS.items():
         rows.append({"family": "diffusion", "model": model, "name": f"{model}: 1 step", "kwargs": {}, "passes": 1})
         rows += [{"family": "diffusion", "model": model, "passes": 2,
-                  "name": f"{model}: 1 step + refinement at t = {timestep}",
-                  "kwargs": {"num_refinement_steps": 1, "refinement_timestep": timestep}}
-                 for timestep in REFINEMENT_TIMESTEPS]
+                  "name": f"{model}: 1 step + {refinement_name(kwargs)}",
+                  "kwargs": {"num_refinement_steps": 1, **kwargs}}
+                 for kwargs in refinements]
     return rows
 
 
@@ -57,9 +72,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_world_arguments(parser, "harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
     parser.add_argument("--training_seeds", type=int, nargs="+", default=[0], help="Training seeds of the models.")
     parser.add_argument("--draft_prob", type=float, default=0.5, help="`draft_prob` of the second model.")
+    parser.add_argument("--mask_predict_prob", type=float, default=0.5, help="`mask_predict_prob` of the third.")
     parser.set_defaults(min_seconds=None)  # nothing is timed here
     args = parser.parse_args(argv)
-    device, _, command = start_benchmark(args, argv, "draft_refinement.py", default_min_seconds=0.0)
+    device, _, command = start_benchmark(args, argv, "refinement.py", default_min_seconds=0.0)
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
@@ -69,37 +85,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed_dir = Path(args.work_dir) / f"seed{seed}"
         teacher = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar", output_dir=str(seed_dir / "ar")))
         models[seed], folders[seed] = {}, {}
-        for name, folder in MODELS.items():
-            options = {"draft_prob": args.draft_prob} if folder == "kd_draft" else {}
+        for name, (folder, option, _) in MODELS.items():
+            options = {option: getattr(args, option)} if option else {}
             trained = train_if_needed(TrainingConfig(**recipe, **options, seed=seed, caption_teacher=str(teacher),
                                                      output_dir=str(seed_dir / folder)))
             models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
             folders[seed][name] = str(trained)
     test, features = features_of_test_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
-    results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob, "models": folders,
+    results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob,
+                               "mask_predict_prob": args.mask_predict_prob, "models": folders,
                                "num_test_images": len(test), "settings": []}
     with torch.inference_mode():
         for setting in settings():
             row = {**setting, **quality(models, setting, features, test)}
             results["settings"].append(row)
-            print(f"{row['name']:<55} objects {row['object_accuracy']:.3f} fully correct {row['fully_correct']:.3f} "
+            print(f"{row['name']:<90} objects {row['object_accuracy']:.3f} fully correct {row['fully_correct']:.3f} "
                   f"malformed {row['malformed']:g}", flush=True)
     results["seconds"] = round(time.monotonic() - started, 1)
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    name = RESULT_NAME + ("_tiny" if args.tiny else "")
-    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (output_dir / f"{name}.md").write_text(table)
-    print("\n" + table)
+    write_results(args, RESULT_NAME, results, markdown(results))
     return results
 
 
 def markdown(results: dict[str, Any]) -> str:
     seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
     lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; median (worst) "
-             f"over training seeds {seeds} × 3 sampling seeds; `draft_prob` {results['draft_prob']}; "
+             f"over training seeds {seeds} × 3 sampling seeds; `draft_prob` {results['draft_prob']}, "
+             f"`mask_predict_prob` {results['mask_predict_prob']}; "
              f"{results['seconds'] / 60:.0f} min.", "",
              "| setting | passes | CIDEr | objects | counts | relations | fully correct | malformed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
