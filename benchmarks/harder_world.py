@@ -9,7 +9,8 @@ train on all five. Stages, each reused by a second run: the world; the toy CLIP 
 for every training seed, a diffusion model and an AR baseline trained by the same loop with the same recipe (the
 demo's, on all references, longer captions), and a third model, diffusion again, trained on the AR twin's caption of
 each training image instead of the references (`caption_teacher`: sequence-level knowledge distillation), and a
-fourth, that model step-distilled as `make demo` distils its own (`DemoConfig.distillation`); then, for every
+fourth, that model step-distilled as `make demo` distils its own (`DemoConfig.distillation`), and a fifth, the
+third's recipe with `mask_predict_prob` (captioned with and without a mask-predict refinement); then, for every
 setting, quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4 and content accuracy:
 objects, counts, relations, captions right in all they state) and captions/s at batch 1 and 64 of the first seed's
 pair, timed in the same run.
@@ -70,6 +71,9 @@ METRICS = ("CIDEr", "BLEU-4", *CONTENT_METRICS, "relations_per_caption", "exact_
 MAX_PASSES = 2
 CIDER_RATIO_TARGET = 0.97
 SPEED_TARGETS = {1: 3.0, 64: 1.5}
+# The best refinement of `refinement.py` (training seed 0): the least sure quarter of the words re-noised to pure noise.
+MASK_PREDICT_PROB = 0.5
+MASK_PREDICT_REFINEMENT = {"num_refinement_steps": 1, "refinement_timestep": 999, "refinement_ratio": 0.25}
 
 
 def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> None:
@@ -121,7 +125,8 @@ def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
 
 def settings(pipe) -> list[dict[str, Any]]:
     """The rows: diffusion at one and two denoiser passes (the recommended setting first), five steps for reference,
-    the diffusion model trained on the AR twin's captions at one and two steps, and AR greedy and beam search. Each
+    the diffusion model trained on the AR twin's captions at one and two steps, step-distilled, and trained to refine
+    (at one step, and two passes with the refinement), and AR greedy and beam search. Each
     diffusion row names the scheduler it runs."""
     saved = type(pipe.scheduler).__name__.removesuffix("Scheduler")
     ddim = [] if saved == "DDIM" else [{"family": "diffusion", "name": "DDIM 2 steps", "kwargs": {
@@ -142,6 +147,11 @@ def settings(pipe) -> list[dict[str, Any]]:
          "kwargs": {"num_inference_steps": 2}, "passes": 2},
         {"family": "diffusion", "model": "kd_step_distilled",
          "name": f"on AR's captions, then step-distilled (the demo's recipe): {saved} 1 step", "kwargs": {}, "passes": 1},
+        {"family": "diffusion", "model": "kd_mask_predict", "name": f"on AR's captions, mask_predict_prob: {saved} 1 step",
+         "kwargs": {}, "passes": 1},
+        {"family": "diffusion", "model": "kd_mask_predict",
+         "name": f"on AR's captions, mask_predict_prob: {saved} 1 step + re-noising the least sure 25%",
+         "kwargs": MASK_PREDICT_REFINEMENT, "passes": 2},
         {"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}},
         {"family": "ar", "name": "AR beam 3", "kwargs": {"num_beams": 3}},
     ]
@@ -231,8 +241,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step_distillation["max_steps"] = recipe["max_steps"]
         folders[seed].append(train_if_needed(TrainingConfig(**step_distillation, seed=seed,
                                                             output_dir=str(seed_dir / "kd_step_distilled"))))
+        # The first again, trained to refine its least sure words (mask-predict).
+        folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
+                                                            mask_predict_prob=MASK_PREDICT_PROB,
+                                                            output_dir=str(seed_dir / "kd_mask_predict"))))
         pairs[seed] = load_pair(*folders[seed][:2], args.device)
-        for model, folder in zip(("distilled", "kd_step_distilled"), folders[seed][2:]):
+        for model, folder in zip(("distilled", "kd_step_distilled", "kd_mask_predict"), folders[seed][2:]):
             pairs[seed][model] = load_quiet(CLIPDiffusionCaptionPipeline, folder, args.device)
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     first = pairs[args.training_seeds[0]]

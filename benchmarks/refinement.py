@@ -28,6 +28,7 @@ import torch
 from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
 from harder_world import (
     CONTENT_METRICS,
+    MASK_PREDICT_PROB,
     add_world_arguments,
     features_of_test_split,
     prepare_world_and_recipe,
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_world_arguments(parser, "harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
     parser.add_argument("--training_seeds", type=int, nargs="+", default=[0], help="Training seeds of the models.")
     parser.add_argument("--draft_prob", type=float, default=0.5, help="`draft_prob` of the second model.")
-    parser.add_argument("--mask_predict_prob", type=float, default=0.5, help="`mask_predict_prob` of the third.")
+    parser.add_argument("--mask_predict_prob", type=float, default=MASK_PREDICT_PROB,
+                        help="`mask_predict_prob` of the third.")
     parser.set_defaults(min_seconds=None)  # nothing is timed here
     args = parser.parse_args(argv)
     device, _, command = start_benchmark(args, argv, "refinement.py", default_min_seconds=0.0)

@@ -233,9 +233,13 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
     assert {"AR greedy", "AR beam 3", "DDIM 2 steps", "DDIM 1 step + 1 refinement",
             "on AR's captions: DDIM 1 step"} <= set(rows)
     # The third model of each seed trained on its AR twin's captions, and its card says so; the fourth is that model
-    # step-distilled by the demo's options.
+    # step-distilled by the demo's options, the fifth its recipe with mask-predict rows.
     assert [Path(folder).name for folder in results["models"]["0"]] == [
-        "diffusion", "ar", "distilled", "kd_step_distilled"]
+        "diffusion", "ar", "distilled", "kd_step_distilled", "kd_mask_predict"]
+    mask_predict = json.loads(Path(results["models"]["0"][4], "training_config.json").read_text())
+    assert mask_predict["mask_predict_prob"] == 0.5 and mask_predict["caption_teacher"] == results["models"]["0"][1]
+    assert rows["on AR's captions, mask_predict_prob: DDIM 1 step + re-noising the least sure 25%"]["kwargs"] == {
+        "num_refinement_steps": 1, "refinement_timestep": 999, "refinement_ratio": 0.25}
     distilled = json.loads(Path(results["models"]["0"][2], "training_config.json").read_text())
     assert distilled["caption_teacher"] == results["models"]["0"][1]
     assert "(`caption_teacher`, sequence-level knowledge distillation)" in " ".join(
