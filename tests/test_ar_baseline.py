@@ -259,6 +259,24 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
     assert {"object_accuracy", "relation_accuracy", "count_accuracy", "CIDEr", "speed_batch1"} <= set(goal)
 
 
+def test_harder_world_relation_target_needs_relations_stated_as_often_as_the_ar():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from harder_world import CONTENT_METRICS, targets
+
+    def row(name, family, relation_accuracy, relations_per_caption):
+        scores = {name: 0.5 for name in CONTENT_METRICS} | {"relation_accuracy": relation_accuracy}
+        return {"name": name, "family": family, "passes": 1, "CIDEr": 1.0, "fully_correct": 0.5,
+                "relations_per_caption": relations_per_caption, "worst": scores,
+                "speed": {1: {"captions_per_s": 1.0}, 64: {"captions_per_s": 1.0}}}
+
+    rows = [row("silent", "diffusion", 1.0, 0.0), row("talkative", "diffusion", 0.6, 0.5),
+            row("AR greedy", "ar", 0.4, 0.4)]
+    checked = targets(rows)["all"]
+    assert not checked["silent"]["relation_accuracy"]["met"]  # right in every relation it states: none
+    assert checked["talkative"]["relation_accuracy"]["met"]
+    assert targets(rows)["setting"] == "talkative"
+
+
 def test_harder_world_malformed_captions():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from harder_world import is_malformed
