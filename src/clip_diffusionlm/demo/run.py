@@ -149,6 +149,7 @@ class DemoConfig:
                 "x1_restoring_loss": False,
                 "rounding_logit_scale": 10.0,
                 "rounding_weight": 3.0,
+                "gate_noisy_input": True,
             },
             "batch_size": 64,
             "learning_rate": 2e-3,

@@ -183,6 +183,13 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
             Feed a sinusoidal embedding of `t` to the denoiser. The original code had none; `False` reproduces it.
         self_conditioning (`bool`, *optional*, defaults to `False`):
             Feed the previous estimate of `x0` back as an extra input (Chen et al., 2022).
+        gate_noisy_input (`bool`, *optional*, defaults to `False`):
+            Scale the normalised `x_t` by `1 + g(t)`, `g` a linear map of the timestep embedding initialised to 0
+            (improved-diffusion's scale-shift conditioning, applied to the input), so that the denoiser can silence
+            `x_t` where it is all noise. Frozen word embeddings are short (per-dimension std ≈ 0.06 for MiniLM), so
+            `x_t` carries its words only for `t` below ≈ 0.1·T; above, the normalised noise is larger than the
+            position embeddings and blurs where each position is, which a one-step sampler (starting at `t = T − 1`)
+            and a mask-predict refinement (its re-noised positions) read from. Needs `timestep_conditioning`.
         embedding_scale (`float`, *optional*, defaults to 1.0):
             Multiplier applied to the frozen word embeddings to form `x0`. Pretrained BERT embeddings have a per-
             dimension standard deviation near 0.05, so noise swamps them early in the schedule; a scale near
@@ -220,6 +227,7 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
         x1_restoring_loss: bool = True,
         timestep_conditioning: bool = True,
         self_conditioning: bool = False,
+        gate_noisy_input: bool = False,
         embedding_scale: float = 1.0,
         noise_schedule: str = "squaredcos_cap_v2",
         num_train_timesteps: int = 1000,
@@ -236,6 +244,7 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
         self.x1_restoring_loss = x1_restoring_loss
         self.timestep_conditioning = timestep_conditioning
         self.self_conditioning = self_conditioning
+        self.gate_noisy_input = gate_noisy_input
         self.embedding_scale = embedding_scale
         self.noise_schedule = noise_schedule
         self.num_train_timesteps = num_train_timesteps
@@ -255,6 +264,9 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
             raise ValueError(
                 "`image_features='patches'` needs fusion='concat' (addition would sum the patches back into one)."
             )
+        if self.gate_noisy_input and not self.timestep_conditioning:
+            raise ValueError("`gate_noisy_input` scales x_t by a function of the timestep embedding: it needs "
+                             "`timestep_conditioning=True`.")
         if self.image_condition_tokens > 1 and self.fusion != "concat":
             raise ValueError(
                 f"`image_condition_tokens` = {self.image_condition_tokens} needs fusion='concat' (addition would sum the "
@@ -432,10 +444,11 @@ class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CLIPDiffusionLMModel):
             init.normal_(module.null_condition, mean=0.0, std=0.02)
-            # Zero-initialised so that a self-conditioned model starts out identical to a plain one.
-            if module.self_condition_projection is not None:
-                init.zeros_(module.self_condition_projection.weight)
-                init.zeros_(module.self_condition_projection.bias)
+            # Zero-initialised so that a self-conditioned or gated model starts out identical to a plain one.
+            for layer in (module.self_condition_projection, module.input_gate):
+                if layer is not None:
+                    init.zeros_(layer.weight)
+                    init.zeros_(layer.bias)
 
 
 class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
@@ -470,6 +483,7 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         # x_t's norm grows ~20x from t = 0 to t = T; normalising it (like the conditioning and timestep streams)
         # keeps any one input from drowning the others before the backbone's own embedding LayerNorm.
         self.input_norm = nn.LayerNorm(hidden_size)
+        self.input_gate = nn.Linear(hidden_size, hidden_size) if config.gate_noisy_input else None
         self.output_projection = nn.Linear(hidden_size, hidden_size)
 
         # Persistent, so that loading (which materialises buffers from the checkpoint) restores it exactly.
@@ -634,13 +648,17 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             timesteps = timesteps.expand(batch_size)
 
         hidden = self.input_norm(noisy_embeds)
+        if self.timestep_embedding is not None:
+            timestep_embeds = self.timestep_embedding(timesteps)
+            if timesteps.ndim == 1:
+                timestep_embeds = timestep_embeds[:, None, :]  # (batch, 1, hidden), or per position already
+            if self.input_gate is not None:
+                hidden = hidden * (1 + self.input_gate(timestep_embeds))
+            hidden = hidden + timestep_embeds
         if self.self_condition_projection is not None:
             if self_conditioning_embeds is None:
                 self_conditioning_embeds = torch.zeros_like(noisy_embeds)
             hidden = hidden + self.self_condition_projection(self_conditioning_embeds)
-        if self.timestep_embedding is not None:
-            timestep_embeds = self.timestep_embedding(timesteps)
-            hidden = hidden + (timestep_embeds[:, None, :] if timesteps.ndim == 1 else timestep_embeds)
 
         condition = self._condition_tokens(image_embeds, text_embeds, drop_condition)  # (batch, slots, hidden)
         if self.segment_embedding is not None:
