@@ -9,7 +9,7 @@ train on all five. Stages, each reused by a second run: the world; the toy CLIP 
 for every training seed, a diffusion model and an AR baseline trained by the same loop with the same recipe (the
 demo's, on all references, longer captions), and a third model, diffusion again, trained on the AR twin's caption of
 each training image instead of the references (`caption_teacher`: sequence-level knowledge distillation), and a
-fourth, that model step-distilled as `make demo` distils its own (`DemoConfig.distillation`), and a fifth, the
+fourth, that model step-distilled as `make demo` used to distil its own (`STEP_DISTILLATION`), and a fifth, the
 third's recipe with `mask_predict_prob` (captioned with and without a mask-predict refinement); then, for every
 setting, quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4 and content accuracy:
 objects, counts, relations, captions right in all they state) and captions/s at batch 1 and 64 of the first seed's
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Sequence-level knowledge distillation: the same recipe on one caption per image, the AR twin's.
         folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
                                                             output_dir=str(seed_dir / "distilled"))))
-        # Then the demo's step distillation (what `make demo` saves) of that model.
+        # Then the demo's step distillation (`STEP_DISTILLATION`) of that model.
         step_distillation = DemoConfig().distillation_training(folders[seed][2], training=recipe)
         if args.tiny:
             step_distillation["max_steps"] = recipe["max_steps"]

@@ -1,9 +1,9 @@
 """Step distillation of the demo's denoiser, measured: for each trained teacher, a student that starts as its copy
-learns in 400 steps to do in one denoising step what two of the teacher's DDIM steps do (`--distill_from`, the
-demo's `DemoConfig.distillation`, what `make demo` saves), then teacher and student caption the demo's test split at
-one and two steps with three sampling seeds each.
+learns in 400 steps to do in one denoising step what two of the teacher's DDIM steps do (`--distill_from` with the
+demo's `STEP_DISTILLATION`, what `make demo` saved before the input gate), then teacher and student caption the
+demo's test split at one and two steps with three sampling seeds each.
 
-    python benchmarks/step_distillation.py --demo_dir outputs/demo --teachers outputs/demo/teacher \
+    python benchmarks/step_distillation.py --demo_dir outputs/demo --teachers outputs/demo/pipeline \
         outputs/benchmarks/caption_speed_quality/seed1/diffusion outputs/benchmarks/caption_speed_quality/seed2/diffusion
     python benchmarks/step_distillation.py --tiny   # toy models, seconds (what the tests run)
 
@@ -26,16 +26,15 @@ from caption_speed_quality import SAMPLING_SEEDS, is_malformed, tiny_assets, tra
 
 from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
-from clip_diffusionlm.demo import DemoConfig, content_accuracy, load_shapes_world
+from clip_diffusionlm.demo import STEP_DISTILLATION, DemoConfig, content_accuracy, load_shapes_world
 from clip_diffusionlm.training import TrainingConfig, train
 
-DISTILLATION = DemoConfig().distillation  # what `make demo` runs
 STEPS = (1, 2)
 METRICS = ("object_accuracy", "exact_match", "malformed")
 
 
 def student_config(teacher: Path, seed: int, shared: dict[str, Any], output_dir: Path, tiny: bool) -> TrainingConfig:
-    """The demo's distillation of `teacher`, as `make demo` runs it."""
+    """`STEP_DISTILLATION` of `teacher`, on the demo's training options."""
     options = {**DemoConfig().distillation_training(teacher), "seed": seed}
     if tiny:
         options.update(max_steps=2, batch_size=8, validation_images=4)
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         {"training_seed": seed, **run} for run in scores(pipe, features, test, steps))
     results = {"command": "python benchmarks/step_distillation.py" + "".join(
         f" {arg}" for arg in (argv if argv is not None else sys.argv[1:])),
-        "distillation": DISTILLATION, "teachers": [str(teacher) for teacher in teachers],
+        "distillation": STEP_DISTILLATION, "teachers": [str(teacher) for teacher in teachers],
         "num_test_images": len(test), "settings": []}
     for name, runs in rows.items():
         results["settings"].append({

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -9,7 +10,7 @@ import pytest
 import transformers
 
 from clip_diffusionlm.data import load_image_folder
-from clip_diffusionlm.demo import DemoConfig, content_accuracy, run_demo
+from clip_diffusionlm.demo import STEP_DISTILLATION, DemoConfig, content_accuracy, run_demo
 from clip_diffusionlm.demo.clip_pretraining import CLIPPretrainingConfig, zero_shot_retrieval
 from clip_diffusionlm.demo.shapes_world import ShapesWorldConfig, contradicting_words
 from clip_diffusionlm.metrics import compute_caption_metrics
@@ -31,7 +32,7 @@ def _tiny_demo(backbone) -> DemoConfig:
             "batch_size": 8, "max_steps": 3, "warmup_steps": 0, "validation_steps": 0, "checkpointing_steps": 0,
             "report_to": "none",
         },
-        distillation={**DemoConfig().distillation, "max_steps": 2, "warmup_steps": 0},
+        distillation={**STEP_DISTILLATION, "max_steps": 2, "warmup_steps": 0},
         num_inference_steps=(2,),
     )
 
@@ -70,7 +71,7 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
     # The saved pipeline is the trained model distilled, with the demo's distillation options.
     saved = json.loads((tmp_path / "pipeline" / "training_config.json").read_text())
     assert saved["distill_from"] == str(tmp_path / "teacher") and saved["seed"] == 3
-    assert saved["weighting_scheme"] == DemoConfig().distillation["weighting_scheme"] and saved["max_steps"] == 2
+    assert saved["weighting_scheme"] == STEP_DISTILLATION["weighting_scheme"] and saved["max_steps"] == 2
     assert len(results["denoising"]) == 10  # the caption after each of the figure's denoising steps
     for name in ("captions.png", "denoising.png", "loss_curve.png", "results.json", "pipeline/model_index.json",
                  "evaluation/test/metrics.md", "evaluation/holdout/predictions.jsonl"):
@@ -88,6 +89,20 @@ def test_demo_end_to_end_and_second_run_reuses_everything(training_assets, tmp_p
     assert {path: path.stat().st_mtime_ns for path in produced} == produced
     assert again["test"][0]["CIDEr"] == results["test"][0]["CIDEr"]
     assert json.loads((tmp_path / "results.json").read_text())["test"][0]["num_inference_steps"] == 2
+
+
+def test_demo_by_default_saves_the_trained_model_without_distilling(training_assets, tmp_path, capfd):
+    assert DemoConfig().distillation is None
+    run_demo(tmp_path, dataclasses.replace(_tiny_demo(training_assets["backbone"]), distillation=None))
+    stages = [line for line in capfd.readouterr().out.splitlines() if line.startswith("== ")]
+    assert stages == [
+        "== 1/5 shapes world: 24 training images", "== 2/5 CLIP pre-training (contrastive, on the training split)",
+        "== 3/5 CLIP-DiffusionLM training (features cached)",
+        "== 4/5 evaluation on the test and held-out-combination splits", "== 5/5 pictures",
+    ]
+    assert not (tmp_path / "teacher").exists()
+    saved = json.loads((tmp_path / "pipeline" / "training_config.json").read_text())
+    assert saved["distill_from"] is None and saved["max_steps"] == 3
 
 
 def test_attribute_probe_is_perfect_against_itself(training_assets):

@@ -109,15 +109,15 @@ def test_noisy_input_gate_starts_open_and_can_silence_the_noise(tokenizer):
     missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == ["input_gate.bias", "input_gate.weight"] and not unexpected
     noisy, other_noisy = torch.randn(2, BATCH, LENGTH, 32)
-    image, timesteps = torch.randn(BATCH, CONDITION_DIM), torch.tensor([999, 500, 3])
-    torch.testing.assert_close(gated(noisy, timesteps, image).prediction, plain(noisy, timesteps, image).prediction)
+    image, per_row = torch.randn(BATCH, CONDITION_DIM), torch.tensor([999, 500, 3])
+    torch.testing.assert_close(gated(noisy, per_row, image).prediction, plain(noisy, per_row, image).prediction)
 
     with torch.no_grad():
         gated.input_gate.bias.fill_(-1.0)  # 1 + g(t) = 0: x_t no longer reaches the backbone
-    for timesteps in (timesteps, timesteps[:, None].expand(-1, LENGTH)):
+    for timesteps in (per_row, per_row[:, None].expand(-1, LENGTH)):
         torch.testing.assert_close(gated(noisy, timesteps, image).prediction,
                                    gated(other_noisy, timesteps, image).prediction)
-    assert not torch.allclose(plain(noisy, timesteps, image).prediction, plain(other_noisy, timesteps, image).prediction)
+    assert not torch.allclose(plain(noisy, per_row, image).prediction, plain(other_noisy, per_row, image).prediction)
 
 
 def test_word_embeddings_frozen_and_tied(tokenizer, tmp_path):

@@ -6,13 +6,14 @@ it registers the world's content accuracy as the metric of every split with an "
 
 from ..evaluation import COLUMN_METRICS
 from .content_accuracy import content_accuracy, parse_caption
-from .run import TINY_BACKBONE, DemoConfig, build_tiny_assets, default_text_backbone, run_demo
+from .run import STEP_DISTILLATION, TINY_BACKBONE, DemoConfig, build_tiny_assets, default_text_backbone, run_demo
 from .shapes_world import HARDER_WORLD, ShapesWorldConfig, build_shapes_world, canonical_caption, load_shapes_world
 
 COLUMN_METRICS["objects"] = content_accuracy
 
 __all__ = [
     "HARDER_WORLD",
+    "STEP_DISTILLATION",
     "TINY_BACKBONE",
     "DemoConfig",
     "ShapesWorldConfig",
