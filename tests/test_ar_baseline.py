@@ -19,7 +19,7 @@ from conftest import (
 from transformers import BertModel
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPCaptionerARConfig, CLIPCaptionerARForCausalLM, captioner_loss
-from clip_diffusionlm.demo import DemoConfig
+from clip_diffusionlm.demo import STEP_DISTILLATION
 from clip_diffusionlm.pipelines.captioning_utils import decode_captions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
         Path(results["models"]["0"][2], "README.md").read_text().split())
     step_distilled = json.loads(Path(results["models"]["0"][3], "training_config.json").read_text())
     assert step_distilled["distill_from"] == results["models"]["0"][2]
-    assert step_distilled["logit_mean"] == DemoConfig().distillation["logit_mean"]
+    assert step_distilled["logit_mean"] == STEP_DISTILLATION["logit_mean"]
     assert "on AR's captions, then step-distilled (the demo's recipe): DDIM 1 step" in rows
     for row in rows.values():
         assert {"object_accuracy", "count_accuracy", "relation_accuracy", "fully_correct", "CIDEr"} <= set(row)
