@@ -52,6 +52,7 @@ from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.demo import (
     HARDER_WORLD,
+    STEP_DISTILLATION,
     DemoConfig,
     build_shapes_world,
     content_accuracy,
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
                                                             output_dir=str(seed_dir / "distilled"))))
         # Then the demo's step distillation (`STEP_DISTILLATION`) of that model.
-        step_distillation = DemoConfig().distillation_training(folders[seed][2], training=recipe)
+        step_distillation = DemoConfig(distillation=STEP_DISTILLATION).distillation_training(folders[seed][2],
+                                                                                             training=recipe)
         if args.tiny:
             step_distillation["max_steps"] = recipe["max_steps"]
         folders[seed].append(train_if_needed(TrainingConfig(**step_distillation, seed=seed,

@@ -35,7 +35,7 @@ METRICS = ("object_accuracy", "exact_match", "malformed")
 
 def student_config(teacher: Path, seed: int, shared: dict[str, Any], output_dir: Path, tiny: bool) -> TrainingConfig:
     """`STEP_DISTILLATION` of `teacher`, on the demo's training options."""
-    options = {**DemoConfig().distillation_training(teacher), "seed": seed}
+    options = {**DemoConfig(distillation=STEP_DISTILLATION).distillation_training(teacher), "seed": seed}
     if tiny:
         options.update(max_steps=2, batch_size=8, validation_images=4)
     return TrainingConfig(**{**shared, **options, "validation_steps": 0, "checkpointing_steps": 0,

@@ -119,7 +119,7 @@ STEP_DISTILLATION: dict[str, Any] = {
 
 @dataclass
 class DemoConfig:
-    """Sizes of every stage; the defaults take about 10 minutes on a 2-core CPU (docs/demo.md has the breakdown)."""
+    """Sizes of every stage; the defaults take about 6 minutes on a 2-core CPU (docs/demo.md has the breakdown)."""
 
     num_train: int = 8000
     num_validation: int = 200
@@ -191,11 +191,11 @@ class DemoConfig:
     def distillation_training(
         self, teacher: str | os.PathLike, training: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The training options that distil `teacher` (a saved pipeline) by `distillation` (`STEP_DISTILLATION` when
-        the demo runs none), on top of `training` (defaults to the demo's): the student has the teacher's architecture,
-        so no model options of its own."""
-        distillation = self.distillation or STEP_DISTILLATION
-        return {**(training or self.training), "model_config": {}, **distillation, "distill_from": str(teacher)}
+        """The training options that distil `teacher` (a saved pipeline) by `distillation`, on top of `training`
+        (defaults to the demo's): the student has the teacher's architecture, so no model options of its own."""
+        if self.distillation is None:
+            raise ValueError("This DemoConfig runs no distillation: give `distillation`, e.g. STEP_DISTILLATION.")
+        return {**(training or self.training), "model_config": {}, **self.distillation, "distill_from": str(teacher)}
 
 
 def _stage(name: str) -> None:
