@@ -429,6 +429,63 @@ def test_expected_word_embedding_of_a_one_hot_distribution_is_that_word(tokenize
     torch.testing.assert_close(model.expected_word_embeddings(zeros)[0, 0], weight.mean(dim=0))
 
 
+def test_linear_chain_rounding_matches_enumerating_every_caption():
+    """Viterbi, the forward algorithm and the path score against brute force over all V^L paths."""
+    import itertools
+
+    from clip_diffusionlm.models.modeling_clip_diffusionlm import (
+        linear_chain_best_path,
+        linear_chain_log_partition,
+        linear_chain_scores,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    logits, transitions = torch.randn(2, 4, 3, generator=generator), torch.randn(3, 3, generator=generator)
+    paths = torch.tensor(list(itertools.product(range(3), repeat=4)))  # (81, 4)
+    for row in range(2):
+        every_score = linear_chain_scores(logits[row].expand(len(paths), -1, -1), transitions, paths)
+        expected = sum(logits[row, position, paths[:, position]] for position in range(4)) + sum(
+            transitions[paths[:, position], paths[:, position + 1]] for position in range(3)
+        )
+        torch.testing.assert_close(every_score, expected)
+        torch.testing.assert_close(linear_chain_log_partition(logits, transitions)[row], every_score.logsumexp(0))
+        assert torch.equal(linear_chain_best_path(logits, transitions)[row], paths[every_score.argmax()])
+
+
+def test_rounding_transitions_start_as_per_word_rounding_and_keep_the_caption_consistent(tokenizer):
+    """Zero transitions: L_R is the per-position cross-entropy and rounding the per-position argmax. A forbidden pair
+    (the article "a" before "orange" in the issue's example) is never written, even when each word's own argmax
+    would write it."""
+    from clip_diffusionlm.diffusion import weighted_rounding_loss
+
+    vocabulary = [0, 1, 2, 3, 5, 6, 7]
+    plain = tiny_denoiser(tokenizer, rounding_vocabulary=vocabulary, rounding_logit_scale=10.0)
+    chain = tiny_denoiser(tokenizer, rounding_vocabulary=vocabulary, rounding_logit_scale=10.0, rounding_transitions=True)
+    missing, unexpected = chain.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["transition_scores"] and not unexpected
+    estimate = torch.randn(BATCH, LENGTH, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, len(vocabulary), (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+    zero = torch.tensor(0.0)
+    plain_loss, chain_loss = (weighted_rounding_loss(model, estimate, targets, zero)[0] for model in (plain, chain))
+    torch.testing.assert_close(chain_loss, plain_loss)
+    assert torch.equal(chain.round_to_token_ids(estimate), plain.round_to_token_ids(estimate))
+
+    chain_loss.backward()
+    assert chain.transition_scores.grad is not None and chain.transition_scores.grad.abs().sum() > 0
+    independent = plain.round_to_indices(estimate)  # (batch, length)
+    first, second = independent[0, 0].item(), independent[0, 1].item()
+    with torch.no_grad():
+        chain.transition_scores[first, second] = -1e4
+    joint = chain.round_to_indices(estimate)
+
+    def writes_the_pair(indices: torch.Tensor) -> torch.Tensor:
+        return ((indices[:, :-1] == first) & (indices[:, 1:] == second)).any(dim=1)
+
+    assert writes_the_pair(independent)[0] and not writes_the_pair(joint).any()
+    unaffected = ~writes_the_pair(independent)
+    assert torch.equal(joint[unaffected], independent[unaffected])
+
+
 @pytest.mark.parametrize("self_conditioning", [False, True])
 def test_distillation_target_is_the_teachers_two_step_ddim_result(tokenizer, self_conditioning):
     """From x_T at t = T - 1, the teacher's two trailing DDIM steps are what the pipeline samples with DDIM in two."""

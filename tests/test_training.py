@@ -84,6 +84,9 @@ def test_config_validation_and_cli_parsing(tmp_path):
         TrainingConfig(datasets=["x"], inference_scheduler="euler")
     with pytest.raises(ValueError, match="hub_model_id"):
         TrainingConfig(datasets=["x"], push_to_hub=True)
+    with pytest.raises(ValueError, match="rounding_transitions.*restrict_rounding_vocabulary"):
+        TrainingConfig(datasets=["x"], model_config={"rounding_transitions": True})
+    TrainingConfig(datasets=["x"], model_config={"rounding_transitions": True}, restrict_rounding_vocabulary=True)
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps({"datasets": ["a"], "learning_rate": 5e-4, "model_config": {"fusion": "add"}}))
     config = training_config_from_args(
@@ -126,7 +129,8 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
         restrict_rounding_vocabulary=True, report_to="tensorboard", inference_scheduler="ddpm",
         # A partial backbone_config overrides the pretrained backbone's keys; the CLIP features come from layer 1.
         model_config={"caption_length": 12, "backbone_config": {"hidden_dropout_prob": 0.0},
-                      "image_features": "patches", "vision_feature_layer": 1},
+                      "image_features": "patches", "vision_feature_layer": 1,
+                      "rounding_transitions": True},
     ))
     history = _history(output_dir)
     assert [record["step"] for record in history] == [1, 2, 3, 4, 5, 6]
@@ -152,6 +156,8 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     vocabulary = set(pipe.denoiser.config.rounding_vocabulary)
     ids = pipe(torch.rand(2, 3, 32, 32), output_type="token_ids", generator=torch.Generator().manual_seed(0)).captions
     assert set(ids.flatten().tolist()) <= vocabulary
+    # They start at zero: six steps of training moved them, and the saved pipeline kept them.
+    assert pipe.denoiser.transition_scores.abs().sum() > 0
 
 
 def test_step_distillation_trains_a_copy_of_a_saved_pipeline(training_assets, pipeline_from_assets, tmp_path):

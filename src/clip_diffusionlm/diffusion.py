@@ -24,6 +24,8 @@ from .models.modeling_clip_diffusionlm import (
     CLIPDiffusionLMConfig,
     CLIPDiffusionLMModel,
     jump_posterior_coefficients,
+    linear_chain_log_partition,
+    linear_chain_scores,
     predicted_original_sample,
 )
 
@@ -162,10 +164,18 @@ def make_noise_scheduler(
 def weighted_rounding_loss(
     model: CLIPDiffusionLMModel, prediction: torch.Tensor, rounding_targets: torch.LongTensor, simple_loss: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`L_R = −log softmax(x̂0 · Eᵀ)[ids]` through the tied lm_head, its weight `λ` (the configured one, or
-    `C · L'_simple / L_R` without gradient for dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
+    """`L_R = −log softmax(x̂0 · Eᵀ)[ids]` through the tied lm_head (with `rounding_transitions`, the linear chain's
+    `−log p(ids)` per position), its weight `λ` (the configured one, or `C · L'_simple / L_R` without gradient for
+    dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
     logits = model.round_to_logits(prediction)
-    rounding_loss = F.cross_entropy(logits.flatten(0, 1).float(), rounding_targets.flatten())
+    if model.transition_scores is None:
+        rounding_loss = F.cross_entropy(logits.flatten(0, 1).float(), rounding_targets.flatten())
+    else:
+        chain_logits, transitions = logits.float(), model.transition_scores.float()
+        negative_log_likelihood = linear_chain_log_partition(chain_logits, transitions) - linear_chain_scores(
+            chain_logits, transitions, rounding_targets
+        )
+        rounding_loss = negative_log_likelihood.mean() / logits.shape[1]
     if model.config.dynamic_rounding_constant is None:
         return rounding_loss, torch.tensor(model.config.rounding_weight, device=prediction.device), logits
     with torch.no_grad():
@@ -419,7 +429,7 @@ def distillation_loss(
     noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), timesteps)
     condition = {"image_embeds": image_embeds, "text_embeds": text_embeds}
     target_embeds = teacher_estimate(teacher, alphas_cumprod, noisy_embeds, timesteps, teacher_steps, **condition)
-    target_words = teacher.round_to_logits(target_embeds).argmax(dim=-1)  # indices into the rounding vocabulary
+    target_words = teacher.round_to_indices(target_embeds)  # indices into the rounding vocabulary
 
     prediction = student(noisy_embeds, timesteps, **condition).prediction
     restoring_loss = squared_error(prediction, target_embeds)

@@ -240,8 +240,12 @@ class TrainingConfig:
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
-        # Fails early on an unknown value; `backbone_config` only overrides keys of the text backbone's config.
-        CLIPDiffusionLMConfig(**{key: value for key, value in self.model_config.items() if key != "backbone_config"})
+        # Fails early on an unknown value; `backbone_config` only overrides keys of the text backbone's config, and a
+        # restricted rounding vocabulary is read from the captions later (a placeholder stands in for it here).
+        model_config = {key: value for key, value in self.model_config.items() if key != "backbone_config"}
+        if self.restrict_rounding_vocabulary:
+            model_config.setdefault("rounding_vocabulary", [0, 1])
+        CLIPDiffusionLMConfig(**model_config)
         _ = self.timestep_sampling  # and on a bad weighting scheme or spread
 
     @property

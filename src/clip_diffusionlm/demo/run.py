@@ -148,9 +148,11 @@ class DemoConfig:
     # captions per 500 instead of 27 and held-out accuracy 0.987 instead of 0.957, measured in docs/demo.md), no
     # self-conditioning (its extra training pass bought nothing here), x_t gated by the timestep (`gate_noisy_input`:
     # above t ≈ 0.1·T it is all noise, which blurred the positions; one step of seed 0's trained model went from
-    # 0.990 / 0.980 to 0.995 / 0.990 object accuracy / exact match, median of three sampling seeds, docs/demo.md) and
-    # captions of 13 positions, the longest canonical caption. Captions are sampled in the recommended single step
-    # (the saved pipeline keeps DDPM for more).
+    # 0.990 / 0.980 to 0.995 / 0.990 object accuracy / exact match, median of three sampling seeds, docs/demo.md), the
+    # caption rounded as a whole by a linear-chain CRF (`rounding_transitions`: one pass predicts each word on its own,
+    # and the wrong articles, "a orange star", were the last malformed captions; seed 0 wrote 3-4 per 500 test images
+    # before and none after, docs/demo.md) and captions of 13 positions, the longest canonical caption. Captions are
+    # sampled in the recommended single step (the saved pipeline keeps DDPM for more).
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "captions_per_image": 1,
@@ -166,6 +168,7 @@ class DemoConfig:
                 "rounding_logit_scale": 10.0,
                 "rounding_weight": 3.0,
                 "gate_noisy_input": True,
+                "rounding_transitions": True,
             },
             "batch_size": 64,
             "learning_rate": 2e-3,

@@ -190,6 +190,14 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
             `x_t` carries its words only for `t` below ≈ 0.1·T; above, the normalised noise is larger than the
             position embeddings and blurs where each position is, which a one-step sampler (starting at `t = T − 1`)
             and a mask-predict refinement (its re-noised positions) read from. Needs `timestep_conditioning`.
+        rounding_transitions (`bool`, *optional*, defaults to `False`):
+            Round the whole caption jointly, as a linear-chain CRF over adjacent words (Sun et al. 2019, NAT-CRF): a
+            learnt score for each ordered pair of rounding-vocabulary words is added to the rounding head's logits,
+            `L_R` becomes the chain's negative log-likelihood (per position) and rounding is Viterbi decoding. One
+            denoiser pass predicts each word's distribution on its own, so a per-position argmax can pair words that
+            never follow each other: with "orange" at 0.4 and two colours that take "a" at 0.3 each, the article's
+            argmax is "a" and the colour's "orange". The joint argmax does not. Needs `rounding_vocabulary` (the
+            scores are `V × V`).
         embedding_scale (`float`, *optional*, defaults to 1.0):
             Multiplier applied to the frozen word embeddings to form `x0`. Pretrained BERT embeddings have a per-
             dimension standard deviation near 0.05, so noise swamps them early in the schedule; a scale near
@@ -228,6 +236,7 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
         timestep_conditioning: bool = True,
         self_conditioning: bool = False,
         gate_noisy_input: bool = False,
+        rounding_transitions: bool = False,
         embedding_scale: float = 1.0,
         noise_schedule: str = "squaredcos_cap_v2",
         num_train_timesteps: int = 1000,
@@ -245,6 +254,7 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
         self.timestep_conditioning = timestep_conditioning
         self.self_conditioning = self_conditioning
         self.gate_noisy_input = gate_noisy_input
+        self.rounding_transitions = rounding_transitions
         self.embedding_scale = embedding_scale
         self.noise_schedule = noise_schedule
         self.num_train_timesteps = num_train_timesteps
@@ -272,6 +282,10 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
                 f"`image_condition_tokens` = {self.image_condition_tokens} needs fusion='concat' (addition would sum the "
                 "tokens back into one)."
             )
+        if self.rounding_transitions and self.rounding_vocabulary is None:
+            raise ValueError("`rounding_transitions` learns a score for every pair of rounding words: it needs a "
+                             "`rounding_vocabulary` (the whole vocabulary would need vocab_size² scores; in training, "
+                             "`restrict_rounding_vocabulary`).")
         for name in ("num_train_timesteps", "prediction_step_offset"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -383,6 +397,35 @@ def predicted_original_sample(
     return original.to(prediction.dtype)
 
 
+def linear_chain_scores(logits: torch.Tensor, transitions: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Score of the label path under a linear-chain CRF, `Σ_k logits[k, y_k] + Σ_k A[y_k, y_k+1]`, shape `(batch,)`.
+    `logits` is `(batch, length, V)`, `transitions` `A` is `(V, V)` (row: this word, column: the next one)."""
+    unary = logits.gather(-1, labels[..., None]).squeeze(-1).sum(dim=-1)
+    return unary + transitions[labels[:, :-1], labels[:, 1:]].sum(dim=-1)
+
+
+def linear_chain_log_partition(logits: torch.Tensor, transitions: torch.Tensor) -> torch.Tensor:
+    """`log Σ_y exp(score(y))` over every path, by the forward algorithm, shape `(batch,)`."""
+    forward = logits[:, 0]  # (batch, V): log-sum of the paths ending in each word
+    for position in range(1, logits.shape[1]):
+        forward = torch.logsumexp(forward[:, :, None] + transitions, dim=1) + logits[:, position]
+    return torch.logsumexp(forward, dim=-1)
+
+
+def linear_chain_best_path(logits: torch.Tensor, transitions: torch.Tensor) -> torch.LongTensor:
+    """The highest-scoring path (Viterbi), shape `(batch, length)`, indices into the last dimension of `logits`."""
+    best, backpointers = logits[:, 0], []
+    for position in range(1, logits.shape[1]):
+        candidates = best[:, :, None] + transitions  # (batch, previous word, next word)
+        best, previous = candidates.max(dim=1)
+        best = best + logits[:, position]
+        backpointers.append(previous)
+    path = [best.argmax(dim=-1)]
+    for previous in reversed(backpointers):
+        path.append(previous.gather(1, path[-1][:, None]).squeeze(1))
+    return torch.stack(path[::-1], dim=1)
+
+
 class SinusoidalTimestepEmbedding(nn.Module):
     """`t` → `[sin(t·ω_k), cos(t·ω_k)]` with geometric frequencies, then a two-layer MLP (as in DDPM)."""
 
@@ -444,11 +487,14 @@ class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CLIPDiffusionLMModel):
             init.normal_(module.null_condition, mean=0.0, std=0.02)
-            # Zero-initialised so that a self-conditioned or gated model starts out identical to a plain one.
+            # Zero-initialised so that a self-conditioned, gated or chain-rounding model starts out identical to a
+            # plain one.
             for layer in (module.self_condition_projection, module.input_gate):
                 if layer is not None:
                     init.zeros_(layer.weight)
                     init.zeros_(layer.bias)
+            if module.transition_scores is not None:
+                init.zeros_(module.transition_scores)
 
 
 class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
@@ -489,6 +535,11 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         # Persistent, so that loading (which materialises buffers from the checkpoint) restores it exactly.
         rounding_token_ids = config.rounding_vocabulary if config.rounding_vocabulary is not None else []
         self.register_buffer("rounding_token_ids", torch.tensor(rounding_token_ids, dtype=torch.long))
+        # Zero: the chain starts out as independent per-position rounding.
+        self.transition_scores = (
+            nn.Parameter(torch.zeros(len(rounding_token_ids), len(rounding_token_ids)))
+            if config.rounding_transitions else None
+        )
 
         self.post_init()
         self.get_input_embeddings().weight.requires_grad_(False)
@@ -550,9 +601,19 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             weight = weight[self.rounding_token_ids]
         return F.linear(embeds * (self.config.rounding_logit_scale / self.config.embedding_scale), weight)
 
+    def round_to_indices(self, embeds: torch.FloatTensor) -> torch.LongTensor:
+        """Rounding into the rounding head's classes, shape `embeds.shape[:-1]`: the most likely word at each
+        position, or with `rounding_transitions` the most likely caption (Viterbi)."""
+        logits = self.round_to_logits(embeds)
+        if self.transition_scores is None:
+            return logits.argmax(dim=-1)
+        return linear_chain_best_path(logits.flatten(0, -3).float(), self.transition_scores.float()).view(
+            logits.shape[:-1]
+        )
+
     def round_to_token_ids(self, embeds: torch.FloatTensor) -> torch.LongTensor:
-        """Rounding: the most likely token id at each position, shape `embeds.shape[:-1]`."""
-        best = self.round_to_logits(embeds).argmax(dim=-1)
+        """Rounding to token ids, shape `embeds.shape[:-1]` (see [`~CLIPDiffusionLMModel.round_to_indices`])."""
+        best = self.round_to_indices(embeds)
         return self.rounding_token_ids[best] if self.rounding_token_ids.numel() else best
 
     def rounding_targets(self, token_ids: torch.LongTensor) -> torch.LongTensor:
