@@ -287,6 +287,57 @@ def test_logit_normal_timestep_sampling_reaches_the_model(tokenizer):
         TimestepSampling(weighting_scheme="lognormal")
 
 
+def test_time_warping_draws_where_the_cross_entropy_rises():
+    """CDCD's density ∝ F'(u), F the monotone fit of the loss over u = t/T: uniform before any loss is seen, all but
+    the uniform share in the bin where the loss jumps, and a dip in the loss (a non-monotone estimate) draws nothing."""
+    from clip_diffusionlm.diffusion import TimeWarping
+
+    warping = TimeWarping(num_bins=10, uniform_share=0.05)
+    torch.manual_seed(0)
+    bins = warping.sample(1000, 20000, torch.device("cpu")) // 100
+    assert (torch.bincount(bins, minlength=10) / 20000 - 0.1).abs().max() < 0.01
+
+    timesteps = torch.arange(0, 1000, 5)  # every bin, 20 captions each
+    bin_of = timesteps // 100
+    # 0 up to u = 0.3, 1 in bin 3, a dip to 0.5 in bins 4-5, 1 again after.
+    losses = torch.where(bin_of < 3, 0.0, torch.where((bin_of == 4) | (bin_of == 5), 0.5, 1.0))
+    for _ in range(3):
+        warping.update(timesteps, losses, 1000)
+    expected = torch.full((10,), 0.005, dtype=torch.float64)
+    expected[3] += 0.95
+    torch.testing.assert_close(warping.bin_probabilities(), expected)
+    bins = warping.sample(1000, 20000, torch.device("cpu")) // 100
+    assert abs((bins == 3).float().mean().item() - 0.955) < 0.01
+
+    resumed = TimeWarping(num_bins=10, uniform_share=0.05)
+    resumed.load_state_dict(warping.state_dict())
+    torch.testing.assert_close(resumed.bin_probabilities(), warping.bin_probabilities())
+
+
+def test_time_warping_learns_from_the_training_loop(training_assets, tmp_path):
+    """A run with `weighting_scheme="time_warping"` feeds its sampler every step's rounding losses, and checkpoints
+    (and resumes) what it has learnt."""
+    from conftest import tiny_training_config
+
+    from clip_diffusionlm.training import build_run, training_step
+
+    config = tiny_training_config(training_assets, tmp_path / "run", weighting_scheme="time_warping", max_steps=2,
+                                  model_config={"caption_length": 12})
+    run = build_run(config)
+    batch = next(iter(run.dataloader))
+    output, _ = training_step(run, batch, stop_requested=False)
+    assert output.rounding_loss_per_caption.shape == output.timesteps.shape == (len(batch["input_ids"]),)
+    torch.testing.assert_close(output.rounding_loss_per_caption.mean(), output.rounding_loss)
+    counts = run.timestep_sampling.loss_counts
+    assert counts.sum().item() == len(batch["input_ids"])
+    seen_bins = (output.timesteps * run.timestep_sampling.num_bins // 1000).unique()
+    assert torch.equal(counts.nonzero().flatten(), seen_bins)
+    run.accelerator.save_state(tmp_path / "state")
+    resumed = build_run(config)
+    resumed.accelerator.load_state(tmp_path / "state")
+    torch.testing.assert_close(resumed.timestep_sampling.loss_counts, counts)
+
+
 def test_self_conditioning_feeds_the_first_estimate_back(tokenizer):
     model = tiny_denoiser(tokenizer, self_conditioning=True, caption_length=LENGTH)
     torch.nn.init.normal_(model.self_condition_projection.weight, std=0.5)  # zero-initialised: make it matter
@@ -466,7 +517,7 @@ def test_rounding_transitions_start_as_per_word_rounding_and_keep_the_caption_co
     estimate = torch.randn(BATCH, LENGTH, 32, generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, len(vocabulary), (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
     zero = torch.tensor(0.0)
-    plain_loss, chain_loss = (weighted_rounding_loss(model, estimate, targets, zero)[0] for model in (plain, chain))
+    plain_loss, chain_loss = (weighted_rounding_loss(model, estimate, targets, zero)[0].mean() for model in (plain, chain))
     torch.testing.assert_close(chain_loss, plain_loss)
     assert torch.equal(chain.round_to_token_ids(estimate), plain.round_to_token_ids(estimate))
 

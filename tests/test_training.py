@@ -87,6 +87,8 @@ def test_config_validation_and_cli_parsing(tmp_path):
     with pytest.raises(ValueError, match="rounding_transitions.*restrict_rounding_vocabulary"):
         TrainingConfig(datasets=["x"], model_config={"rounding_transitions": True})
     TrainingConfig(datasets=["x"], model_config={"rounding_transitions": True}, restrict_rounding_vocabulary=True)
+    with pytest.raises(ValueError, match="time_warping.*mask_predict_prob"):
+        TrainingConfig(datasets=["x"], weighting_scheme="time_warping", mask_predict_prob=0.5)
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps({"datasets": ["a"], "learning_rate": 5e-4, "model_config": {"fusion": "add"}}))
     config = training_config_from_args(
@@ -287,6 +289,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(training_assets, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, process.stderr.read()[-2000:]
+    # `train()` raised `InterruptedCleanly`, so that a script calling it stops too; the command line says why.
+    assert "interrupted: checkpoint saved" in process.stderr.read()
+    assert not (tmp_path / "run" / "model_index.json").exists()
     checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
     assert len(checkpoints) == 1
     assert int(checkpoints[0].name.split("-")[1]) == len(_history(tmp_path / "run"))

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "USER_ERRORS", "run_cli"]
+__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "USER_ERRORS", "InterruptedCleanly", "run_cli"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "CLIP_DIFFUSIONLM_DEBUG"
@@ -23,6 +23,12 @@ EXIT_USER_ERROR = 2
 # ValueError covers UnicodeDecodeError and json.JSONDecodeError; OSError covers missing files, permissions and
 # PIL.UnidentifiedImageError. TypeError and RuntimeError are left alone: from a command line they mean a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+class InterruptedCleanly(KeyboardInterrupt):
+    """An interrupt (SIGINT/SIGTERM) that the interrupted code has already made safe, e.g. training saved a
+    checkpoint to resume from. It unwinds the callers like any interrupt, so that a script does not go on with work
+    that was not finished; a command line ends with its message and exit status 0."""
 
 
 def _debug_requested(argv: Sequence[str]) -> bool:
@@ -55,6 +61,9 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
         hint = "" if debug else f" (run with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback)"
         print(f"error: {message}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except InterruptedCleanly as interrupt:
+        print(f"interrupted: {interrupt}", file=sys.stderr)
+        return 0
     except SystemExit as exit_request:
         # The argument parsers (argparse, HfArgumentParser) exit after printing usage errors and `--help`: their
         # status (2 or 0) is the entry point's status, returned like any other instead of unwinding the caller.

@@ -32,7 +32,7 @@ from .models.modeling_clip_diffusionlm import (
 SELF_CONDITIONING_PROB = 0.5  # Chen et al. (2022): half the batches see their own detached estimate
 SQRT_SCHEDULE_OFFSET = 1e-4  # Diffusion-LM's s in ᾱ(t) = 1 - sqrt(t/T + s)
 MAX_BETA = 0.999
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "time_warping")
 # What a trained pipeline can sample with. DDIM's steps are deterministic: in a demo model trained with
 # self-conditioning every word was fixed by the first step (from pure noise) and never revised. DDPM's ancestral
 # steps add fresh noise, so later steps can correct a word the first one got wrong (README).
@@ -43,11 +43,12 @@ INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {"ddim": DDIMScheduler, 
 class TimestepSampling:
     """
     How training draws `t`: uniformly (`"none"`, the paper), or from Stable Diffusion 3's densities over `u = t / T`
-    through diffusers' `compute_density_for_timestep_sampling`, with the flag names of diffusers' SD3 examples.
+    through diffusers' `compute_density_for_timestep_sampling`, with the flag names of diffusers' SD3 examples. The
+    adaptive `"time_warping"` learns its density during training: [`TimeWarping`] (`TrainingConfig` builds one).
 
     Args:
         weighting_scheme (`str`, *optional*, defaults to `"none"`):
-            `"none"`, `"logit_normal"` (`u = sigmoid(N(logit_mean, logit_std))`) or `"mode"`.
+            `"none"`, `"logit_normal"` (`u = sigmoid(N(logit_mean, logit_std))`), `"mode"` or `"time_warping"`.
         logit_mean (`float`, *optional*, defaults to 0.0):
             Above 0, more of each batch is drawn at high noise, where the caption has to come from the image.
         logit_std (`float`, *optional*, defaults to 1.0):
@@ -71,10 +72,76 @@ class TimestepSampling:
         """`batch_size` timesteps in `[0, num_train_timesteps)`."""
         if self.weighting_scheme == "none":
             return torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+        if self.weighting_scheme == "time_warping":
+            raise ValueError("`time_warping` learns from the losses it sees: sample with a `TimeWarping` instance.")
         u = compute_density_for_timestep_sampling(
             self.weighting_scheme, batch_size, self.logit_mean, self.logit_std, self.mode_scale, device=device
         )
         return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+class TimeWarping:
+    """
+    CDCD's time warping (Dieleman et al. 2022, "Continuous diffusion for categorical data", §4.3): training draws `t`
+    with density proportional to how fast the cross-entropy of the rounding grows with `t`, so that the batch goes
+    where the denoiser's uncertainty about the words changes, not where the task is trivial (words still readable in
+    `x_t`) or hopeless in the same way at every `t` (pure noise).
+
+    The cross-entropy is tracked per bin of `u = t / T` (an exponential moving average of the losses seen there) and
+    made monotone (its running maximum over `u`): that is CDCD's fitted unnormalised CDF `F(u)`. A bin is drawn with
+    probability `∝ F(bin) − F(previous bin)` and `u` uniformly inside it, i.e. `u = F⁻¹(uniform)` for the piecewise
+    linear `F`. A share `uniform_share` of the draws stays uniform, so that every bin keeps being measured. Before any
+    loss is seen the draws are uniform.
+
+    Args:
+        num_bins (`int`, *optional*, defaults to 100):
+            Resolution of `F` over `u ∈ [0, 1)`.
+        decay (`float`, *optional*, defaults to 0.99):
+            Weight of a bin's past losses against a new one.
+        uniform_share (`float`, *optional*, defaults to 0.05):
+            Share of the density spread uniformly.
+    """
+
+    def __init__(self, num_bins: int = 100, decay: float = 0.99, uniform_share: float = 0.05):
+        if num_bins < 2 or not 0 <= decay < 1 or not 0 < uniform_share <= 1:
+            raise ValueError(
+                f"TimeWarping needs num_bins ≥ 2, decay in [0, 1) and uniform_share in (0, 1], got {num_bins}, "
+                f"{decay} and {uniform_share}."
+            )
+        self.num_bins, self.decay, self.uniform_share = num_bins, decay, uniform_share
+        self.loss_sums = torch.zeros(num_bins, dtype=torch.float64)
+        self.loss_counts = torch.zeros(num_bins, dtype=torch.float64)
+
+    def bin_probabilities(self) -> torch.Tensor:
+        """Probability of drawing `u` from each bin, shape `(num_bins,)`."""
+        seen = self.loss_counts > 0
+        mean_losses = torch.where(seen, self.loss_sums / self.loss_counts.clamp(min=1e-12), torch.zeros(()))
+        cdf = mean_losses.cummax(dim=0).values  # monotone: the fitted F at each bin
+        increments = torch.diff(cdf, prepend=cdf[:1])
+        uniform = torch.full((self.num_bins,), 1 / self.num_bins, dtype=torch.float64)
+        if increments.sum() <= 0:
+            return uniform
+        return (1 - self.uniform_share) * increments / increments.sum() + self.uniform_share * uniform
+
+    def sample(self, num_train_timesteps: int, batch_size: int, device: torch.device) -> torch.LongTensor:
+        """`batch_size` timesteps in `[0, num_train_timesteps)`, drawn from the warped density."""
+        bins = torch.multinomial(self.bin_probabilities().float(), batch_size, replacement=True)
+        u = (bins + torch.rand(batch_size)) / self.num_bins
+        return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1).to(device)
+
+    def update(self, timesteps: torch.LongTensor, losses: torch.Tensor, num_train_timesteps: int) -> None:
+        """Folds the per-caption rounding cross-entropies `losses` seen at `timesteps` (both `(batch,)`) into `F`."""
+        bins = (timesteps.double().cpu() / num_train_timesteps * self.num_bins).long().clamp(0, self.num_bins - 1)
+        self.loss_sums *= self.decay
+        self.loss_counts *= self.decay
+        self.loss_sums.index_add_(0, bins, losses.detach().double().cpu())
+        self.loss_counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"loss_sums": self.loss_sums.clone(), "loss_counts": self.loss_counts.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.loss_sums, self.loss_counts = state["loss_sums"].clone(), state["loss_counts"].clone()
 
 
 @dataclass
@@ -92,6 +159,11 @@ class DiffusionLossOutput(BaseOutput):
             `‖f(x_1, 1) − x0‖²`; zero when `config.x1_restoring_loss` is off.
         rounding_loss (`torch.FloatTensor` of shape `()`):
             `L_R = −log softmax(f(x_t, t) · Eᵀ)[labels]`, averaged over positions.
+        rounding_loss_per_caption (`torch.FloatTensor` of shape `(batch_size,)`):
+            `L_R` of each caption (averaged over its positions), what [`TimeWarping`] learns from.
+        timesteps (`torch.LongTensor` of shape `(batch_size,)`):
+            The `t` each caption was noised to (for mask-predict rows, the `t` drawn before their positions were
+            re-assigned).
         rounding_weight (`torch.FloatTensor` of shape `()`):
             The `λ` of this batch (constant, or dynamic without gradient).
         prediction (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
@@ -107,6 +179,8 @@ class DiffusionLossOutput(BaseOutput):
     rounding_weight: torch.FloatTensor
     prediction: torch.FloatTensor
     logits: torch.FloatTensor
+    rounding_loss_per_caption: torch.FloatTensor
+    timesteps: torch.LongTensor
 
 
 def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -165,22 +239,22 @@ def weighted_rounding_loss(
     model: CLIPDiffusionLMModel, prediction: torch.Tensor, rounding_targets: torch.LongTensor, simple_loss: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`L_R = −log softmax(x̂0 · Eᵀ)[ids]` through the tied lm_head (with `rounding_transitions`, the linear chain's
-    `−log p(ids)` per position), its weight `λ` (the configured one, or `C · L'_simple / L_R` without gradient for
-    dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
+    `−log p(ids)`), averaged over positions, of each caption `(batch,)`; its weight `λ` (the configured one, or
+    `C · L'_simple / L_R` without gradient for dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
     logits = model.round_to_logits(prediction)
     if model.transition_scores is None:
-        rounding_loss = F.cross_entropy(logits.flatten(0, 1).float(), rounding_targets.flatten())
+        per_caption = F.cross_entropy(logits.transpose(1, 2).float(), rounding_targets, reduction="none").mean(dim=1)
     else:
         chain_logits, transitions = logits.float(), model.transition_scores.float()
         negative_log_likelihood = linear_chain_log_partition(chain_logits, transitions) - linear_chain_scores(
             chain_logits, transitions, rounding_targets
         )
-        rounding_loss = negative_log_likelihood.mean() / logits.shape[1]
+        per_caption = negative_log_likelihood / logits.shape[1]
     if model.config.dynamic_rounding_constant is None:
-        return rounding_loss, torch.tensor(model.config.rounding_weight, device=prediction.device), logits
+        return per_caption, torch.tensor(model.config.rounding_weight, device=prediction.device), logits
     with torch.no_grad():
-        rounding_weight = model.config.dynamic_rounding_constant * simple_loss / rounding_loss
-    return rounding_loss, rounding_weight, logits
+        rounding_weight = model.config.dynamic_rounding_constant * simple_loss / per_caption.mean()
+    return per_caption, rounding_weight, logits
 
 
 def repeat_rows(count: int, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -237,7 +311,7 @@ def diffusion_loss(
     image_embeds: torch.FloatTensor,
     text_embeds: torch.FloatTensor | None = None,
     timesteps_per_caption: int = 1,
-    timestep_sampling: TimestepSampling | None = None,
+    timestep_sampling: TimestepSampling | TimeWarping | None = None,
     draft_prob: float = 0.0,
     mask_predict_prob: float = 0.0,
 ) -> DiffusionLossOutput:
@@ -259,7 +333,7 @@ def diffusion_loss(
             Cached CLIP text embeddings, for `config.use_text_condition`.
         timesteps_per_caption (`int`, *optional*, defaults to 1):
             How many independent `t` each caption is trained on in this step.
-        timestep_sampling (`TimestepSampling`, *optional*):
+        timestep_sampling (`TimestepSampling` or `TimeWarping`, *optional*):
             How `t` is drawn; uniformly by default.
         draft_prob (`float`, *optional*, defaults to 0.0):
             Share of the rows whose `x_t` is noised from the model's own one-step draft ([`one_step_draft`], no
@@ -283,6 +357,7 @@ def diffusion_loss(
 
     clean_embeds = core.embed_captions(input_ids)  # x0: (batch, caption_length, hidden)
     timesteps = (timestep_sampling or TimestepSampling()).sample(config.num_train_timesteps, batch_size, device)
+    sampled_timesteps = timesteps
     noise = torch.randn_like(clean_embeds)
     # Always a mask (all False when p = 0) so the null condition takes part in every graph, as DDP requires.
     drop_condition = torch.rand(batch_size, device=device) < config.condition_drop_prob
@@ -335,17 +410,19 @@ def diffusion_loss(
         x1_restoring_loss = squared_error(prediction[batch_size:], clean_embeds)
     simple_loss = restoring_loss + x1_restoring_loss
 
-    rounding_loss, rounding_weight, logits = weighted_rounding_loss(
+    rounding_losses, rounding_weight, logits = weighted_rounding_loss(
         core, prediction[:batch_size], rounding_targets, simple_loss
     )
     return DiffusionLossOutput(
-        loss=simple_loss + rounding_weight * rounding_loss,
+        loss=simple_loss + rounding_weight * rounding_losses.mean(),
         restoring_loss=restoring_loss,
         x1_restoring_loss=x1_restoring_loss,
-        rounding_loss=rounding_loss,
+        rounding_loss=rounding_losses.mean(),
         rounding_weight=rounding_weight,
         prediction=prediction[:batch_size],
         logits=logits,
+        rounding_loss_per_caption=rounding_losses,
+        timesteps=sampled_timesteps,
     )
 
 
@@ -399,7 +476,7 @@ def distillation_loss(
     text_embeds: torch.FloatTensor | None = None,
     teacher_steps: int = 2,
     timesteps_per_caption: int = 1,
-    timestep_sampling: TimestepSampling | None = None,
+    timestep_sampling: TimestepSampling | TimeWarping | None = None,
 ) -> DiffusionLossOutput:
     """
     Step distillation (Salimans & Ho 2022, in embedding space): at a training `x_t` (a caption noised as in
@@ -433,13 +510,15 @@ def distillation_loss(
 
     prediction = student(noisy_embeds, timesteps, **condition).prediction
     restoring_loss = squared_error(prediction, target_embeds)
-    rounding_loss, rounding_weight, logits = weighted_rounding_loss(core, prediction, target_words, restoring_loss)
+    rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, prediction, target_words, restoring_loss)
     return DiffusionLossOutput(
-        loss=restoring_loss + rounding_weight * rounding_loss,
+        loss=restoring_loss + rounding_weight * rounding_losses.mean(),
         restoring_loss=restoring_loss,
         x1_restoring_loss=torch.zeros_like(restoring_loss),
-        rounding_loss=rounding_loss,
+        rounding_loss=rounding_losses.mean(),
         rounding_weight=rounding_weight,
         prediction=prediction,
         logits=logits,
+        rounding_loss_per_caption=rounding_losses,
+        timesteps=timesteps,
     )

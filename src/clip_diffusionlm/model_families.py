@@ -15,7 +15,14 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from transformers import CLIPVisionModelWithProjection, PreTrainedModel
 
-from .diffusion import INFERENCE_SCHEDULERS, diffusion_loss, distillation_loss, make_noise_scheduler
+from .diffusion import (
+    INFERENCE_SCHEDULERS,
+    DiffusionLossOutput,
+    TimeWarping,
+    diffusion_loss,
+    distillation_loss,
+    make_noise_scheduler,
+)
 from .evaluation import caption_embeddings
 from .hub.model_card import write_model_card
 from .models.configuration_clip_captioner_ar import CLIPCaptionerARConfig
@@ -82,6 +89,14 @@ class ModelFamily:
         """Whatever the saved folder holds besides the pipeline and the training record."""
 
 
+def learn_timestep_density(run, output: DiffusionLossOutput) -> None:
+    """Feeds a time-warping run's sampler the batch's rounding losses, every process's, so that all processes go on
+    drawing from one density."""
+    if isinstance(run.timestep_sampling, TimeWarping):
+        timesteps, losses = run.accelerator.gather((output.timesteps, output.rounding_loss_per_caption.detach()))
+        run.timestep_sampling.update(timesteps, losses, run.noise_scheduler.config.num_train_timesteps)
+
+
 class DiffusionFamily(ModelFamily):
     """CLIP-DiffusionLM: the diffusion objective, sampled with the run's inference scheduler; its folder has a card."""
 
@@ -91,11 +106,13 @@ class DiffusionFamily(ModelFamily):
         return make_noise_scheduler(model.config, DDPMScheduler)
 
     def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
-        return diffusion_loss(
+        output = diffusion_loss(
             model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
-            timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.config.timestep_sampling,
+            timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.timestep_sampling,
             draft_prob=run.config.draft_prob, mask_predict_prob=run.config.mask_predict_prob,
         )
+        learn_timestep_density(run, output)
+        return output
 
     def pipeline(self, run) -> CLIPDiffusionCaptionPipeline:
         pipe = CLIPDiffusionCaptionPipeline(
@@ -172,11 +189,13 @@ class StepDistillationFamily(DiffusionFamily):
         return student
 
     def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
-        return distillation_loss(
+        output = distillation_loss(
             model, self.teacher, run.noise_scheduler, input_ids, image_embeds, text_embeds,
             teacher_steps=run.config.distillation_teacher_steps, timesteps_per_caption=run.config.timesteps_per_caption,
-            timestep_sampling=run.config.timestep_sampling,
+            timestep_sampling=run.timestep_sampling,
         )
+        learn_timestep_density(run, output)
+        return output
 
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {"diffusion": DiffusionFamily(), "ar": AutoregressiveFamily()}

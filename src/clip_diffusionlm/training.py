@@ -52,8 +52,9 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
+from .cli_errors import InterruptedCleanly
 from .data import load_datasets
-from .diffusion import DiffusionLossOutput
+from .diffusion import DiffusionLossOutput, TimestepSampling, TimeWarping
 from .evaluation import score_split
 from .feature_cache import CLIPFeatureCache
 from .hub.model_card import write_training_record
@@ -161,6 +162,7 @@ class TrainingRun:
     dataloader: DataLoader
     sampler: EpochShuffleSampler
     noise_scheduler: DDPMScheduler | None  # None for the AR baseline
+    timestep_sampling: TimestepSampling | TimeWarping  # one per run: time warping learns as the run goes
     family: ModelFamily
     ema: EMAModel | None
     state: TrainingState
@@ -652,9 +654,10 @@ def build_run(config: TrainingConfig, dataset: DatasetDict | None = None) -> Tra
         config=config, accelerator=accelerator, data=data, denoiser=denoiser, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataloader=dataloader, sampler=sampler, ema=ema, state=TrainingState(),
         noise_scheduler=family.noise_scheduler(data.denoiser), family=family,
-        total_steps=total_steps,
+        timestep_sampling=config.timestep_sampling, total_steps=total_steps,
     )
-    for stateful in (lr_scheduler, ema, run.state):
+    timestep_density = run.timestep_sampling if isinstance(run.timestep_sampling, TimeWarping) else None
+    for stateful in (lr_scheduler, ema, run.state, timestep_density):
         if stateful is not None:
             accelerator.register_for_checkpointing(stateful)
     resume_if_asked(run)
@@ -717,15 +720,16 @@ def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
             The caption dataset already loaded, in the package's schema (what `clip_diffusionlm.data.load_datasets`
             returns); `config`'s data sources are then not read again. Loading a folder of 8,900 images takes
             `datasets` about 10 s, which the demo saves this way.
+
+    Raises:
+        [`~clip_diffusionlm.cli_errors.InterruptedCleanly`]: after SIGINT or SIGTERM, once the checkpoint to resume
+            from is saved (the command line then exits 0); the pipeline is not saved.
     """
     run = build_run(config, dataset)
     if run.accelerator.is_main_process:
         run.accelerator.init_trackers("clip_diffusionlm", config=tracker_hyperparameters(config))
     stop_reason = run_loop(run)
-    if stop_reason == "interrupted":
-        logger.warning("Interrupted: checkpoint saved at step %d; resume with --resume_from_checkpoint latest.",
-                       run.state.global_step)
-    elif run.accelerator.is_main_process:
+    if stop_reason != "interrupted" and run.accelerator.is_main_process:
         metrics = {}
         if run.latest_validation is not None and run.latest_validation[0] == run.state.global_step:
             metrics = run.latest_validation[1]
@@ -734,4 +738,9 @@ def train(config: TrainingConfig, dataset: DatasetDict | None = None) -> Path:
         save_pipeline(run, metrics)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    if stop_reason == "interrupted":
+        raise InterruptedCleanly(
+            f"checkpoint saved in {run.output_dir} at step {run.state.global_step}; resume with "
+            "--resume_from_checkpoint latest."
+        )
     return run.output_dir

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .diffusion import INFERENCE_SCHEDULERS, WEIGHTING_SCHEMES, TimestepSampling
+from .diffusion import INFERENCE_SCHEDULERS, WEIGHTING_SCHEMES, TimestepSampling, TimeWarping
 from .models.modeling_clip_diffusionlm import CLIPDiffusionLMConfig
 from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS
 
@@ -138,8 +138,9 @@ class TrainingConfig:
         1, "Independent timesteps each caption is trained on per step (the paper samples 100 of 1000)."
     )
     weighting_scheme: str = _option(
-        "none", "How training draws the timestep t: uniformly (`none`, the paper) or from SD3's `logit_normal` / "
-        "`mode` densities over t/T (diffusers' flag names).", choices=list(WEIGHTING_SCHEMES),
+        "none", "How training draws the timestep t: uniformly (`none`, the paper), from SD3's `logit_normal` / "
+        "`mode` densities over t/T (diffusers' flag names), or `time_warping` (CDCD: a density learnt during "
+        "training, proportional to how fast the rounding cross-entropy grows with t).", choices=list(WEIGHTING_SCHEMES),
     )
     logit_mean: float = _option(0.0, "Mean of `logit_normal`; above 0 trains more at high noise.")
     logit_std: float = _option(1.0, "Standard deviation of `logit_normal`.")
@@ -233,6 +234,12 @@ class TrainingConfig:
                     f"`{name}` is a term of the diffusion objective: it needs model_type='diffusion' and no "
                     f"`distill_from`, got model_type={self.model_type!r} and distill_from={self.distill_from!r}."
                 )
+        if self.weighting_scheme == "time_warping" and (self.model_type != "diffusion" or self.mask_predict_prob > 0):
+            raise ValueError(
+                "`weighting_scheme='time_warping'` learns where the diffusion loss changes with t: it needs "
+                f"model_type='diffusion' and no `mask_predict_prob` (its rows mix timesteps), got "
+                f"model_type={self.model_type!r} and mask_predict_prob={self.mask_predict_prob}."
+            )
         if self.caption_teacher is not None and self.captions_per_image is not None:
             raise ValueError(
                 "`caption_teacher` trains on one caption per image, the teacher's: leave `captions_per_image` unset, "
@@ -249,8 +256,11 @@ class TrainingConfig:
         _ = self.timestep_sampling  # and on a bad weighting scheme or spread
 
     @property
-    def timestep_sampling(self) -> TimestepSampling:
-        """The training timesteps' distribution, from `weighting_scheme` and its parameters."""
+    def timestep_sampling(self) -> TimestepSampling | TimeWarping:
+        """The training timesteps' distribution, from `weighting_scheme` and its parameters; a new, untrained
+        [`TimeWarping`] for `time_warping`."""
+        if self.weighting_scheme == "time_warping":
+            return TimeWarping()
         return TimestepSampling(self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale)
 
 
