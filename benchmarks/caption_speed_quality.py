@@ -58,6 +58,7 @@ SAMPLING_SEEDS = (0, 1, 2)
 RESULT_NAME = "caption_speed_quality"
 # Timed calls per measurement at least (after a warm-up call); `--tiny` sets 1, as its figures are not the point.
 MIN_CALLS = {"value": 3}
+HEAD_TO_HEAD_ROUNDS = 7
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -174,7 +175,7 @@ def tiny_assets(work_dir: Path, world: ShapesWorldConfig | None = None) -> dict[
     training = {
         "text_backbone": str(assets["backbone"]), "restrict_rounding_vocabulary": True,
         "model_config": {"caption_length": 14, "image_features": "patches", "self_conditioning": True,
-                         "x1_restoring_loss": False},
+                         "x1_restoring_loss": False, "gate_noisy_input": True, "rounding_transitions": True},
         "batch_size": 8, "max_steps": 4, "learning_rate": 1e-3, "validation_steps": 0, "checkpointing_steps": 0,
         "validation_images": 4,
     }
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for batch_size in BATCH_SIZES
         }
         end_to_end = [s for s in settings(models) if s["name"].startswith("recommended") or s["name"] == "AR greedy"]
+        results["head_to_head"] = head_to_head([caption_fn(models, setting) for setting in end_to_end], features,
+                                               device, min_seconds)
         results["end_to_end"] = {}
         for setting in end_to_end:
             run = caption_fn(models, setting)
@@ -522,6 +525,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     frontier_plot(results, output_dir / f"{name}.png")
     print("\n" + table)
     return results
+
+
+def head_to_head(runs: list[Callable[..., list[str]]], features: torch.Tensor, device: torch.device,
+                 min_seconds: float) -> dict[int, dict[str, Any]]:
+    """
+    The target ratio (the recommended setting's captions/s over AR greedy's) measured in alternation: at each batch
+    size, `HEAD_TO_HEAD_ROUNDS` rounds that time the recommended setting, then AR greedy, each for a share of
+    `min_seconds`. The table's rows are timed one after the other, minutes apart, and pick up the drift of a shared
+    machine between them; a round's two timings are seconds apart. Returns each round's ratio and their median.
+    """
+    recommended, ar = runs
+    rounds: dict[int, dict[str, Any]] = {}
+    for batch_size in BATCH_SIZES:
+        inputs = batch_of(features, batch_size)
+        ratios = []
+        for _ in range(HEAD_TO_HEAD_ROUNDS):
+            rates = [latency_row(time_calls(lambda run=run, inputs=inputs: run(image_embeds=inputs), device,
+                                            min_seconds / HEAD_TO_HEAD_ROUNDS), batch_size)["captions_per_s"]
+                     for run in (recommended, ar)]
+            ratios.append(rates[0] / rates[1])
+        rounds[batch_size] = {"ratios": ratios, "median_ratio": statistics.median(ratios)}
+    return rounds
 
 
 def batch_of_list(items: list, batch_size: int) -> list:
@@ -634,11 +659,15 @@ def speedups(models: dict[str, Any], features: torch.Tensor, device: torch.devic
     @contextlib.contextmanager
     def full_vocabulary():
         saved = {family: model.rounding_token_ids for family, model in models_by_family.items()}
+        # Chain rounding scores pairs of the restricted words only: over the whole vocabulary, word by word.
+        transitions = diffusion.denoiser.transition_scores
+        diffusion.denoiser.transition_scores = None
         for model in models_by_family.values():
             model.rounding_token_ids = model.rounding_token_ids[:0]
         try:
             yield
         finally:
+            diffusion.denoiser.transition_scores = transitions
             for family, model in models_by_family.items():
                 model.rounding_token_ids = saved[family]
 
@@ -673,7 +702,8 @@ def speedups(models: dict[str, Any], features: torch.Tensor, device: torch.devic
 def targets(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets for the recommended setting, measured: object accuracy and exact match each ≥ AR greedy's
     (worst over training × sampling seeds against AR's worst over training seeds), no malformed caption in any run,
-    and ≥ 3× AR greedy's captions/s at batch 1, ≥ 1.5× at batch 64 (the first training seed's models, same run)."""
+    and ≥ 3× AR greedy's captions/s at batch 1, ≥ 1.5× at batch 64 (the first training seed's models, same run, the
+    median of [`head_to_head`]'s alternating rounds)."""
     rows = results["settings"]
     ar = next(row for row in rows if row["name"] == "AR greedy")
     recommended = next(row for row in rows if row["name"].startswith("recommended"))
@@ -685,8 +715,10 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     result["malformed"] = {"diffusion": recommended["worst"]["malformed"], "ar": ar["worst"]["malformed"],
                            "met": recommended["worst"]["malformed"] == 0}
     for batch_size, target in ((1, 3.0), (64, 1.5)):
-        ratio = recommended["speed"][batch_size]["captions_per_s"] / ar["speed"][batch_size]["captions_per_s"]
-        result[f"speed_batch{batch_size}"] = {"ratio": ratio, "target": target, "met": ratio >= target}
+        measured = results["head_to_head"][batch_size]
+        ratio = measured["median_ratio"]
+        result[f"speed_batch{batch_size}"] = {"ratio": ratio, "range": [min(measured["ratios"]), max(measured["ratios"])],
+                                              "target": target, "met": ratio >= target}
     return {"setting": recommended["name"], **result}
 
 
@@ -753,8 +785,9 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{goal['malformed']['ar']}); target 0: {'met' if goal['malformed']['met'] else 'missed'}.")
     for batch_size in (1, 64):
         speed = goal[f"speed_batch{batch_size}"]
-        lines.append(f"- batch {batch_size}: {speed['ratio']:.2f}× AR greedy's captions/s; target ≥ {speed['target']}×: "
-                     f"{'met' if speed['met'] else 'missed'}.")
+        lines.append(f"- batch {batch_size}: {speed['ratio']:.2f}× AR greedy's captions/s (median of "
+                     f"{HEAD_TO_HEAD_ROUNDS} alternating rounds, {speed['range'][0]:.2f}× to {speed['range'][1]:.2f}×); "
+                     f"target ≥ {speed['target']}×: {'met' if speed['met'] else 'missed'}.")
     return "\n".join(lines) + "\n"
 
 

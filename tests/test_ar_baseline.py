@@ -205,6 +205,12 @@ def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
     assert 4 < per_caption["diffusion 5 step(s)"] / per_caption["diffusion 1 step(s)"] < 6
     assert per_caption["AR beam 3"] > 2 * per_caption["AR greedy"]
     assert {"object_accuracy", "exact_match", "malformed", "speed_batch1", "speed_batch64"} <= set(results["targets"])
+    # The speed targets come from alternating rounds of the two settings, not from the rows timed minutes apart.
+    for batch_size in ("1", "64"):
+        rounds = results["head_to_head"][batch_size]["ratios"]
+        assert len(rounds) == 7 and results["targets"][f"speed_batch{batch_size}"]["ratio"] == sorted(rounds)[3]
+    full_vocabulary = [row for row in results["speedups"] if row["switch"].startswith("full vocabulary")]
+    assert full_vocabulary and all(isinstance(row["captions_per_s"], float) for row in full_vocabulary)
     assert results["command"].endswith("--output_dir " + str(tmp_path / "results") + " --training_seeds 0 1")
 
 
