@@ -413,11 +413,12 @@ def diffusion_loss(
     rounding_losses, rounding_weight, logits = weighted_rounding_loss(
         core, prediction[:batch_size], rounding_targets, simple_loss
     )
+    rounding_loss = rounding_losses.mean()
     return DiffusionLossOutput(
-        loss=simple_loss + rounding_weight * rounding_losses.mean(),
+        loss=simple_loss + rounding_weight * rounding_loss,
         restoring_loss=restoring_loss,
         x1_restoring_loss=x1_restoring_loss,
-        rounding_loss=rounding_losses.mean(),
+        rounding_loss=rounding_loss,
         rounding_weight=rounding_weight,
         prediction=prediction[:batch_size],
         logits=logits,
@@ -511,11 +512,12 @@ def distillation_loss(
     prediction = student(noisy_embeds, timesteps, **condition).prediction
     restoring_loss = squared_error(prediction, target_embeds)
     rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, prediction, target_words, restoring_loss)
+    rounding_loss = rounding_losses.mean()
     return DiffusionLossOutput(
-        loss=restoring_loss + rounding_weight * rounding_losses.mean(),
+        loss=restoring_loss + rounding_weight * rounding_loss,
         restoring_loss=restoring_loss,
         x1_restoring_loss=torch.zeros_like(restoring_loss),
-        rounding_loss=rounding_losses.mean(),
+        rounding_loss=rounding_loss,
         rounding_weight=rounding_weight,
         prediction=prediction,
         logits=logits,
