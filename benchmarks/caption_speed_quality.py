@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def head_to_head(runs: list[Callable[..., list[str]]], features: torch.Tensor, device: torch.device,
-                 min_seconds: float) -> dict[int, dict[str, Any]]:
+                 min_seconds: float, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> dict[int, dict[str, Any]]:
     """
     The target ratio (the recommended setting's captions/s over AR greedy's) measured in alternation: at each batch
     size, `HEAD_TO_HEAD_ROUNDS` rounds that time the recommended setting, then AR greedy, each for a share of
@@ -538,7 +538,7 @@ def head_to_head(runs: list[Callable[..., list[str]]], features: torch.Tensor, d
     """
     recommended, ar = runs
     rounds: dict[int, dict[str, Any]] = {}
-    for batch_size in BATCH_SIZES:
+    for batch_size in batch_sizes:
         inputs = batch_of(features, batch_size)
         rates = []
         for _ in range(HEAD_TO_HEAD_ROUNDS):

@@ -28,7 +28,6 @@ import torch
 from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
 from harder_world import (
     CONTENT_METRICS,
-    MASK_PREDICT_PROB,
     add_world_arguments,
     features_of_test_split,
     prepare_world_and_recipe,
@@ -40,6 +39,7 @@ from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.training import TrainingConfig
 
 RESULT_NAME = "refinement"
+MASK_PREDICT_PROB = 0.5
 # Each model's name in the table: its folder under the training seed's (`distilled`: harder_world.py's KD model), the
 # training option that tells it from that model, and the refinements it is captioned with besides one step.
 MODELS = {
