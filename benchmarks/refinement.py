@@ -39,6 +39,7 @@ from clip_diffusionlm import CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.training import TrainingConfig
 
 RESULT_NAME = "refinement"
+# The share of each batch that the third twin trains as a mask-predict refinement, unless `--mask_predict_prob` says.
 MASK_PREDICT_PROB = 0.5
 # Each model's name in the table: its folder under the training seed's (`distilled`: harder_world.py's KD model), the
 # training option that tells it from that model, and the refinements it is captioned with besides one step.
