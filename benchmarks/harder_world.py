@@ -1,6 +1,6 @@
 """CLIP-DiffusionLM against its autoregressive twin on the harder shapes world, where AR is not at ceiling.
 
-    python benchmarks/harder_world.py --training_seeds 0 1 2   # the committed results (about 75 min on 2 CPU cores)
+    python benchmarks/harder_world.py --training_seeds 0 1 2   # the committed results (about 1.5 h from nothing on 2 CPU cores)
     python benchmarks/harder_world.py --tiny                   # toy sizes, seconds (what the tests run)
 
 The harder world (`clip_diffusionlm.demo.HARDER_WORLD`) has 1-4 objects, repeats to count ("two green triangles") and
