@@ -168,6 +168,19 @@ def score(captions: list[str], split) -> dict[str, float]:
             "malformed": sum(map(is_malformed, captions))}
 
 
+def quality_table(rows: list[dict[str, Any]], columns: dict[str, Any]) -> list[str]:
+    """A markdown table of `rows`: their name, `columns` (header → the cell of a row) and their CIDEr, content
+    accuracy and malformed captions, each median (worst)."""
+    header = ["setting", *columns, "CIDEr", "objects", "counts", "relations", "fully correct", "malformed"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        cells = [row["name"], *(cell(row) for cell in columns.values())]
+        cells += [f"{row[metric]:.3f} ({row['worst'][metric]:.3f})" for metric in ("CIDEr", *CONTENT_METRICS)]
+        cells.append(f"{row['malformed']:g} ({row['worst']['malformed']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def quality(pairs: dict[int, dict[str, Any]], setting: dict[str, Any], features: torch.Tensor, test) -> dict[str, Any]:
     """Scores of every training seed's model and sampling seed (greedy and beam AR: one): median, worst and all."""
     runs = []
@@ -181,6 +194,19 @@ def quality(pairs: dict[int, dict[str, Any]], setting: dict[str, Any], features:
     median = {name: statistics.median(run[name] for run in runs) for name in METRICS}
     worst = {name: (max if name == "malformed" else min)(run[name] for run in runs) for name in METRICS}
     return {**median, "worst": worst, "runs": runs}
+
+
+def quality_rows(pairs: dict[int, dict[str, Any]], settings: list[dict[str, Any]], features: torch.Tensor,
+                 test) -> list[dict[str, Any]]:
+    """Each setting with its `quality` added, printed as it is scored (the benchmarks that time nothing)."""
+    rows = []
+    with torch.inference_mode():
+        for setting in settings:
+            row = {**setting, **quality(pairs, setting, features, test)}
+            rows.append(row)
+            print(f"{row['name']:<90} objects {row['object_accuracy']:.3f} fully correct {row['fully_correct']:.3f} "
+                  f"CIDEr {row['CIDEr']:.3f} malformed {row['malformed']:g}", flush=True)
+    return rows
 
 
 def targets(rows: list[dict[str, Any]], rounds: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:

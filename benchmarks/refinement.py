@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
 from harder_world import (
-    CONTENT_METRICS,
     add_world_arguments,
     features_of_test_split,
     prepare_world_and_recipe,
-    quality,
+    quality_rows,
+    quality_table,
     write_results,
 )
 
@@ -97,13 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test, features = features_of_test_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
     results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob,
                                "mask_predict_prob": args.mask_predict_prob, "models": folders,
-                               "num_test_images": len(test), "settings": []}
-    with torch.inference_mode():
-        for setting in settings():
-            row = {**setting, **quality(models, setting, features, test)}
-            results["settings"].append(row)
-            print(f"{row['name']:<90} objects {row['object_accuracy']:.3f} fully correct {row['fully_correct']:.3f} "
-                  f"malformed {row['malformed']:g}", flush=True)
+                               "num_test_images": len(test),
+                               "settings": quality_rows(models, settings(), features, test)}
     results["seconds"] = round(time.monotonic() - started, 1)
 
     write_results(args, RESULT_NAME, results, markdown(results))
@@ -116,12 +110,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"over training seeds {seeds} × 3 sampling seeds; `draft_prob` {results['draft_prob']}, "
              f"`mask_predict_prob` {results['mask_predict_prob']}; "
              f"{results['seconds'] / 60:.0f} min.", "",
-             "| setting | passes | CIDEr | objects | counts | relations | fully correct | malformed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in results["settings"]:
-        cells = [f"{row[metric]:.3f} ({row['worst'][metric]:.3f})" for metric in ("CIDEr", *CONTENT_METRICS)]
-        lines.append(f"| {row['name']} | {row['passes']} | " + " | ".join(cells)
-                     + f" | {row['malformed']:g} ({row['worst']['malformed']}) |")
+             *quality_table(results["settings"], {"passes": lambda row: str(row["passes"])})]
     return "\n".join(lines) + "\n"
 
 

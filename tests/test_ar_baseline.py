@@ -320,3 +320,23 @@ def test_refinement_benchmark_tiny_mode(tmp_path):
     assert masks["mask_predict_prob"] == 0.5 and drafts["mask_predict_prob"] == 0.0
     assert drafts["caption_teacher"] == plain["caption_teacher"] == masks["caption_teacher"] == str(
         tmp_path / "w" / "seed0" / "ar")
+
+
+def test_training_budget_benchmark_tiny_mode(tmp_path):
+    results = run_tiny_benchmark("training_budget", tmp_path, "w")
+    budget = results["budget_steps"]
+    rows = results["settings"]
+    assert [(row["family"], row["budget_multiple"]) for row in rows] == [
+        ("diffusion", 1), ("diffusion", 2), ("diffusion", 4), ("ar", 0.125), ("ar", 0.25), ("ar", 0.5), ("ar", 1)]
+    teacher = str(tmp_path / "w" / "seed0" / "ar")
+    for row in rows:
+        # Each model trained for its multiple of the budget, the cosine schedule stretched to it.
+        config = json.loads(Path(row["folder"], "training_config.json").read_text())
+        assert row["steps"] == config["max_steps"] == max(1, round(budget * row["budget_multiple"]))
+        assert len(row["runs"]) == (3 if row["family"] == "diffusion" else 1)
+        # Every diffusion model learns from the same teacher, the 1x AR twin, which is harder_world.py's.
+        if row["family"] == "diffusion":
+            assert config["caption_teacher"] == teacher
+    assert rows[0]["folder"] == str(tmp_path / "w" / "seed0" / "distilled") and rows[-1]["folder"] == teacher
+    table = (tmp_path / "results" / "training_budget_tiny.md").read_text()
+    assert f"| diffusion on AR's captions, {4 * budget} steps (4x) | {4 * budget} |" in table
