@@ -13,7 +13,7 @@ distillation); then, for every setting, quality on the test split over training 
 and content accuracy: objects, counts, relations, captions right in all they state) and captions/s at batch 1 and 64
 of the first seed's models, timed in the same run, and the speed targets of the best diffusion row from rounds that
 alternate it with AR greedy (`head_to_head`). Refinement-trained models are `refinement.py`'s; step distillation is
-`step_distillation.py`'s.
+`step_distillation.py`'s; other training budgets than the comparison's are `training_budget.py`'s.
 
 Writes `harder_world.json`, `harder_world.md` and `harder_world.png` (captions right in all they state, and object
 accuracy, against captions/s) to
