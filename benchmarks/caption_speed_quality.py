@@ -150,6 +150,31 @@ def matmul_peak(device: torch.device, shapes: list[tuple[int, int, int]], min_se
     return {"gflops_by_shape": rates, "peak_gflops": rates[best], "peak_shape": best}
 
 
+def cpu_model() -> str:
+    """The CPU's model name: the two families' speed ratio differs between CPUs, not only their rates."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_record(device: torch.device) -> dict[str, Any]:
+    """Where a benchmark ran; `load_average_at_end` is added when it ends."""
+    return {"device": str(device), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "processor": cpu_model(), "torch": torch.__version__,
+            # Other work on the machine slows every figure (and multi-threaded ones most): recorded, not hidden.
+            "load_average_at_start": os.getloadavg()}
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """`machine_record`'s record, finished, as a line of a results table's header."""
+    return (f"{machine['cpus']} CPUs ({machine['processor']}), {machine['threads']} threads, torch {machine['torch']}; "
+            f"load average {machine['load_average_at_start'][0]:.1f} at the start, "
+            f"{machine['load_average_at_end'][0]:.1f} at the end")
+
+
 def start_benchmark(args, argv: list[str] | None, script: str, default_min_seconds: float) -> tuple[torch.device, float, str]:
     """The settings every benchmark run shares: quiet libraries, fewer timed calls and one thread for `--tiny`. Returns
     the device, the seconds each measurement lasts at least, and the command line that reproduces the run."""
@@ -439,10 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command,
         "source": models["source"],
         "models": {"diffusion": models["diffusion_dir"], "ar": models["ar_dir"]},
-        "machine": {"device": str(device), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    # Other work on the machine slows every figure (and multi-threaded ones most): recorded, not hidden.
-                    "load_average_at_start": os.getloadavg()},
+        "machine": machine_record(device),
         "num_test_images": len(test),
         "settings": [],
     }
@@ -726,9 +748,7 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     """The README's tables."""
     lines = [f"`{results['command']}` — {results['source']}; {results['num_test_images']} test images; "
-             f"{results['machine']['cpus']} CPUs, {results['machine']['threads']} threads, torch "
-             f"{results['machine']['torch']}; load average {results['machine']['load_average_at_start'][0]:.1f} at the "
-             f"start, {results['machine']['load_average_at_end'][0]:.1f} at the end.", "",
+             f"{machine_line(results['machine'])}.", "",
              f"Quality: median (worst) over training seeds {sorted({r['training_seed'] for r in results['settings'][0]['runs']})}"
              f" × sampling seeds {list(SAMPLING_SEEDS)} (greedy AR: one); malformed = captions outside the canonical "
              "grammar or with a/an disagreement, of the test split, worst run. Speed: the first training seed's models.",

@@ -42,6 +42,8 @@ from caption_speed_quality import (
     latency_row,
     load_pair,
     load_quiet,
+    machine_line,
+    machine_record,
     start_benchmark,
     time_calls,
     tiny_assets,
@@ -271,8 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command,
         "recipe": {key: value for key, value in recipe.items() if key not in ("feature_cache_dir", "log_level")},
         "models": {seed: [str(folder) for folder in pair] for seed, pair in folders.items()},
-        "machine": {"device": str(device), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
+        "machine": machine_record(device),
         "num_test_images": len(test),
         "settings": [],
     }
@@ -321,11 +322,8 @@ def write_results(args, result_name: str, results: dict[str, Any], table: str) -
 
 def markdown(results: dict[str, Any]) -> str:
     seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
-    machine = results["machine"]
     lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; "
-             f"{machine['cpus']} CPUs, {machine['threads']} threads, torch {machine['torch']}; load average "
-             f"{machine['load_average_at_start'][0]:.1f} at the start, {machine['load_average_at_end'][0]:.1f} at the "
-             f"end; {results['seconds'] / 60:.0f} min in all.", "",
+             f"{machine_line(results['machine'])}; {results['seconds'] / 60:.0f} min in all.", "",
              f"Median (worst) over training seeds {seeds} × sampling seeds {list(SAMPLING_SEEDS)} (AR: one); speed "
              "of the first training seed's models, from cached CLIP features.", "",
              "| setting | CIDEr | BLEU-4 | objects | counts | relations (stated/caption) | fully correct | malformed | "
