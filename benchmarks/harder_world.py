@@ -28,6 +28,7 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ def score(captions: list[str], split) -> dict[str, float]:
             "malformed": sum(map(is_malformed, captions))}
 
 
-def quality_table(rows: list[dict[str, Any]], columns: dict[str, Any]) -> list[str]:
+def quality_table(rows: list[dict[str, Any]], columns: dict[str, Callable[[dict[str, Any]], str]]) -> list[str]:
     """A markdown table of `rows`: their name, `columns` (header → the cell of a row) and their CIDEr, content
     accuracy and malformed captions, each median (worst)."""
     header = ["setting", *columns, "CIDEr", "objects", "counts", "relations", "fully correct", "malformed"]

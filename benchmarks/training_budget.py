@@ -56,22 +56,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget_settings, models = [], {}
     for family, multiples in BUDGETS.items():
         is_ar = family == "AR"
+        # harder_world.py's folder names; its 1x models are reused, the others go beside them.
+        folder_name = "ar" if is_ar else "distilled"
+        options = {"model_type": "ar"} if is_ar else {"caption_teacher": str(teacher)}
+        pipeline_class = CLIPARCaptionPipeline if is_ar else CLIPDiffusionCaptionPipeline
         for multiple in multiples:
             steps = max(1, round(budget * multiple))
-            # The 1x models are harder_world.py's, in its folders; the others go beside them.
-            folder = seed_dir / ("ar" if is_ar else "distilled") if multiple == 1 else (
-                seed_dir / "training_budget" / f"{'ar' if is_ar else 'distilled'}_{steps}_steps")
-            options = {"model_type": "ar"} if is_ar else {"caption_teacher": str(teacher)}
+            folder = seed_dir / folder_name
+            if multiple != 1:
+                folder = seed_dir / "training_budget" / f"{folder_name}_{steps}_steps"
             trained = train_if_needed(TrainingConfig(**{**recipe, "max_steps": steps}, **options,
                                                      seed=args.training_seed, output_dir=str(folder)))
             name = f"{family}, {steps} steps ({multiple:g}x)"
-            pipeline_class = CLIPARCaptionPipeline if is_ar else CLIPDiffusionCaptionPipeline
             models[name] = load_quiet(pipeline_class, trained, device)
             training = json.loads((trained / "training_results.json").read_text())
-            budget_settings.append({"family": "ar" if is_ar else "diffusion", "model": name, "name": name, "passes": 1,
-                         "kwargs": {"num_beams": 1} if is_ar else {}, "folder": str(trained),
-                         "budget_multiple": multiple, "steps": training["global_step"],
-                         "training_seconds": training["training_seconds"]})
+            budget_settings.append({
+                "family": "ar" if is_ar else "diffusion", "model": name, "name": name, "passes": 1,
+                "kwargs": {"num_beams": 1} if is_ar else {}, "folder": str(trained), "budget_multiple": multiple,
+                "steps": training["global_step"], "training_seconds": training["training_seconds"],
+            })
     # Both families read the same CLIP patch features; the diffusion pipeline knows which layer.
     test, features = features_of_test_split(world_dir, models[budget_settings[0]["name"]])
 
