@@ -340,3 +340,23 @@ def test_training_budget_benchmark_tiny_mode(tmp_path):
     assert rows[0]["folder"] == str(tmp_path / "w" / "seed0" / "distilled") and rows[-1]["folder"] == teacher
     table = (tmp_path / "results" / "training_budget_tiny.md").read_text()
     assert f"| diffusion on AR's captions, {4 * budget} steps (4x) | {4 * budget} |" in table
+
+
+def test_reference_selection_benchmark_tiny_mode(tmp_path):
+    results = run_tiny_benchmark("reference_selection", tmp_path, "w")
+    rows = {row["name"]: row for row in results["settings"]}
+    assert len(rows) == 9 and rows["AR greedy"]["passes"] is None and len(rows["AR greedy"]["runs"]) == 1
+    assert rows["references, reference selection: 2 steps"]["kwargs"] == {"num_inference_steps": 2}
+    configs = {name: json.loads(Path(folder, "training_config.json").read_text())
+               for name, folder in results["models"]["0"].items()}
+    teacher = str(tmp_path / "w" / "seed0" / "ar")
+    # harder_world.py's two models, and each again with reference selection, the teacher's caption one reference more.
+    assert results["models"]["0"]["references"] == str(tmp_path / "w" / "seed0" / "diffusion")
+    assert results["models"]["0"]["on AR's captions"] == str(tmp_path / "w" / "seed0" / "distilled")
+    for plain, selecting in (("references", "references, reference selection"),
+                             ("on AR's captions", "AR's caption and the references, reference selection")):
+        assert not configs[plain]["reference_selection"] and configs[selecting]["reference_selection"]
+        assert configs[plain]["caption_teacher"] == configs[selecting]["caption_teacher"]
+    assert configs["on AR's captions"]["caption_teacher"] == teacher and configs["references"]["caption_teacher"] is None
+    table = (tmp_path / "results" / "reference_selection_tiny.md").read_text()
+    assert "| AR's caption and the references, reference selection: 1 step | 1 |" in table

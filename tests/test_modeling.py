@@ -627,6 +627,55 @@ def test_draft_rows_are_noised_from_the_models_one_step_draft(tokenizer, draft_p
         (output.prediction - target).pow(2).sum(-1).mean().item(), rel=1e-6)
 
 
+def test_closest_reference_is_the_one_the_prediction_spells(tokenizer):
+    """Reference selection's choice: a prediction that is exactly one reference's word embeddings picks that one, and
+    otherwise the reference of lowest `‖x̂0 − E[ids]‖² + λ·L_R`, checked against the objective's own terms."""
+    from clip_diffusionlm.diffusion import closest_references, rounding_loss_per_caption
+
+    ids = _ids(tokenizer)
+    model = tiny_denoiser(tokenizer, caption_length=LENGTH, rounding_logit_scale=10.0, rounding_transitions=True,
+                          rounding_vocabulary=sorted(set(ids.flatten().tolist())))
+    with torch.no_grad():
+        model.transition_scores.normal_(generator=torch.Generator().manual_seed(0))
+    references = torch.stack([ids.roll(shift, dims=0) for shift in range(BATCH)], dim=1)  # (batch, 3, length)
+    spelled = torch.tensor([2, 0, 1])
+    exact = model.embed_captions(references[torch.arange(BATCH), spelled])
+    assert torch.equal(closest_references(model, exact, references), references[torch.arange(BATCH), spelled])
+
+    prediction = torch.randn(BATCH, LENGTH, model.hidden_size, generator=torch.Generator().manual_seed(1))
+    costs = torch.stack([
+        (prediction - model.embed_captions(references[:, k])).pow(2).sum(-1).mean(-1)
+        + model.config.rounding_weight * rounding_loss_per_caption(
+            model, model.round_to_logits(prediction), model.rounding_targets(references[:, k]))
+        for k in range(BATCH)
+    ], dim=1)
+    expected = references[torch.arange(BATCH), costs.argmin(dim=1)]
+    assert torch.equal(closest_references(model, prediction, references), expected)
+
+
+def test_reference_selection_trains_towards_the_closest_reference(tokenizer):
+    """With every reference of the image given, a row's target is the closest one to its prediction, not the caption
+    it was noised from; one reference, the caption itself, is the plain objective."""
+    from clip_diffusionlm.diffusion import TimestepSampling, closest_references, diffusion_loss
+
+    model = tiny_denoiser(tokenizer, caption_length=LENGTH, x1_restoring_loss=False)
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    image, ids, sampling = torch.randn(BATCH, CONDITION_DIM), _ids(tokenizer), TimestepSampling()
+    references = torch.stack([ids.roll(shift, dims=0) for shift in range(BATCH)], dim=1)
+
+    def loss(**kwargs):
+        torch.manual_seed(0)
+        return diffusion_loss(model, scheduler, ids, image, timestep_sampling=sampling, **kwargs)
+
+    plain, itself = loss(), loss(reference_ids=ids[:, None])
+    torch.testing.assert_close(itself.loss, plain.loss)
+    selected = loss(reference_ids=references)
+    chosen = closest_references(model, selected.prediction, references)
+    assert not torch.equal(chosen, ids)  # some rows were trained towards another of their references
+    torch.testing.assert_close(selected.loss, loss(reference_ids=chosen[:, None]).loss)
+    assert selected.loss < plain.loss
+
+
 def test_per_position_timesteps_equal_per_row_ones_when_all_positions_share_them(tokenizer):
     model = tiny_denoiser(tokenizer, caption_length=LENGTH, prediction_type="previous_sample",
                           prediction_step_offset=100).eval()

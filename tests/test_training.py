@@ -198,6 +198,32 @@ def test_refinement_training_options_train_and_only_for_the_diffusion_objective(
             tiny_training_config(training_assets, tmp_path / "bad", **bad)
 
 
+def test_reference_selection_gives_each_caption_all_references_of_its_image(training_assets, pipeline_from_assets,
+                                                                             tmp_path):
+    from clip_diffusionlm.training import make_accelerator, prepare_data, tokenize_captions
+
+    config = tiny_training_config(training_assets, tmp_path / "selection", reference_selection=True, max_steps=2,
+                                  checkpointing_steps=0)
+    data = prepare_data(config, make_accelerator(config))
+    train_split = data.dataset["train"]
+    for index in (0, len(data.train_set) - 1):
+        item = data.train_set[index]
+        captions = train_split[int(data.train_set.image_index[index])]["captions"]
+        expected = tokenize_captions(data.tokenizer, captions, 12)
+        assert any(torch.equal(item["input_ids"], row) for row in item["reference_ids"])
+        assert {tuple(row.tolist()) for row in item["reference_ids"]} == {tuple(row.tolist()) for row in expected}
+    output_dir = train(config)
+    assert json.loads((output_dir / "training_config.json").read_text())["reference_selection"] is True
+    card = " ".join((output_dir / "README.md").read_text().split())
+    assert ("Each caption was trained towards whichever of its image's references the model's own prediction was "
+            "closest to (`reference_selection`)") in card
+    assert all(record["restoring_loss"] > 0 for record in _history(output_dir))
+    for bad in ({"model_type": "ar"}, {"captions_per_image": 1},
+                {"distill_from": str(pipeline_from_assets), "model_config": {}}):
+        with pytest.raises(ValueError, match="`reference_selection` picks the target of the diffusion objective"):
+            tiny_training_config(training_assets, tmp_path / "bad", reference_selection=True, **bad)
+
+
 def test_caption_teacher_replaces_the_references_by_its_captions(training_assets, tmp_path):
     from clip_diffusionlm import CLIPARCaptionPipeline
     from clip_diffusionlm.training import make_accelerator, prepare_data, tokenize_captions
@@ -214,6 +240,13 @@ def test_caption_teacher_replaces_the_references_by_its_captions(training_assets
     assert len(data.train_set) == len(train_split) < sum(len(captions) for captions in train_split["captions"])
     expected = tokenize_captions(data.tokenizer, teacher(image_embeds=features).captions, 12)
     torch.testing.assert_close(data.train_set.input_ids, expected)
+    # Under reference selection the teacher's caption is one more reference of its image.
+    selecting = tiny_training_config(training_assets, tmp_path / "selecting", caption_teacher=str(teacher_dir),
+                                     restrict_rounding_vocabulary=True, reference_selection=True)
+    item = prepare_data(selecting, make_accelerator(selecting)).train_set[0]
+    references = tokenize_captions(data.tokenizer, train_split[0]["captions"], 12)
+    assert torch.equal(item["input_ids"], expected[0]) and torch.equal(item["reference_ids"][0], expected[0])
+    assert torch.equal(item["reference_ids"][1:1 + len(references)], references)
 
     with pytest.raises(ValueError, match="leave `captions_per_image` unset"):
         tiny_training_config(training_assets, tmp_path / "bad", caption_teacher=str(teacher_dir), captions_per_image=1)

@@ -235,6 +235,49 @@ def make_noise_scheduler(
     return scheduler_class(**kwargs)
 
 
+def rounding_loss_per_caption(
+    model: CLIPDiffusionLMModel, logits: torch.Tensor, rounding_targets: torch.LongTensor
+) -> torch.Tensor:
+    """`L_R` of each caption `(batch,)` from the rounding head's `logits` `(batch, caption_length, rounding_vocab_size)`:
+    the words' cross-entropy averaged over positions, or with `rounding_transitions` the linear chain's `−log p(ids)`
+    per position."""
+    if model.transition_scores is None:
+        return F.cross_entropy(logits.transpose(1, 2).float(), rounding_targets, reduction="none").mean(dim=1)
+    chain_logits, transitions = logits.float(), model.transition_scores.float()
+    negative_log_likelihood = linear_chain_log_partition(chain_logits, transitions) - linear_chain_scores(
+        chain_logits, transitions, rounding_targets
+    )
+    return negative_log_likelihood / logits.shape[1]
+
+
+@torch.no_grad()
+def closest_references(
+    model: CLIPDiffusionLMModel, prediction: torch.FloatTensor, reference_ids: torch.LongTensor
+) -> torch.LongTensor:
+    """
+    Of each caption's references, the one its prediction is closest to under the objective, `‖x̂0 − E[ids]‖² +
+    λ·L_R(ids)` (the configured `rounding_weight` as `λ`): reference selection (Shao et al. 2022, "One Reference Is
+    Not Enough"). Trained towards the reference it already leans to, a one-pass model settles on one wording and
+    word order per image instead of regressing to the mean of all of them.
+
+    Args:
+        prediction (`torch.FloatTensor` of shape `(batch_size, caption_length, hidden_size)`):
+            The denoiser's `x̂0`.
+        reference_ids (`torch.LongTensor` of shape `(batch_size, num_references, caption_length)`):
+            Every reference of each caption's image, padded token ids.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size, caption_length)`: the chosen reference of each caption.
+    """
+    batch_size, num_references, _ = reference_ids.shape
+    references = reference_ids.flatten(0, 1)  # (batch · references, caption_length)
+    predictions = prediction.repeat_interleave(num_references, dim=0)
+    restoring = (predictions - model.embed_captions(references)).pow(2).sum(dim=-1).mean(dim=-1)
+    rounding = rounding_loss_per_caption(model, model.round_to_logits(predictions), model.rounding_targets(references))
+    cost = (restoring + model.config.rounding_weight * rounding).view(batch_size, num_references)
+    return reference_ids[torch.arange(batch_size, device=reference_ids.device), cost.argmin(dim=1)]
+
+
 def weighted_rounding_loss(
     model: CLIPDiffusionLMModel, prediction: torch.Tensor, rounding_targets: torch.LongTensor, simple_loss: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,14 +285,7 @@ def weighted_rounding_loss(
     `−log p(ids)`), averaged over positions, of each caption `(batch,)`; its weight `λ` (the configured one, or
     `C · L'_simple / L_R` without gradient for dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
     logits = model.round_to_logits(prediction)
-    if model.transition_scores is None:
-        per_caption = F.cross_entropy(logits.transpose(1, 2).float(), rounding_targets, reduction="none").mean(dim=1)
-    else:
-        chain_logits, transitions = logits.float(), model.transition_scores.float()
-        negative_log_likelihood = linear_chain_log_partition(chain_logits, transitions) - linear_chain_scores(
-            chain_logits, transitions, rounding_targets
-        )
-        per_caption = negative_log_likelihood / logits.shape[1]
+    per_caption = rounding_loss_per_caption(model, logits, rounding_targets)
     if model.config.dynamic_rounding_constant is None:
         return per_caption, torch.tensor(model.config.rounding_weight, device=prediction.device), logits
     with torch.no_grad():
@@ -314,6 +350,7 @@ def diffusion_loss(
     timestep_sampling: TimestepSampling | TimeWarping | None = None,
     draft_prob: float = 0.0,
     mask_predict_prob: float = 0.0,
+    reference_ids: torch.LongTensor | None = None,
 ) -> DiffusionLossOutput:
     """
     The paper's objective on a batch, `L = L'_simple + λ·L_R`: sample `t` (several per caption, as the paper samples
@@ -344,14 +381,17 @@ def diffusion_loss(
         mask_predict_prob (`float`, *optional*, defaults to 0.0):
             Share of the rows trained as a mask-predict refinement ([`mask_predict_timesteps`]): some positions
             pure noise, the rest clean words at `t = 0`; what the pipeline's `refinement_ratio` samples with.
+        reference_ids (`torch.LongTensor` of shape `(batch_size, num_references, caption_length)`, *optional*):
+            Every reference of each caption's image (`input_ids` among them): each row's target becomes the one its
+            prediction is closest to ([`closest_references`]) instead of the caption it was noised from.
     """
     core: CLIPDiffusionLMModel = getattr(model, "module", model)
     config = core.config
     rounding_targets = core.rounding_targets(input_ids)
     if (rounding_targets < 0).any():
         raise ValueError("`input_ids` hold token ids outside `config.rounding_vocabulary`.")
-    input_ids, rounding_targets, image_embeds, text_embeds = repeat_rows(
-        timesteps_per_caption, input_ids, rounding_targets, image_embeds, text_embeds
+    input_ids, rounding_targets, image_embeds, text_embeds, reference_ids = repeat_rows(
+        timesteps_per_caption, input_ids, rounding_targets, image_embeds, text_embeds, reference_ids
     )
     batch_size, device = input_ids.shape[0], input_ids.device
 
@@ -372,12 +412,6 @@ def diffusion_loss(
             timesteps, clean_embeds.shape[1], mask_predict_prob, config.num_train_timesteps
         )  # (batch, caption_length)
     noisy_embeds = add_noise(noise_scheduler, noised_from, noise, timesteps)
-    target_embeds = clean_embeds
-    if config.prediction_type == "previous_sample":
-        coefficient_x0, coefficient_xt = jump_posterior_coefficients(
-            noise_scheduler.alphas_cumprod, timesteps, config.prediction_step_offset
-        )
-        target_embeds = coefficient_x0 * clean_embeds + coefficient_xt * noisy_embeds
 
     # x_1 rides in the same batch as x_t (the first `batch_size` rows), with the same conditioning.
     copies = 2 if config.x1_restoring_loss else 1
@@ -403,16 +437,28 @@ def diffusion_loss(
     prediction = model(
         noisy_embeds, timesteps, self_conditioning_embeds=self_conditioning_embeds, **condition
     ).prediction  # (copies · batch, caption_length, hidden)
-    restoring_loss = squared_error(prediction[:batch_size], target_embeds)
+    # The x_t rows, the first `batch_size` (x_1 rows, if any, follow them).
+    xt_prediction, xt_noisy_embeds, xt_timesteps = (rows[:batch_size] for rows in (prediction, noisy_embeds, timesteps))
+    target_embeds = clean_embeds
+    if reference_ids is not None:
+        estimate = predicted_original_sample(
+            config, noise_scheduler.alphas_cumprod, xt_prediction.detach(), xt_noisy_embeds, xt_timesteps
+        )
+        chosen = closest_references(core, estimate, reference_ids)
+        target_embeds, rounding_targets = core.embed_captions(chosen), core.rounding_targets(chosen)
+    if config.prediction_type == "previous_sample":
+        coefficient_x0, coefficient_xt = jump_posterior_coefficients(
+            noise_scheduler.alphas_cumprod, xt_timesteps, config.prediction_step_offset
+        )
+        target_embeds = coefficient_x0 * target_embeds + coefficient_xt * xt_noisy_embeds
+    restoring_loss = squared_error(xt_prediction, target_embeds)
     x1_restoring_loss = torch.zeros_like(restoring_loss)
     if config.x1_restoring_loss:
         # For both objectives the target one step from the data is x0 itself.
         x1_restoring_loss = squared_error(prediction[batch_size:], clean_embeds)
     simple_loss = restoring_loss + x1_restoring_loss
 
-    rounding_losses, rounding_weight, logits = weighted_rounding_loss(
-        core, prediction[:batch_size], rounding_targets, simple_loss
-    )
+    rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, xt_prediction, rounding_targets, simple_loss)
     rounding_loss = rounding_losses.mean()
     return DiffusionLossOutput(
         loss=simple_loss + rounding_weight * rounding_loss,
@@ -420,7 +466,7 @@ def diffusion_loss(
         x1_restoring_loss=x1_restoring_loss,
         rounding_loss=rounding_loss,
         rounding_weight=rounding_weight,
-        prediction=prediction[:batch_size],
+        prediction=xt_prediction,
         logits=logits,
         rounding_loss_per_caption=rounding_losses,
         timesteps=sampled_timesteps,

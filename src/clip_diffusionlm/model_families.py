@@ -73,8 +73,9 @@ class ModelFamily:
         """The training noise schedule, for a family that has one."""
         raise NotImplementedError
 
-    def loss(self, run, model: torch.nn.Module, input_ids, image_embeds, text_embeds=None):
-        """The objective on a batch: an output with `.loss` and the terms the loop logs."""
+    def loss(self, run, model: torch.nn.Module, input_ids, image_embeds, text_embeds=None, reference_ids=None):
+        """The objective on a batch: an output with `.loss` and the terms the loop logs. `reference_ids` (every
+        reference of each caption's image) come only with `config.reference_selection`, a diffusion option."""
         raise NotImplementedError
 
     def pipeline(self, run) -> DiffusionPipeline:
@@ -105,11 +106,12 @@ class DiffusionFamily(ModelFamily):
     def noise_scheduler(self, model: CLIPDiffusionLMModel) -> DDPMScheduler:
         return make_noise_scheduler(model.config, DDPMScheduler)
 
-    def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
+    def loss(self, run, model, input_ids, image_embeds, text_embeds=None, reference_ids=None):
         output = diffusion_loss(
             model, run.noise_scheduler, input_ids, image_embeds, text_embeds,
             timesteps_per_caption=run.config.timesteps_per_caption, timestep_sampling=run.timestep_sampling,
             draft_prob=run.config.draft_prob, mask_predict_prob=run.config.mask_predict_prob,
+            reference_ids=reference_ids,
         )
         learn_timestep_density(run, output)
         return output
@@ -146,7 +148,7 @@ class AutoregressiveFamily(ModelFamily):
     def noise_scheduler(self, model) -> None:
         return None
 
-    def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
+    def loss(self, run, model, input_ids, image_embeds, text_embeds=None, reference_ids=None):
         return captioner_loss(model, input_ids, image_embeds)
 
     def pipeline(self, run) -> CLIPARCaptionPipeline:
@@ -188,7 +190,7 @@ class StepDistillationFamily(DiffusionFamily):
             student.gradient_checkpointing_enable()
         return student
 
-    def loss(self, run, model, input_ids, image_embeds, text_embeds=None):
+    def loss(self, run, model, input_ids, image_embeds, text_embeds=None, reference_ids=None):
         output = distillation_loss(
             model, self.teacher, run.noise_scheduler, input_ids, image_embeds, text_embeds,
             teacher_steps=run.config.distillation_teacher_steps, timesteps_per_caption=run.config.timesteps_per_caption,

@@ -97,22 +97,40 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class CaptionFeatureDataset(torch.utils.data.Dataset):
-    """(caption ids, its image's CLIP features[, its CLIP text features]) per training caption. Features are read
-    by row from the (possibly memory-mapped, float16) cache, so only the rows of a batch are touched."""
+    """(caption ids, its image's CLIP features[, its CLIP text features][, all its image's references]) per training
+    caption. Features are read by row from the (possibly memory-mapped, float16) cache, so only the rows of a batch
+    are touched."""
 
     def __init__(self, input_ids: torch.LongTensor, image_index: torch.LongTensor, image_features: torch.Tensor,
-                 text_features: torch.Tensor | None = None):
+                 text_features: torch.Tensor | None = None, image_references: torch.LongTensor | None = None):
         self.input_ids, self.image_index = input_ids, image_index
         self.image_features, self.text_features = image_features, text_features
+        self.image_references = image_references
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"input_ids": self.input_ids[index], "image_embeds": self.image_features[self.image_index[index]]}
+        image = self.image_index[index]
+        item = {"input_ids": self.input_ids[index], "image_embeds": self.image_features[image]}
         if self.text_features is not None:
             item["text_embeds"] = self.text_features[index]
+        if self.image_references is not None:
+            item["reference_ids"] = self.image_references[image]
         return item
+
+
+def references_by_image(input_ids: torch.LongTensor, image_index: torch.LongTensor) -> torch.LongTensor:
+    """Every image's captions `(num_images, most_references, caption_length)` from the (caption, image) pairs; an image
+    with fewer captions repeats its first (a repeat cannot change which is closest)."""
+    rows_of_image: dict[int, list[int]] = {}
+    for row, image in enumerate(image_index.tolist()):
+        rows_of_image.setdefault(image, []).append(row)
+    most = max(map(len, rows_of_image.values()))
+    references = torch.empty(int(image_index.max()) + 1, most, input_ids.shape[1], dtype=input_ids.dtype)
+    for image, rows in rows_of_image.items():
+        references[image] = input_ids[rows + rows[:1] * (most - len(rows))]
+    return references
 
 
 @dataclass
@@ -303,9 +321,14 @@ def prepare_data(
     feature_kind = (model_config.image_features, model_config.vision_feature_layer)
     train_features = cache.image_features(train_split, *feature_kind)
     validation_features = cache.image_features(validation_split, *feature_kind)
+    reference_captions, reference_index = train_captions, image_index
     if config.caption_teacher is not None:
         train_captions = teacher_captions(config, image_encoder, denoiser, train_features, accelerator.device)
         image_index = torch.arange(len(train_captions))
+        # Under reference selection the teacher's caption joins each image's references: the model may keep to the
+        # teacher's or settle on a reference it leans to (diverse distillation with reference selection).
+        reference_captions = train_captions + reference_captions
+        reference_index = torch.cat([image_index, reference_index])
     text_features = cache.text_features(train_captions) if text_encoder is not None else None
 
     input_ids = tokenize_captions(tokenizer, train_captions, model_config.caption_length)
@@ -314,6 +337,10 @@ def prepare_data(
             f"caption_teacher={config.caption_teacher!r} writes words that no reference uses, outside the restricted "
             "rounding vocabulary: train without `restrict_rounding_vocabulary`."
         )
+    image_references = None
+    if config.reference_selection:
+        reference_ids = tokenize_captions(tokenizer, reference_captions, model_config.caption_length)
+        image_references = references_by_image(reference_ids, reference_index)
     validation_ids = tokenize_captions(
         tokenizer, [captions[0] for captions in validation_split["captions"]], model_config.caption_length
     )
@@ -325,7 +352,7 @@ def prepare_data(
         image_processor=image_processor,
         tokenizer=tokenizer,
         denoiser=denoiser,
-        train_set=CaptionFeatureDataset(input_ids, image_index, train_features, text_features),
+        train_set=CaptionFeatureDataset(input_ids, image_index, train_features, text_features, image_references),
         validation_split=validation_split,
         validation_features=validation_features,
         validation_ids=validation_ids,
@@ -405,7 +432,7 @@ def training_step(
     with accelerator.accumulate(denoiser):
         output = run.family.loss(
             run, denoiser, batch["input_ids"], batch["image_embeds"].to(dtype),
-            None if text_embeds is None else text_embeds.to(dtype),
+            None if text_embeds is None else text_embeds.to(dtype), batch.get("reference_ids"),
         )
         diverged, stop_requested = any_process(accelerator, not torch.isfinite(output.loss).item(), stop_requested)
         if diverged:

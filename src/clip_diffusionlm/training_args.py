@@ -154,6 +154,12 @@ class TrainingConfig:
         "noise, the others are the caption's words at t = 0. For the pipeline's `refinement_ratio`, which re-noises "
         "only the words the model is least sure of.",
     )
+    reference_selection: bool = _option(
+        False, "Train each caption towards whichever of its image's references the model's prediction is closest to "
+        "(lowest loss), not the one it was noised from: reference selection (Shao et al. 2022). A one-pass model "
+        "then settles on one wording and word order per image instead of averaging them. Needs several references "
+        "per image (not `captions_per_image=1`); with `caption_teacher`, the teacher's caption is one of them.",
+    )
     mixed_precision: str | None = _option(
         None, "`no`, `fp16` or `bf16`; default: what `accelerate config` / `accelerate launch --mixed_precision` say."
     )
@@ -239,6 +245,14 @@ class TrainingConfig:
                 "`weighting_scheme='time_warping'` learns where the diffusion loss changes with t: it needs "
                 f"model_type='diffusion' and no `mask_predict_prob` (its rows mix timesteps), got "
                 f"model_type={self.model_type!r} and mask_predict_prob={self.mask_predict_prob}."
+            )
+        if self.reference_selection and (self.model_type != "diffusion" or self.distill_from is not None
+                                         or self.captions_per_image == 1):
+            raise ValueError(
+                "`reference_selection` picks the target of the diffusion objective among several references per "
+                "image: it needs model_type='diffusion', no `distill_from` and `captions_per_image` unset or above 1, "
+                f"got model_type={self.model_type!r}, distill_from={self.distill_from!r} and "
+                f"captions_per_image={self.captions_per_image}."
             )
         if self.caption_teacher is not None and self.captions_per_image is not None:
             raise ValueError(
