@@ -124,6 +124,27 @@ def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
     return world_dir, recipe
 
 
+def train_twins(args, recipe: dict[str, Any], device: str,
+                twins: Callable[[Path], dict[str, tuple[str, dict[str, Any]]]]
+                ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, str]], dict[int, Path]]:
+    """For every training seed, this script's AR twin and the diffusion models `twins(teacher)` names (their folder
+    under the seed's and their options over `recipe`), each trained unless already there: the loaded diffusion
+    pipelines and their folders by seed and name, and each seed's AR twin's folder."""
+    models: dict[int, dict[str, Any]] = {}
+    folders: dict[int, dict[str, str]] = {}
+    teachers: dict[int, Path] = {}
+    for seed in args.training_seeds:
+        seed_dir = Path(args.work_dir) / f"seed{seed}"
+        teachers[seed] = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar",
+                                                        output_dir=str(seed_dir / "ar")))
+        models[seed], folders[seed] = {}, {}
+        for name, (folder, options) in twins(teachers[seed]).items():
+            trained = train_if_needed(TrainingConfig(**recipe, **options, seed=seed, output_dir=str(seed_dir / folder)))
+            models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
+            folders[seed][name] = str(trained)
+    return models, folders, teachers
+
+
 def settings(pipe) -> list[dict[str, Any]]:
     """The rows: diffusion at one and two denoiser passes (the recommended setting first), five steps for reference,
     the diffusion model trained on the AR twin's captions at one and two steps, and AR greedy and beam search. Each

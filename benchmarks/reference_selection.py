@@ -23,18 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
+from caption_speed_quality import load_quiet, start_benchmark
 from harder_world import (
     add_world_arguments,
     features_of_test_split,
     prepare_world_and_recipe,
     quality_rows,
     quality_table,
+    train_twins,
     write_results,
 )
 
-from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.training import TrainingConfig
+from clip_diffusionlm import CLIPARCaptionPipeline
 
 RESULT_NAME = "reference_selection"
 # Each diffusion model's name in the table: its folder under the training seed's (`diffusion` and `distilled` are
@@ -66,20 +66,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
-    models: dict[int, dict[str, Any]] = {}
-    folders: dict[int, dict[str, str]] = {}
-    for seed in args.training_seeds:
-        seed_dir = Path(args.work_dir) / f"seed{seed}"
-        teacher = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar", output_dir=str(seed_dir / "ar")))
-        models[seed] = {"ar": load_quiet(CLIPARCaptionPipeline, teacher, device)}
-        folders[seed] = {"ar": str(teacher)}
-        for name, (folder, distilled, selecting) in MODELS.items():
-            options = {"caption_teacher": str(teacher)} if distilled else {}
-            if selecting:
-                options["reference_selection"] = True
-            trained = train_if_needed(TrainingConfig(**recipe, **options, seed=seed, output_dir=str(seed_dir / folder)))
-            models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
-            folders[seed][name] = str(trained)
+
+    def twins(teacher: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {name: (folder, {"caption_teacher": str(teacher) if distilled else None,
+                                "reference_selection": selecting})
+                for name, (folder, distilled, selecting) in MODELS.items()}
+
+    models, folders, teachers = train_twins(args, recipe, device, twins)
+    for seed, teacher in teachers.items():
+        models[seed]["ar"] = load_quiet(CLIPARCaptionPipeline, teacher, device)
+        folders[seed]["ar"] = str(teacher)
     first = models[args.training_seeds[0]]
     test, features = features_of_test_split(world_dir, first["references"])
     results: dict[str, Any] = {"command": command, "models": folders, "num_test_images": len(test),

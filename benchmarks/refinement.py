@@ -24,18 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
+from caption_speed_quality import start_benchmark
 from harder_world import (
     add_world_arguments,
     features_of_test_split,
     prepare_world_and_recipe,
     quality_rows,
     quality_table,
+    train_twins,
     write_results,
 )
-
-from clip_diffusionlm import CLIPDiffusionCaptionPipeline
-from clip_diffusionlm.training import TrainingConfig
 
 RESULT_NAME = "refinement"
 # The share of each batch that the third twin trains as a mask-predict refinement, unless `--mask_predict_prob` says.
@@ -81,18 +79,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
-    models: dict[int, dict[str, Any]] = {}
-    folders: dict[int, dict[str, str]] = {}
-    for seed in args.training_seeds:
-        seed_dir = Path(args.work_dir) / f"seed{seed}"
-        teacher = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar", output_dir=str(seed_dir / "ar")))
-        models[seed], folders[seed] = {}, {}
-        for name, (folder, option, _) in MODELS.items():
-            options = {option: getattr(args, option)} if option else {}
-            trained = train_if_needed(TrainingConfig(**recipe, **options, seed=seed, caption_teacher=str(teacher),
-                                                     output_dir=str(seed_dir / folder)))
-            models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
-            folders[seed][name] = str(trained)
+
+    def twins(teacher: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {name: (folder, {"caption_teacher": str(teacher), **({option: getattr(args, option)} if option else {})})
+                for name, (folder, option, _) in MODELS.items()}
+
+    models, folders, _ = train_twins(args, recipe, device, twins)
     test, features = features_of_test_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
     results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob,
                                "mask_predict_prob": args.mask_predict_prob, "models": folders,

@@ -340,6 +340,18 @@ def one_step_draft(
     return model.nearest_word_embeddings(estimate)
 
 
+def restoring_target(
+    config, alphas_cumprod: torch.Tensor, clean_embeds: torch.FloatTensor, noisy_embeds: torch.FloatTensor,
+    timesteps: torch.LongTensor,
+) -> torch.FloatTensor:
+    """What the denoiser regresses to: `x0` itself, or for `prediction_type="previous_sample"` the posterior mean
+    `x_{t−n}` from `x0` and `x_t`."""
+    if config.prediction_type != "previous_sample":
+        return clean_embeds
+    coefficient_x0, coefficient_xt = jump_posterior_coefficients(alphas_cumprod, timesteps, config.prediction_step_offset)
+    return coefficient_x0 * clean_embeds + coefficient_xt * noisy_embeds
+
+
 def diffusion_loss(
     model: CLIPDiffusionLMModel | torch.nn.Module,
     noise_scheduler: DDPMScheduler,
@@ -446,11 +458,8 @@ def diffusion_loss(
         )
         chosen = closest_references(core, estimate, reference_ids)
         target_embeds, rounding_targets = core.embed_captions(chosen), core.rounding_targets(chosen)
-    if config.prediction_type == "previous_sample":
-        coefficient_x0, coefficient_xt = jump_posterior_coefficients(
-            noise_scheduler.alphas_cumprod, xt_timesteps, config.prediction_step_offset
-        )
-        target_embeds = coefficient_x0 * target_embeds + coefficient_xt * xt_noisy_embeds
+    target_embeds = restoring_target(config, noise_scheduler.alphas_cumprod, target_embeds, xt_noisy_embeds,
+                                     xt_timesteps)
     restoring_loss = squared_error(xt_prediction, target_embeds)
     x1_restoring_loss = torch.zeros_like(restoring_loss)
     if config.x1_restoring_loss:
