@@ -38,7 +38,8 @@ def caption_with_trajectory(
     trajectory = []
 
     def record_step(pipeline, step_index, timestep, callback_kwargs):
-        so_far = pipeline.decode(callback_kwargs["original_estimate"][:1])[0]
+        so_far = pipeline.decode(callback_kwargs["original_estimate"][:1],
+                                 image_embeds=callback_kwargs["image_embeds"][:1])[0]
         trajectory.append([step_index + 1, int(timestep), so_far])
         return {}
 
@@ -49,7 +50,7 @@ def caption_with_trajectory(
         num_captions_per_image=num_captions,
         generator=torch.Generator().manual_seed(seed),
         callback_on_step_end=record_step,
-        callback_on_step_end_tensor_inputs=["original_estimate"],
+        callback_on_step_end_tensor_inputs=["original_estimate", "image_embeds"],
     ).captions
     return captions, trajectory
 

@@ -60,6 +60,8 @@ def test_round_trip(tmp_path):
         ({"image_condition_tokens": 4, "fusion": "add"}, "image_condition_tokens"),
         ({"gate_noisy_input": True, "timestep_conditioning": False}, "gate_noisy_input"),
         ({"rounding_transitions": True}, "rounding_transitions"),
+        ({"image_transition_rank": 2}, "image_transition_rank.*rounding_transitions"),
+        ({"image_transition_rank": -1}, "image_transition_rank"),
         ({"image_features": "grid"}, "image_features"),
         ({"image_features": "patches", "fusion": "add"}, "image_features"),
         ({"image_features": "patches", "patch_dim": 0}, "patch_dim"),

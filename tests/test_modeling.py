@@ -480,7 +480,8 @@ def test_expected_word_embedding_of_a_one_hot_distribution_is_that_word(tokenize
     torch.testing.assert_close(model.expected_word_embeddings(zeros)[0, 0], weight.mean(dim=0))
 
 
-def test_linear_chain_rounding_matches_enumerating_every_caption():
+@pytest.mark.parametrize("shape", [(3, 3), (2, 3, 3)], ids=["shared", "per caption"])
+def test_linear_chain_rounding_matches_enumerating_every_caption(shape):
     """Viterbi, the forward algorithm and the path score against brute force over all V^L paths."""
     import itertools
 
@@ -491,12 +492,13 @@ def test_linear_chain_rounding_matches_enumerating_every_caption():
     )
 
     generator = torch.Generator().manual_seed(0)
-    logits, transitions = torch.randn(2, 4, 3, generator=generator), torch.randn(3, 3, generator=generator)
+    logits, transitions = torch.randn(2, 4, 3, generator=generator), torch.randn(*shape, generator=generator)
     paths = torch.tensor(list(itertools.product(range(3), repeat=4)))  # (81, 4)
     for row in range(2):
-        every_score = linear_chain_scores(logits[row].expand(len(paths), -1, -1), transitions, paths)
+        caption_transitions = transitions if transitions.ndim == 2 else transitions[row]
+        every_score = linear_chain_scores(logits[row].expand(len(paths), -1, -1), caption_transitions, paths)
         expected = sum(logits[row, position, paths[:, position]] for position in range(4)) + sum(
-            transitions[paths[:, position], paths[:, position + 1]] for position in range(3)
+            caption_transitions[paths[:, position], paths[:, position + 1]] for position in range(3)
         )
         torch.testing.assert_close(every_score, expected)
         torch.testing.assert_close(linear_chain_log_partition(logits, transitions)[row], every_score.logsumexp(0))
@@ -535,6 +537,88 @@ def test_rounding_transitions_start_as_per_word_rounding_and_keep_the_caption_co
     assert writes_the_pair(independent)[0] and not writes_the_pair(joint).any()
     unaffected = ~writes_the_pair(independent)
     assert torch.equal(joint[unaffected], independent[unaffected])
+
+
+def _image_chain(tokenizer, **config_kwargs):
+    """A chain-rounding denoiser over patch features whose transitions read the image, its image term non-zero."""
+    vocabulary = sorted(set(_ids(tokenizer).flatten().tolist()))  # the words of `_ids`, the training captions
+    model = tiny_denoiser(
+        tokenizer, caption_length=LENGTH, rounding_vocabulary=vocabulary, rounding_logit_scale=10.0,
+        rounding_transitions=True, image_transition_rank=2, image_features="patches", patch_dim=PATCH_DIM,
+        x1_restoring_loss=False, **config_kwargs,
+    )
+    with torch.no_grad():
+        model.image_transition_right.weight.normal_(generator=torch.Generator().manual_seed(2))
+    return model
+
+
+def test_image_transitions_are_the_static_scores_plus_each_image_tokens_pairs(tokenizer):
+    """`A_image[a, b] = A[a, b] + Σ_p Σ_k left_k(c_p)[a] · right_k(c_p)[b]` over the projected image tokens `c_p`,
+    zero at initialisation, and one matrix per image."""
+    patches = torch.randn(BATCH, 5, PATCH_DIM, generator=torch.Generator().manual_seed(0))
+    fresh = tiny_denoiser(tokenizer, rounding_vocabulary=[0, 1, 2, 3, 5, 6, 7], rounding_transitions=True,
+                          image_transition_rank=2, image_features="patches", patch_dim=PATCH_DIM)
+    torch.testing.assert_close(fresh.chain_transitions(patches), torch.zeros(BATCH, 7, 7))
+
+    model = _image_chain(tokenizer)
+    vocab_size = len(model.rounding_token_ids)
+    with torch.no_grad():
+        model.transition_scores.normal_(generator=torch.Generator().manual_seed(3))
+        transitions = model.chain_transitions(patches)
+        tokens = model.image_projection(patches)  # (batch, 5, hidden)
+        expected = model.transition_scores.expand(BATCH, -1, -1).clone()
+        for row in range(BATCH):
+            for token in tokens[row]:
+                first, second = (layer(token).view(2, vocab_size) for layer in (model.image_transition_left,
+                                                                        model.image_transition_right))
+                for k in range(2):
+                    expected[row] += torch.outer(first[k], second[k])
+    assert transitions.shape == (BATCH, vocab_size, vocab_size)
+    torch.testing.assert_close(transitions, expected)
+    assert not torch.allclose(transitions[0], transitions[1])
+
+
+def test_rounding_with_image_transitions_reads_each_captions_own_image(tokenizer):
+    """Each caption is rounded (Viterbi) under its own image's transitions; without the images the model says what
+    it needs."""
+    from clip_diffusionlm.models.modeling_clip_diffusionlm import linear_chain_best_path
+
+    model = _image_chain(tokenizer)
+    patches = torch.randn(BATCH, 5, PATCH_DIM, generator=torch.Generator().manual_seed(0))
+    estimate = torch.randn(BATCH, LENGTH, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rounded = model.round_to_indices(estimate, patches)
+        logits, transitions = model.round_to_logits(estimate).float(), model.chain_transitions(patches)
+        for row in range(BATCH):
+            assert torch.equal(rounded[row], linear_chain_best_path(logits[row : row + 1], transitions[row])[0])
+        other_images = patches.roll(1, dims=0)
+        assert not torch.equal(model.round_to_indices(estimate, other_images), rounded)
+    with pytest.raises(ValueError, match="image_transition_rank.*image_embeds"):
+        model.round_to_token_ids(estimate)
+
+
+def test_image_transitions_are_trained_by_every_objective(tokenizer):
+    """The chain's loss reads each caption's image: it changes with the image, and its gradient reaches the image
+    term. Every objective that rounds (drafts, reference selection, step distillation) hands the images on."""
+    from clip_diffusionlm.diffusion import distillation_loss
+
+    model = _image_chain(tokenizer).train()
+    scheduler = make_noise_scheduler(model.config, DDPMScheduler)
+    ids = _ids(tokenizer)
+    patches = torch.randn(BATCH, 5, PATCH_DIM, generator=torch.Generator().manual_seed(0))
+    references = torch.stack([ids, ids.roll(1, dims=0)], dim=1)  # (batch, 2, length)
+
+    def rounding_loss(images):
+        torch.manual_seed(0)
+        return diffusion_loss(model, scheduler, ids, images, draft_prob=0.5, reference_ids=references).rounding_loss
+
+    loss = rounding_loss(patches)
+    assert not torch.allclose(loss, rounding_loss(patches.roll(1, dims=0)))
+    loss.backward()
+    assert model.image_transition_right.weight.grad.abs().sum() > 0
+    teacher = _image_chain(tokenizer).requires_grad_(False)
+    distilled = distillation_loss(model, teacher, scheduler, ids, patches)
+    assert torch.isfinite(distilled.loss)
 
 
 @pytest.mark.parametrize("self_conditioning", [False, True])

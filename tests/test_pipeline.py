@@ -112,6 +112,30 @@ def test_patch_features_pipeline(tokenizer, tmp_path):
     assert _run(reloaded).captions == captions
 
 
+def test_rounding_reads_the_image_where_the_chain_does(tokenizer, tmp_path):
+    """With `image_transition_rank`, every rounding of a call (the captions, clamping, a mask-predict refinement)
+    uses the captions' own image features, and the image term survives saving."""
+    pipe = tiny_pipeline(tokenizer, image_features="patches", patch_dim=PATCH_DIM, rounding_transitions=True,
+                         image_transition_rank=2, rounding_vocabulary=list(range(tokenizer.vocab_size)))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.denoiser.image_transition_right.weight.normal_(generator=torch.Generator().manual_seed(0))
+    patches = pipe.encode_images(_images())
+    latent = _run(pipe, output_type="latent").captions
+    token_ids = _run(pipe, output_type="token_ids").captions
+    assert torch.equal(token_ids, pipe.denoiser.round_to_token_ids(latent, patches))
+    assert not torch.equal(token_ids, pipe.denoiser.round_to_token_ids(latent, patches.roll(1, dims=0)))
+    for kwargs in ({"clamp_to_vocabulary": True},
+                   {"num_refinement_steps": 1, "refinement_timestep": 999, "refinement_ratio": 0.25}):
+        assert len(_run(pipe, **kwargs).captions) == 3
+    with pytest.raises(ValueError, match="image_embeds"):
+        pipe.decode(latent)
+    pipe.save_pretrained(tmp_path / "pipe")
+    reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_run(reloaded, output_type="token_ids").captions, token_ids)
+
+
 def test_deterministic_with_generator(pipeline):
     first = _run(pipeline, seed=3, output_type="latent").captions
     torch.testing.assert_close(_run(pipeline, seed=3, output_type="latent").captions, first)

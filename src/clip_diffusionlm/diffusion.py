@@ -236,14 +236,15 @@ def make_noise_scheduler(
 
 
 def rounding_loss_per_caption(
-    model: CLIPDiffusionLMModel, logits: torch.Tensor, rounding_targets: torch.LongTensor
+    model: CLIPDiffusionLMModel, logits: torch.Tensor, rounding_targets: torch.LongTensor,
+    image_embeds: torch.FloatTensor | None = None,
 ) -> torch.Tensor:
     """`L_R` of each caption `(batch,)` from the rounding head's `logits` `(batch, caption_length, rounding_vocab_size)`:
     the words' cross-entropy averaged over positions, or with `rounding_transitions` the linear chain's `−log p(ids)`
-    per position."""
+    per position (its transitions read from each caption's `image_embeds` with `image_transition_rank`)."""
     if model.transition_scores is None:
         return F.cross_entropy(logits.transpose(1, 2).float(), rounding_targets, reduction="none").mean(dim=1)
-    chain_logits, transitions = logits.float(), model.transition_scores.float()
+    chain_logits, transitions = logits.float(), model.chain_transitions(image_embeds)
     negative_log_likelihood = linear_chain_log_partition(chain_logits, transitions) - linear_chain_scores(
         chain_logits, transitions, rounding_targets
     )
@@ -252,7 +253,8 @@ def rounding_loss_per_caption(
 
 @torch.no_grad()
 def closest_references(
-    model: CLIPDiffusionLMModel, prediction: torch.FloatTensor, reference_ids: torch.LongTensor
+    model: CLIPDiffusionLMModel, prediction: torch.FloatTensor, reference_ids: torch.LongTensor,
+    image_embeds: torch.FloatTensor | None = None,
 ) -> torch.LongTensor:
     """
     Of each caption's references, the one its prediction is closest to under the objective, `‖x̂0 − E[ids]‖² +
@@ -265,27 +267,31 @@ def closest_references(
             The denoiser's `x̂0`.
         reference_ids (`torch.LongTensor` of shape `(batch_size, num_references, caption_length)`):
             Every reference of each caption's image, padded token ids.
+        image_embeds (`torch.FloatTensor`, *optional*):
+            Each caption's image features, for a chain whose transitions read them (`image_transition_rank`).
 
     Returns:
         `torch.LongTensor` of shape `(batch_size, caption_length)`: the chosen reference of each caption.
     """
     batch_size, num_references, _ = reference_ids.shape
     references = reference_ids.flatten(0, 1)  # (batch · references, caption_length)
-    predictions = prediction.repeat_interleave(num_references, dim=0)
+    predictions, images = repeat_rows(num_references, prediction, image_embeds)
     restoring = (predictions - model.embed_captions(references)).pow(2).sum(dim=-1).mean(dim=-1)
-    rounding = rounding_loss_per_caption(model, model.round_to_logits(predictions), model.rounding_targets(references))
+    rounding = rounding_loss_per_caption(model, model.round_to_logits(predictions), model.rounding_targets(references),
+                                         images)
     cost = (restoring + model.config.rounding_weight * rounding).view(batch_size, num_references)
     return reference_ids[torch.arange(batch_size, device=reference_ids.device), cost.argmin(dim=1)]
 
 
 def weighted_rounding_loss(
-    model: CLIPDiffusionLMModel, prediction: torch.Tensor, rounding_targets: torch.LongTensor, simple_loss: torch.Tensor
+    model: CLIPDiffusionLMModel, prediction: torch.Tensor, rounding_targets: torch.LongTensor, simple_loss: torch.Tensor,
+    image_embeds: torch.FloatTensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`L_R = −log softmax(x̂0 · Eᵀ)[ids]` through the tied lm_head (with `rounding_transitions`, the linear chain's
     `−log p(ids)`), averaged over positions, of each caption `(batch,)`; its weight `λ` (the configured one, or
     `C · L'_simple / L_R` without gradient for dynamic λ) and the logits `(batch, caption_length, rounding_vocab_size)`."""
     logits = model.round_to_logits(prediction)
-    per_caption = rounding_loss_per_caption(model, logits, rounding_targets)
+    per_caption = rounding_loss_per_caption(model, logits, rounding_targets, image_embeds)
     if model.config.dynamic_rounding_constant is None:
         return per_caption, torch.tensor(model.config.rounding_weight, device=prediction.device), logits
     with torch.no_grad():
@@ -337,7 +343,7 @@ def one_step_draft(
     timesteps = torch.full(pure_noise.shape[:1], len(alphas_cumprod) - 1, device=pure_noise.device)
     prediction = model(pure_noise, timesteps, **condition).prediction
     estimate = predicted_original_sample(model.config, alphas_cumprod, prediction, pure_noise, timesteps)
-    return model.nearest_word_embeddings(estimate)
+    return model.nearest_word_embeddings(estimate, condition.get("image_embeds"))
 
 
 def restoring_target(
@@ -456,7 +462,7 @@ def diffusion_loss(
         estimate = predicted_original_sample(
             config, noise_scheduler.alphas_cumprod, xt_prediction.detach(), xt_noisy_embeds, xt_timesteps
         )
-        chosen = closest_references(core, estimate, reference_ids)
+        chosen = closest_references(core, estimate, reference_ids, image_embeds)
         target_embeds, rounding_targets = core.embed_captions(chosen), core.rounding_targets(chosen)
     target_embeds = restoring_target(config, noise_scheduler.alphas_cumprod, target_embeds, xt_noisy_embeds,
                                      xt_timesteps)
@@ -467,7 +473,8 @@ def diffusion_loss(
         x1_restoring_loss = squared_error(prediction[batch_size:], clean_embeds)
     simple_loss = restoring_loss + x1_restoring_loss
 
-    rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, xt_prediction, rounding_targets, simple_loss)
+    rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, xt_prediction, rounding_targets, simple_loss,
+                                                                      image_embeds)
     rounding_loss = rounding_losses.mean()
     return DiffusionLossOutput(
         loss=simple_loss + rounding_weight * rounding_loss,
@@ -562,11 +569,12 @@ def distillation_loss(
     noisy_embeds = noise_scheduler.add_noise(clean_embeds, torch.randn_like(clean_embeds), timesteps)
     condition = {"image_embeds": image_embeds, "text_embeds": text_embeds}
     target_embeds = teacher_estimate(teacher, alphas_cumprod, noisy_embeds, timesteps, teacher_steps, **condition)
-    target_words = teacher.round_to_indices(target_embeds)  # indices into the rounding vocabulary
+    target_words = teacher.round_to_indices(target_embeds, image_embeds)  # indices into the rounding vocabulary
 
     prediction = student(noisy_embeds, timesteps, **condition).prediction
     restoring_loss = squared_error(prediction, target_embeds)
-    rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, prediction, target_words, restoring_loss)
+    rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, prediction, target_words, restoring_loss,
+                                                                      image_embeds)
     rounding_loss = rounding_losses.mean()
     return DiffusionLossOutput(
         loss=restoring_loss + rounding_weight * rounding_loss,

@@ -288,13 +288,14 @@ def denoising_figure(pipe: CLIPDiffusionCaptionPipeline, image, path: Path, num_
     tokenizer = pipe.tokenizer
 
     def record(pipeline, step_index, timestep, callback_kwargs):
-        token_ids = pipeline.denoiser.round_to_token_ids(callback_kwargs["original_estimate"])
+        token_ids = pipeline.denoiser.round_to_token_ids(callback_kwargs["original_estimate"],
+                                                         callback_kwargs["image_embeds"])
         steps.append((int(timestep), decode_captions(tokenizer, token_ids)[0]))
         return {}
 
     steps: list[tuple[int, str]] = []
     pipe([image], num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(0),
-         callback_on_step_end=record)
+         callback_on_step_end=record, callback_on_step_end_tensor_inputs=["original_estimate", "image_embeds"])
     thumb, line_height = 96, 20
     canvas = PIL.Image.new("RGB", (thumb + 560, max(thumb, line_height * (len(steps) + 1)) + 8), "white")
     draw = PIL.ImageDraw.Draw(canvas)

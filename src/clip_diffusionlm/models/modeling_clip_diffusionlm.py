@@ -198,6 +198,14 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
             never follow each other: with "orange" at 0.4 and two colours that take "a" at 0.3 each, the article's
             argmax is "a" and the colour's "orange". The joint argmax does not. Needs `rounding_vocabulary` (the
             scores are `V × V`).
+        image_transition_rank (`int`, *optional*, defaults to 0):
+            With `rounding_transitions`, add to the chain's scores a term read from the image: each projected image
+            token `c_p` contributes `rank` pairs of word scores, `A_image[a, b] = Σ_p Σ_k left_k(c_p)[a] ·
+            right_k(c_p)[b]`, so that a patch holding a red star licenses "red" followed by "star" in this image only.
+            The static scores know which words may follow each other; these know which words belong together here:
+            one parallel pass hedging between two objects at the colour and at the shape position then binds the
+            two to the same object instead of pairing one's colour with the other's shape. 0 (the default) keeps
+            the chain image-independent. Rounding then needs the image features (`image_embeds`).
         embedding_scale (`float`, *optional*, defaults to 1.0):
             Multiplier applied to the frozen word embeddings to form `x0`. Pretrained BERT embeddings have a per-
             dimension standard deviation near 0.05, so noise swamps them early in the schedule; a scale near
@@ -237,6 +245,7 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
         self_conditioning: bool = False,
         gate_noisy_input: bool = False,
         rounding_transitions: bool = False,
+        image_transition_rank: int = 0,
         embedding_scale: float = 1.0,
         noise_schedule: str = "squaredcos_cap_v2",
         num_train_timesteps: int = 1000,
@@ -255,6 +264,7 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
         self.self_conditioning = self_conditioning
         self.gate_noisy_input = gate_noisy_input
         self.rounding_transitions = rounding_transitions
+        self.image_transition_rank = image_transition_rank
         self.embedding_scale = embedding_scale
         self.noise_schedule = noise_schedule
         self.num_train_timesteps = num_train_timesteps
@@ -286,6 +296,13 @@ class CLIPDiffusionLMConfig(CaptionModelConfig):
             raise ValueError("`rounding_transitions` learns a score for every pair of rounding words: it needs a "
                              "`rounding_vocabulary` (the whole vocabulary would need vocab_size² scores; in training, "
                              "`restrict_rounding_vocabulary`).")
+        if not isinstance(self.image_transition_rank, int) or isinstance(self.image_transition_rank, bool) or (
+            self.image_transition_rank < 0
+        ):
+            raise ValueError(f"`image_transition_rank` must be a non-negative integer, got {self.image_transition_rank!r}.")
+        if self.image_transition_rank and not self.rounding_transitions:
+            raise ValueError("`image_transition_rank` adds an image's term to the chain's transition scores: it needs "
+                             "`rounding_transitions=True`.")
         for name in ("num_train_timesteps", "prediction_step_offset"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -399,13 +416,17 @@ def predicted_original_sample(
 
 def linear_chain_scores(logits: torch.Tensor, transitions: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
     """Score of the label path under a linear-chain CRF, `Σ_k logits[k, y_k] + Σ_k A[y_k, y_k+1]`, shape `(batch,)`.
-    `logits` is `(batch, length, V)`, `transitions` `A` is `(V, V)` (row: this word, column: the next one)."""
+    `logits` is `(batch, length, V)`, `transitions` `A` is `(V, V)` or one per caption `(batch, V, V)` (row: this
+    word, column: the next one)."""
     unary = logits.gather(-1, labels[..., None]).squeeze(-1).sum(dim=-1)
-    return unary + transitions[labels[:, :-1], labels[:, 1:]].sum(dim=-1)
+    captions = torch.arange(labels.shape[0], device=labels.device)[:, None]
+    pairs = transitions.expand(labels.shape[0], -1, -1)[captions, labels[:, :-1], labels[:, 1:]]
+    return unary + pairs.sum(dim=-1)
 
 
 def linear_chain_log_partition(logits: torch.Tensor, transitions: torch.Tensor) -> torch.Tensor:
-    """`log Σ_y exp(score(y))` over every path, by the forward algorithm, shape `(batch,)`."""
+    """`log Σ_y exp(score(y))` over every path, by the forward algorithm, shape `(batch,)`; `transitions` as for
+    [`linear_chain_scores`]."""
     forward = logits[:, 0]  # (batch, V): log-sum of the paths ending in each word
     for position in range(1, logits.shape[1]):
         forward = torch.logsumexp(forward[:, :, None] + transitions, dim=1) + logits[:, position]
@@ -413,7 +434,8 @@ def linear_chain_log_partition(logits: torch.Tensor, transitions: torch.Tensor) 
 
 
 def linear_chain_best_path(logits: torch.Tensor, transitions: torch.Tensor) -> torch.LongTensor:
-    """The highest-scoring path (Viterbi), shape `(batch, length)`, indices into the last dimension of `logits`."""
+    """The highest-scoring path (Viterbi), shape `(batch, length)`, indices into the last dimension of `logits`;
+    `transitions` as for [`linear_chain_scores`]."""
     best, backpointers = logits[:, 0], []
     for position in range(1, logits.shape[1]):
         candidates = best[:, :, None] + transitions  # (batch, previous word, next word)
@@ -495,6 +517,9 @@ class CLIPDiffusionLMPreTrainedModel(PreTrainedModel):
                     init.zeros_(layer.bias)
             if module.transition_scores is not None:
                 init.zeros_(module.transition_scores)
+            if module.image_transition_right is not None:
+                init.zeros_(module.image_transition_right.weight)
+                init.zeros_(module.image_transition_right.bias)
 
 
 class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
@@ -540,6 +565,11 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             nn.Parameter(torch.zeros(len(rounding_token_ids), len(rounding_token_ids)))
             if config.rounding_transitions else None
         )
+        # Each image token's scores for the first and the second word of the pairs it licenses
+        # (`image_transition_rank` pairs of V scores each); the second start at zero.
+        image_pair_scores = config.image_transition_rank * len(rounding_token_ids)
+        self.image_transition_left = nn.Linear(hidden_size, image_pair_scores) if image_pair_scores else None
+        self.image_transition_right = nn.Linear(hidden_size, image_pair_scores) if image_pair_scores else None
 
         self.post_init()
         self.get_input_embeddings().weight.requires_grad_(False)
@@ -601,19 +631,40 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
             weight = weight[self.rounding_token_ids]
         return F.linear(embeds * (self.config.rounding_logit_scale / self.config.embedding_scale), weight)
 
-    def round_to_indices(self, embeds: torch.FloatTensor) -> torch.LongTensor:
+    def chain_transitions(self, image_embeds: torch.FloatTensor | None = None) -> torch.FloatTensor:
+        """The chain's transition scores in float32 (`rounding_transitions`): `(V, V)`, or with
+        `image_transition_rank` the image's term added, one matrix per image `(batch, V, V)`. `image_embeds` as for
+        [`~CLIPDiffusionLMModel.forward`]; only read with `image_transition_rank`."""
+        transitions = self.transition_scores.float()
+        if self.image_transition_left is None:
+            return transitions
+        if image_embeds is None:
+            raise ValueError("This model rounds with transition scores read from the image (`image_transition_rank` "
+                             f"= {self.config.image_transition_rank}): pass the `image_embeds` of the captions.")
+        tokens = self.image_projection(image_embeds)  # (batch, image tokens, hidden)
+        batch_size, vocab_size = tokens.shape[0], transitions.shape[0]
+        first = self.image_transition_left(tokens).view(batch_size, -1, vocab_size)  # (batch, tokens · rank, V)
+        second = self.image_transition_right(tokens).view(batch_size, -1, vocab_size)
+        return transitions + torch.einsum("bpv,bpw->bvw", first.float(), second.float())
+
+    def round_to_indices(
+        self, embeds: torch.FloatTensor, image_embeds: torch.FloatTensor | None = None
+    ) -> torch.LongTensor:
         """Rounding into the rounding head's classes, shape `embeds.shape[:-1]`: the most likely word at each
-        position, or with `rounding_transitions` the most likely caption (Viterbi)."""
+        position, or with `rounding_transitions` the most likely caption (Viterbi), under the transitions of each
+        caption's image (`image_embeds`, `(batch, ...)`) with `image_transition_rank`."""
         logits = self.round_to_logits(embeds)
         if self.transition_scores is None:
             return logits.argmax(dim=-1)
-        return linear_chain_best_path(logits.flatten(0, -3).float(), self.transition_scores.float()).view(
+        return linear_chain_best_path(logits.flatten(0, -3).float(), self.chain_transitions(image_embeds)).view(
             logits.shape[:-1]
         )
 
-    def round_to_token_ids(self, embeds: torch.FloatTensor) -> torch.LongTensor:
+    def round_to_token_ids(
+        self, embeds: torch.FloatTensor, image_embeds: torch.FloatTensor | None = None
+    ) -> torch.LongTensor:
         """Rounding to token ids, shape `embeds.shape[:-1]` (see [`~CLIPDiffusionLMModel.round_to_indices`])."""
-        best = self.round_to_indices(embeds)
+        best = self.round_to_indices(embeds, image_embeds)
         return self.rounding_token_ids[best] if self.rounding_token_ids.numel() else best
 
     def rounding_targets(self, token_ids: torch.LongTensor) -> torch.LongTensor:
@@ -623,9 +674,12 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         index = torch.searchsorted(self.rounding_token_ids, token_ids).clamp(max=len(self.rounding_token_ids) - 1)
         return torch.where(self.rounding_token_ids[index] == token_ids, index, -1)
 
-    def nearest_word_embeddings(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
-        """Clamps each position to the embedding of its most likely word (Diffusion-LM's clamping trick)."""
-        return self.embed_captions(self.round_to_token_ids(embeds))
+    def nearest_word_embeddings(
+        self, embeds: torch.FloatTensor, image_embeds: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
+        """Clamps each position to the embedding of its most likely word (Diffusion-LM's clamping trick); see
+        [`~CLIPDiffusionLMModel.round_to_indices`]."""
+        return self.embed_captions(self.round_to_token_ids(embeds, image_embeds))
 
     def expected_word_embeddings(self, embeds: torch.FloatTensor) -> torch.FloatTensor:
         """Each position as the rounding head's expectation of the word embedding, `softmax(logits) · E · scale`

@@ -245,7 +245,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             if expected_embedding:
                 original_estimate = self.denoiser.expected_word_embeddings(original_estimate)
             if clamp_to_vocabulary:
-                original_estimate = self.denoiser.nearest_word_embeddings(original_estimate)
+                original_estimate = self.denoiser.nearest_word_embeddings(original_estimate, image_embeds)
             noisy_embeds = self.scheduler.step(
                 original_estimate, timestep, noisy_embeds, generator=generator
             ).prev_sample
@@ -267,7 +267,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             )
 
         # 5. Rounding to words
-        result = self.decode(original_estimate, output_type)
+        result = self.decode(original_estimate, output_type, image_embeds)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
@@ -291,7 +291,7 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
             return self._guided_prediction(
                 original_estimate, timesteps, image_embeds, text_embeds, original_estimate, guidance_scale
             )
-        words = self.denoiser.nearest_word_embeddings(original_estimate)
+        words = self.denoiser.nearest_word_embeddings(original_estimate, image_embeds)
         noise = randn_tensor(words.shape, generator=generator, device=device, dtype=dtype)
         model_input = self.scheduler.add_noise(words, noise, timesteps)
         if refinement_ratio == 1.0:
@@ -374,10 +374,14 @@ class CLIPDiffusionCaptionPipeline(CaptionPipelineMixin, DiffusionPipeline):
         noisy_embeds = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return noisy_embeds * self.scheduler.init_noise_sigma
 
-    def decode(self, original_estimate: torch.FloatTensor, output_type: str = "str") -> list[str] | torch.Tensor:
-        """`x̂0` as `output_type`: the embeddings themselves (`"latent"`), their nearest words' ids, or captions."""
+    def decode(
+        self, original_estimate: torch.FloatTensor, output_type: str = "str", image_embeds: torch.FloatTensor | None = None
+    ) -> list[str] | torch.Tensor:
+        """`x̂0` as `output_type`: the embeddings themselves (`"latent"`), their nearest words' ids, or captions.
+        `image_embeds` (the captions' image features, as the denoiser reads them) are needed by a denoiser whose
+        rounding reads the image (`image_transition_rank`)."""
         if output_type == "latent":
             return original_estimate
-        token_ids = self.denoiser.round_to_token_ids(original_estimate)
+        token_ids = self.denoiser.round_to_token_ids(original_estimate, image_embeds)
         return token_ids if output_type == "token_ids" else decode_captions(self.tokenizer, token_ids)
 
