@@ -52,7 +52,7 @@ from caption_speed_quality import (
 )
 from diffusers import DDIMScheduler
 
-from clip_diffusionlm import CLIPDiffusionCaptionPipeline
+from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
 from clip_diffusionlm.demo import (
     HARDER_WORLD,
@@ -128,7 +128,8 @@ def train_twins(args, recipe: dict[str, Any], device: str,
                 twins: Callable[[Path], dict[str, tuple[str, dict[str, Any]]]]
                 ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, str]], dict[int, Path]]:
     """For every training seed, this script's AR twin and the diffusion models `twins(teacher)` names (their folder
-    under the seed's and their options over `recipe`), each trained unless already there: the loaded diffusion
+    under the seed's and their options over `recipe`, a `model_config` among them added to the recipe's), each trained
+    unless already there: the loaded diffusion
     pipelines and their folders by seed and name, and each seed's AR twin's folder."""
     models: dict[int, dict[str, Any]] = {}
     folders: dict[int, dict[str, str]] = {}
@@ -139,10 +140,86 @@ def train_twins(args, recipe: dict[str, Any], device: str,
                                                         output_dir=str(seed_dir / "ar")))
         models[seed], folders[seed] = {}, {}
         for name, (folder, options) in twins(teachers[seed]).items():
-            trained = train_if_needed(TrainingConfig(**recipe, **options, seed=seed, output_dir=str(seed_dir / folder)))
+            # A twin's `model_config` keys are added to the recipe's.
+            options = {**options, "model_config": {**recipe["model_config"], **options.get("model_config", {})}}
+            trained = train_if_needed(TrainingConfig(**{**recipe, **options}, seed=seed,
+                                                     output_dir=str(seed_dir / folder)))
             models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
             folders[seed][name] = str(trained)
     return models, folders, teachers
+
+
+def compare_twins(argv: list[str] | None, script: str, description: str, result_name: str,
+                  models: dict[str, tuple[str, bool, dict[str, Any]]], timed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """
+    The benchmarks that compare training options on this world (`reference_selection.py`, `image_transitions.py`):
+    every diffusion model of `models` (name → its folder under the training seed's, whether it learns from the AR
+    twin's captions, and its options over this script's recipe) trained unless already there, then captioned at one
+    step and at two beside AR greedy over the training seeds × three sampling seeds. The one-step rows of the models
+    named in `timed` are timed against AR greedy in alternating rounds (`head_to_head`, the first training seed's
+    models). Writes `<result_name>.json` and `.md` to `--output_dir`.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_arguments(parser, "harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
+    parser.add_argument("--training_seeds", type=int, nargs="+", default=[0], help="Training seeds of the models.")
+    if timed:
+        parser.add_argument("--min_seconds", type=float, default=None, help="Time each measurement at least this long.")
+    else:
+        parser.set_defaults(min_seconds=None)  # nothing is timed
+    args = parser.parse_args(argv)
+    device, min_seconds, command = start_benchmark(args, argv, script, default_min_seconds=2.0)
+    started = time.monotonic()
+
+    world_dir, recipe = prepare_world_and_recipe(args)
+
+    def twins(teacher: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {name: (folder, {"caption_teacher": str(teacher) if distilled else None, **options})
+                for name, (folder, distilled, options) in models.items()}
+
+    pipelines, folders, teachers = train_twins(args, recipe, device, twins)
+    for seed, teacher in teachers.items():
+        pipelines[seed]["ar"] = load_quiet(CLIPARCaptionPipeline, teacher, device)
+        folders[seed]["ar"] = str(teacher)
+    first = pipelines[args.training_seeds[0]]
+    test, features = features_of_test_split(world_dir, first[next(iter(models))])
+    rows = []
+    for model in models:
+        rows.append({"family": "diffusion", "model": model, "name": f"{model}: 1 step", "kwargs": {}, "passes": 1})
+        rows.append({"family": "diffusion", "model": model, "name": f"{model}: 2 steps",
+                     "kwargs": {"num_inference_steps": 2}, "passes": 2})
+    rows.append({"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}, "passes": None})
+    results: dict[str, Any] = {"command": command, "models": folders, "num_test_images": len(test),
+                               "settings": quality_rows(pipelines, rows, features, test)}
+    if timed:
+        by_name = {row["name"]: row for row in rows}
+        ar_greedy = caption_fn(first, by_name["AR greedy"])
+        results["machine"] = machine_record(device)
+        with torch.inference_mode():
+            results["head_to_head"] = {
+                model: head_to_head([caption_fn(first, by_name[f"{model}: 1 step"]), ar_greedy], features, device,
+                                    min_seconds, batch_sizes=tuple(SPEED_TARGETS))
+                for model in timed
+            }
+        results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["seconds"] = round(time.monotonic() - started, 1)
+    write_results(args, result_name, results, twins_markdown(results))
+    return results
+
+
+def twins_markdown(results: dict[str, Any]) -> str:
+    seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
+    lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; median (worst) "
+             f"over training seeds {seeds} × 3 sampling seeds (AR greedy: one); "
+             f"{results['seconds'] / 60:.0f} min.", "",
+             *quality_table(results["settings"], {"passes": lambda row: str(row["passes"] or "—")})]
+    if "head_to_head" in results:
+        lines += ["", f"Speed against AR greedy ({machine_line(results['machine'])}; captions/s ratio, median of "
+                      "rounds alternating the two, seconds apart, from cached CLIP features):", ""]
+        for model, rounds in results["head_to_head"].items():
+            ratios = [f"batch {batch_size} {speeds['median_ratio']:.2f}× ({min(speeds['ratios']):.2f}-"
+                      f"{max(speeds['ratios']):.2f}×)" for batch_size, speeds in rounds.items()]
+            lines.append(f"- {model}, 1 step: " + ", ".join(ratios))
+    return "\n".join(lines) + "\n"
 
 
 def settings(pipe) -> list[dict[str, Any]]:

@@ -360,3 +360,24 @@ def test_reference_selection_benchmark_tiny_mode(tmp_path):
     assert configs["on AR's captions"]["caption_teacher"] == teacher and configs["references"]["caption_teacher"] is None
     table = (tmp_path / "results" / "reference_selection_tiny.md").read_text()
     assert "| AR's caption and the references, reference selection: 1 step | 1 |" in table
+
+
+def test_image_transitions_benchmark_tiny_mode(tmp_path):
+    results = run_tiny_benchmark("image_transitions", tmp_path, "w")
+    rows = {row["name"]: row for row in results["settings"]}
+    assert len(rows) == 9 and all(len(row["runs"]) == 3 for name, row in rows.items() if name != "AR greedy")
+    configs = {name: json.loads(Path(folder, "training_config.json").read_text())
+               for name, folder in results["models"]["0"].items()}
+    # harder_world.py's two models, and each again with the image term added to the recipe's model_config.
+    assert results["models"]["0"]["on AR's captions"] == str(tmp_path / "w" / "seed0" / "distilled")
+    for plain, reading in (("references", "references, image transitions"),
+                           ("on AR's captions", "on AR's captions, image transitions")):
+        assert configs[reading]["model_config"] == {**configs[plain]["model_config"], "image_transition_rank": 4}
+        assert configs[plain]["caption_teacher"] == configs[reading]["caption_teacher"]
+    # The one-step rows of both models on the AR's captions timed against AR greedy, round by round.
+    assert set(results["head_to_head"]) == {"on AR's captions", "on AR's captions, image transitions"}
+    for rounds in results["head_to_head"].values():
+        assert set(rounds) == {"1", "64"} and all(len(speeds["ratios"]) == len(speeds["captions_per_s"]) > 0
+                                                  for speeds in rounds.values())
+    table = (tmp_path / "results" / "image_transitions_tiny.md").read_text()
+    assert "| on AR's captions, image transitions: 1 step | 1 |" in table and "- on AR's captions, 1 step: batch 1" in table

@@ -1,0 +1,45 @@
+"""Chain transitions read from the image on the harder world: each colour bound to its own object's shape.
+
+    python benchmarks/image_transitions.py --training_seeds 0   # reuses harder_world.py's world, CLIP and models
+    python benchmarks/image_transitions.py --tiny               # toy sizes, seconds (what the tests run)
+
+One denoiser pass writes every position at once. On a scene of several objects its colour and shape positions each
+hedge between the objects, and the chain rounding (`rounding_transitions`), whose scores say only which words may
+follow each other, can then pair one object's colour with another's shape ("two red triangles" for two blue
+triangles and two red stars). `image_transition_rank` adds to those scores a term read from the image: every
+projected image token licenses `rank` pairs of adjacent words, so that in this image "red" followed by "star" scores
+high only if a patch holds a red star. This benchmark trains harder_world.py's two diffusion models again with it
+(on the references, and on the AR twin's captions), captions the test split with the four at one step and at two
+beside AR greedy over the training seeds × three sampling seeds, and times the one-step rows of the models on the AR
+twin's captions against AR greedy in alternating rounds, since the image term adds to the cost of rounding.
+
+Writes `image_transitions.json` and `image_transitions.md` to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harder_world import compare_twins
+
+RESULT_NAME = "image_transitions"
+RANK = 4
+# Each diffusion model's name in the table: its folder under the training seed's (`diffusion` and `distilled` are
+# harder_world.py's), whether it learns from the AR twin's captions, and its options.
+MODELS = {
+    "references": ("diffusion", False, {}),
+    "references, image transitions": ("references_image_transitions", False,
+                                      {"model_config": {"image_transition_rank": RANK}}),
+    "on AR's captions": ("distilled", True, {}),
+    "on AR's captions, image transitions": ("kd_image_transitions", True,
+                                            {"model_config": {"image_transition_rank": RANK}}),
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return compare_twins(argv, "image_transitions.py", __doc__, RESULT_NAME, MODELS,
+                         timed=("on AR's captions", "on AR's captions, image transitions"))
+
+
+if __name__ == "__main__":
+    main()
