@@ -206,10 +206,13 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
     return results
 
 
-def twins_markdown(results: dict[str, Any]) -> str:
+def twins_markdown(results: dict[str, Any], details: str = "") -> str:
+    """The table of a benchmark that compares twins (`compare_twins`, `refinement.py`), `details` of its run in the
+    header."""
     seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
+    ar_runs = " (AR greedy: one)" if any(row["family"] == "ar" for row in results["settings"]) else ""
     lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; median (worst) "
-             f"over training seeds {seeds} × 3 sampling seeds (AR greedy: one); "
+             f"over training seeds {seeds} × 3 sampling seeds{ar_runs}; {details}"
              f"{results['seconds'] / 60:.0f} min.", "",
              *quality_table(results["settings"], {"passes": lambda row: str(row["passes"] or "—")})]
     if "head_to_head" in results:

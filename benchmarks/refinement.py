@@ -30,8 +30,8 @@ from harder_world import (
     features_of_test_split,
     prepare_world_and_recipe,
     quality_rows,
-    quality_table,
     train_twins,
+    twins_markdown,
     write_results,
 )
 
@@ -97,13 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
-    lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; median (worst) "
-             f"over training seeds {seeds} × 3 sampling seeds; `draft_prob` {results['draft_prob']}, "
-             f"`mask_predict_prob` {results['mask_predict_prob']}; "
-             f"{results['seconds'] / 60:.0f} min.", "",
-             *quality_table(results["settings"], {"passes": lambda row: str(row["passes"])})]
-    return "\n".join(lines) + "\n"
+    return twins_markdown(results, f"`draft_prob` {results['draft_prob']}, `mask_predict_prob` "
+                                   f"{results['mask_predict_prob']}; ")
 
 
 if __name__ == "__main__":
