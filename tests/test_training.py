@@ -132,7 +132,7 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
         # A partial backbone_config overrides the pretrained backbone's keys; the CLIP features come from layer 1.
         model_config={"caption_length": 12, "backbone_config": {"hidden_dropout_prob": 0.0},
                       "image_features": "patches", "vision_feature_layer": 1,
-                      "rounding_transitions": True},
+                      "rounding_transitions": True, "image_transition_rank": 2},
     ))
     history = _history(output_dir)
     assert [record["step"] for record in history] == [1, 2, 3, 4, 5, 6]
@@ -145,6 +145,7 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     assert set(steps) == {3, 6} and steps.count(6) == steps.count(3) and all("caption" in s for s in samples)
     card = (output_dir / "README.md").read_text()
     assert "model-index" in card and "CIDEr" in card and "image-to-text" in card
+    assert "linear-chain CRF, Viterbi), its transition scores read from the image (2 word pairs per image token)" in card
 
     pipe = CLIPDiffusionCaptionPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -160,6 +161,7 @@ def test_single_process_run_saves_a_working_pipeline(training_assets, tmp_path):
     assert set(ids.flatten().tolist()) <= vocabulary
     # They start at zero: six steps of training moved them, and the saved pipeline kept them.
     assert pipe.denoiser.transition_scores.abs().sum() > 0
+    assert pipe.denoiser.image_transition_right.weight.abs().sum() > 0
 
 
 def test_step_distillation_trains_a_copy_of_a_saved_pipeline(training_assets, pipeline_from_assets, tmp_path):
