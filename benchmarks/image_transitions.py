@@ -9,7 +9,8 @@ follow each other, can then pair one object's colour with another's shape ("two 
 triangles and two red stars). `image_transition_rank` adds to those scores a term read from the image: every
 projected image token licenses `rank` pairs of adjacent words, so that in this image "red" followed by "star" scores
 high only if a patch holds a red star. This benchmark trains harder_world.py's two diffusion models again with it
-(on the references, and on the AR twin's captions), captions the test split with the four at one step and at two
+(on the references, and on the AR twin's captions) and the one on the references once more with reference selection
+as well (`reference_selection.py`'s option), captions the test split with the five at one step and at two
 beside AR greedy over the training seeds × three sampling seeds, and times the one-step rows of the models on the AR
 twin's captions against AR greedy in alternating rounds, since the image term adds to the cost of rounding.
 
@@ -30,6 +31,8 @@ MODELS = {
     "references": ("diffusion", False, {}),
     "references, image transitions": ("references_image_transitions", False,
                                       {"model_config": {"image_transition_rank": RANK}}),
+    "references, reference selection, image transitions": ("references_selection_image_transitions", False, {
+        "reference_selection": True, "model_config": {"image_transition_rank": RANK}}),
     "on AR's captions": ("distilled", True, {}),
     "on AR's captions, image transitions": ("kd_image_transitions", True,
                                             {"model_config": {"image_transition_rank": RANK}}),

@@ -365,7 +365,7 @@ def test_reference_selection_benchmark_tiny_mode(tmp_path):
 def test_image_transitions_benchmark_tiny_mode(tmp_path):
     results = run_tiny_benchmark("image_transitions", tmp_path, "w")
     rows = {row["name"]: row for row in results["settings"]}
-    assert len(rows) == 9 and all(len(row["runs"]) == 3 for name, row in rows.items() if name != "AR greedy")
+    assert len(rows) == 11 and all(len(row["runs"]) == 3 for name, row in rows.items() if name != "AR greedy")
     configs = {name: json.loads(Path(folder, "training_config.json").read_text())
                for name, folder in results["models"]["0"].items()}
     # harder_world.py's two models, and each again with the image term added to the recipe's model_config.
@@ -374,6 +374,9 @@ def test_image_transitions_benchmark_tiny_mode(tmp_path):
                            ("on AR's captions", "on AR's captions, image transitions")):
         assert configs[reading]["model_config"] == {**configs[plain]["model_config"], "image_transition_rank": 4}
         assert configs[plain]["caption_teacher"] == configs[reading]["caption_teacher"]
+    both = configs["references, reference selection, image transitions"]
+    assert both["reference_selection"] and not configs["references, image transitions"]["reference_selection"]
+    assert both["model_config"] == configs["references, image transitions"]["model_config"]
     # The one-step rows of both models on the AR's captions timed against AR greedy, round by round.
     assert set(results["head_to_head"]) == {"on AR's captions", "on AR's captions, image transitions"}
     for rounds in results["head_to_head"].values():
