@@ -426,9 +426,8 @@ def diffusion_loss(
         from_draft = torch.rand(batch_size, device=device) < draft_prob
         noised_from = torch.where(from_draft[:, None, None], draft, clean_embeds)
     if mask_predict_prob > 0:
-        timesteps = mask_predict_timesteps(
-            timesteps, clean_embeds.shape[1], mask_predict_prob, config.num_train_timesteps
-        )  # (batch, caption_length)
+        timesteps = mask_predict_timesteps(timesteps, clean_embeds.shape[1], mask_predict_prob,
+                                           config.num_train_timesteps)  # (batch, caption_length)
     noisy_embeds = add_noise(noise_scheduler, noised_from, noise, timesteps)
 
     # x_1 rides in the same batch as x_t (the first `batch_size` rows), with the same conditioning.
@@ -448,9 +447,8 @@ def diffusion_loss(
     if config.self_conditioning and torch.rand(()).item() < SELF_CONDITIONING_PROB:
         with torch.no_grad():
             first_guess = core(noisy_embeds, timesteps, **condition).prediction
-            self_conditioning_embeds = predicted_original_sample(
-                config, noise_scheduler.alphas_cumprod, first_guess, noisy_embeds, timesteps
-            )
+            self_conditioning_embeds = predicted_original_sample(config, noise_scheduler.alphas_cumprod, first_guess,
+                                                                 noisy_embeds, timesteps)
 
     prediction = model(
         noisy_embeds, timesteps, self_conditioning_embeds=self_conditioning_embeds, **condition
@@ -464,13 +462,11 @@ def diffusion_loss(
         )
         chosen = closest_references(core, estimate, reference_ids, image_embeds)
         target_embeds, rounding_targets = core.embed_captions(chosen), core.rounding_targets(chosen)
-    target_embeds = restoring_target(config, noise_scheduler.alphas_cumprod, target_embeds, xt_noisy_embeds,
-                                     xt_timesteps)
+    target_embeds = restoring_target(config, noise_scheduler.alphas_cumprod, target_embeds, xt_noisy_embeds, xt_timesteps)
     restoring_loss = squared_error(xt_prediction, target_embeds)
-    x1_restoring_loss = torch.zeros_like(restoring_loss)
-    if config.x1_restoring_loss:
-        # For both objectives the target one step from the data is x0 itself.
-        x1_restoring_loss = squared_error(prediction[batch_size:], clean_embeds)
+    # For both objectives the target one step from the data is x0 itself.
+    x1_restoring_loss = (squared_error(prediction[batch_size:], clean_embeds) if config.x1_restoring_loss
+                         else torch.zeros_like(restoring_loss))
     simple_loss = restoring_loss + x1_restoring_loss
 
     rounding_losses, rounding_weight, logits = weighted_rounding_loss(core, xt_prediction, rounding_targets, simple_loss,
