@@ -17,6 +17,12 @@ def test_caption_command(pipeline, tmp_path, capsys):
     expected = pipeline(PIL.Image.open(image_path), num_inference_steps=3,
                         generator=__import__("torch").Generator().manual_seed(0)).captions[0]
     assert caption == expected
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--steps", "3",
+                 "--no-repeat-ngram-size", "1"]) == 0
+    no_word_twice = pipeline(PIL.Image.open(image_path), num_inference_steps=3, no_repeat_ngram_size=1,
+                             generator=__import__("torch").Generator().manual_seed(0)).captions[0]
+    assert no_word_twice != expected  # the untrained tiny model repeats its words
+    assert capsys.readouterr().out.strip().split("\t")[1] == no_word_twice
 
     assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--json", "--num-captions", "2"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -37,6 +43,8 @@ def test_caption_command_reports_bad_input(pipeline, tmp_path, capsys):
     assert "no-pipeline" in capsys.readouterr().err
     assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--steps", "0"]) == 2
     assert "num_inference_steps" in capsys.readouterr().err
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--no-repeat-ngram-size", "-1"]) == 2
+    assert "no_repeat_ngram_size" in capsys.readouterr().err
 
 
 def test_train_and_evaluate_commands_forward_their_flags(training_assets, tmp_path, capsys):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 import uvicorn
 from conftest import tiny_pipeline
 
@@ -101,6 +102,19 @@ def test_parameters_and_batches(server, handler):
     assert body == handler({"inputs": images, "parameters": {"num_captions_per_image": 2}})
 
 
+def test_no_repeat_ngram_size_reaches_the_pipeline(server, handler):
+    image = PIL.Image.open(io.BytesIO(RED))
+
+    def from_the_pipeline(size: int) -> list[dict[str, str]]:
+        captions = handler.pipe(image, no_repeat_ngram_size=size, generator=torch.Generator().manual_seed(0)).captions
+        return [{"generated_text": caption} for caption in captions]
+
+    assert from_the_pipeline(0) != from_the_pipeline(1)  # the untrained tiny model repeats its words
+    for size in (0, 1):
+        request = {"inputs": base64.b64encode(RED).decode(), "parameters": {"no_repeat_ngram_size": size}}
+        assert post(server, request) == (200, from_the_pipeline(size))
+
+
 def _bomb() -> bytes:
     """A small PNG that decodes to 25 million pixels."""
     return png(PIL.Image.new("L", (5000, 5000), 0))
@@ -128,6 +142,9 @@ BAD_REQUESTS = [
      "parameters.seed"),
     ("negative guidance", lambda: ({"inputs": base64.b64encode(RED).decode(),
                                     "parameters": {"guidance_scale": -1}},), 400, "guidance_scale"),
+    ("repeat blocking too long", lambda: ({"inputs": base64.b64encode(RED).decode(),
+                                           "parameters": {"no_repeat_ngram_size": 9}},), 400,
+     r"parameters.no_repeat_ngram_size must be an integer in \[0, 8\]"),
     ("unknown parameter", lambda: ({"inputs": base64.b64encode(RED).decode(),
                                     "parameters": {"temperature": 1}},), 400, "Unknown parameters"),
 ]

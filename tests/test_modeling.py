@@ -505,6 +505,65 @@ def test_linear_chain_rounding_matches_enumerating_every_caption(shape):
         assert torch.equal(linear_chain_best_path(logits, transitions)[row], paths[every_score.argmax()])
 
 
+def test_no_repeat_ngram_rounding_bans_the_second_occurrence_and_keeps_everything_else():
+    """Per position and along a chain: a repeated n-gram's last word gives way to its position's next best at the
+    second occurrence only; a caption without repeats is the unconstrained best; n-grams holding an exempt class
+    (padding) may repeat."""
+    from clip_diffusionlm.models.modeling_clip_diffusionlm import (
+        best_path_without_repeated_ngrams,
+        first_repeated_ngram_ends,
+        linear_chain_best_path,
+    )
+
+    none = torch.zeros(4, dtype=torch.bool)
+    paths = torch.tensor([[0, 1, 2, 0, 1, 3], [0, 1, 2, 3, 1, 2], [3, 3, 3, 3, 0, 1]])
+    assert first_repeated_ngram_ends(paths, 2, none).tolist() == [4, 5, 2]
+    assert first_repeated_ngram_ends(paths, 3, none).tolist() == [-1, -1, 3]
+    assert first_repeated_ngram_ends(paths, 2, torch.tensor([False, False, False, True])).tolist() == [4, 5, -1]
+
+    # Each position's best word spells 0 1 0 1 0 1; the next best is 2 at positions 2-3 and 3 at positions 4-5.
+    logits = torch.full((1, 6, 4), -5.0)
+    for position, (best, next_best) in enumerate([(0, 2), (1, 2), (0, 2), (1, 2), (0, 3), (1, 3)]):
+        logits[0, position, best], logits[0, position, next_best] = 1.0, 0.5
+    assert best_path_without_repeated_ngrams(logits, None, 2, none).tolist() == [[0, 1, 0, 2, 0, 3]]
+    assert best_path_without_repeated_ngrams(logits, None, 3, none).tolist() == [[0, 1, 0, 1, 3, 1]]
+    assert best_path_without_repeated_ngrams(logits, None, 2, torch.tensor([False, True, False, False])).tolist() == [
+        [0, 1, 0, 1, 0, 1]
+    ]
+
+    generator = torch.Generator().manual_seed(0)
+    chain_logits, transitions = torch.randn(8, 6, 4, generator=generator), torch.randn(8, 4, 4, generator=generator)
+    viterbi = linear_chain_best_path(chain_logits, transitions)
+    blocked = best_path_without_repeated_ngrams(chain_logits, transitions, 2, none)
+    repeats = first_repeated_ngram_ends(viterbi, 2, none) >= 0
+    assert repeats.any() and not repeats.all()
+    assert torch.equal(blocked[~repeats], viterbi[~repeats])
+    assert (first_repeated_ngram_ends(blocked, 2, none) == -1).all()
+    for row in repeats.nonzero().squeeze(1).tolist():  # each decoded again under its own transitions
+        end = first_repeated_ngram_ends(viterbi[row : row + 1], 2, none).item()
+        banned = chain_logits[row : row + 1].clone()
+        banned[0, end, viterbi[row, end]] = float("-inf")
+        again = linear_chain_best_path(banned, transitions[row])
+        if first_repeated_ngram_ends(again, 2, none).item() == -1:
+            assert torch.equal(blocked[row], again[0])
+
+
+def test_rounding_blocks_repeated_ngrams_but_special_tokens(tokenizer):
+    """`round_to_indices(no_repeat_ngram_size=n, special_token_ids=...)` maps the special token ids into the rounding
+    vocabulary: n-grams of special tokens may repeat (as padding does), any other repeat goes."""
+    vocabulary = [0, 1, 2, 3, 5, 6, 7]  # index 3 is [SEP], whose embedding, unlike [PAD]'s, is not zero
+    model = tiny_denoiser(tokenizer, rounding_vocabulary=vocabulary, rounding_logit_scale=10.0, rounding_transitions=True)
+    weight = model.get_input_embeddings().weight[vocabulary] * model.config.embedding_scale
+    spelled = torch.tensor([[4, 5, 4, 5, 3, 3, 3, 3]])  # "w w w w [SEP] [SEP] [SEP] [SEP]" in rounding classes
+    estimate = weight[spelled] + 0.01 * torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.round_to_indices(estimate), spelled)
+    blocked = model.round_to_indices(estimate, no_repeat_ngram_size=2, special_token_ids=tokenizer.all_special_ids)
+    assert torch.equal(blocked[0, :3], spelled[0, :3]) and blocked[0, 3] != 5
+    assert torch.equal(blocked[0, 4:], spelled[0, 4:])  # [SEP] [SEP] repeats, exempt
+    assert (model.rounding_token_ids[blocked] == model.round_to_token_ids(
+        estimate, no_repeat_ngram_size=2, special_token_ids=tokenizer.all_special_ids)).all()
+
+
 def test_rounding_transitions_start_as_per_word_rounding_and_keep_the_caption_consistent(tokenizer):
     """Zero transitions: L_R is the per-position cross-entropy and rounding the per-position argmax. A forbidden pair
     (the article "a" before "orange" in the issue's example) is never written, even when each word's own argmax
@@ -673,7 +732,7 @@ def test_one_step_draft_is_what_the_pipeline_writes_in_one_step(tokenizer):
     pipe = tiny_pipeline(tokenizer)
     pipe.set_progress_bar_config(disable=True)
     image = torch.randn(3, CONDITION_DIM)
-    written = pipe(image_embeds=image, num_inference_steps=1, output_type="token_ids",
+    written = pipe(image_embeds=image, num_inference_steps=1, output_type="token_ids", no_repeat_ngram_size=0,
                    generator=torch.Generator().manual_seed(0)).captions
     config = pipe.denoiser.config
     noise = torch.randn(3, config.caption_length, pipe.denoiser.hidden_size, generator=torch.Generator().manual_seed(0))

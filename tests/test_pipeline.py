@@ -122,9 +122,12 @@ def test_rounding_reads_the_image_where_the_chain_does(tokenizer, tmp_path):
         pipe.denoiser.image_transition_right.weight.normal_(generator=torch.Generator().manual_seed(0))
     patches = pipe.encode_images(_images())
     latent = _run(pipe, output_type="latent").captions
-    token_ids = _run(pipe, output_type="token_ids").captions
+    token_ids = _run(pipe, output_type="token_ids", no_repeat_ngram_size=0).captions
     assert torch.equal(token_ids, pipe.denoiser.round_to_token_ids(latent, patches))
     assert not torch.equal(token_ids, pipe.denoiser.round_to_token_ids(latent, patches.roll(1, dims=0)))
+    special = pipe.tokenizer.all_special_ids
+    assert torch.equal(_run(pipe, output_type="token_ids").captions,
+                       pipe.denoiser.round_to_token_ids(latent, patches, 3, special))
     for kwargs in ({"clamp_to_vocabulary": True},
                    {"num_refinement_steps": 1, "refinement_timestep": 999, "refinement_ratio": 0.25}):
         assert len(_run(pipe, **kwargs).captions) == 3
@@ -133,7 +136,27 @@ def test_rounding_reads_the_image_where_the_chain_does(tokenizer, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
     reloaded.set_progress_bar_config(disable=True)
-    assert torch.equal(_run(reloaded, output_type="token_ids").captions, token_ids)
+    assert torch.equal(_run(reloaded, output_type="token_ids", no_repeat_ngram_size=0).captions, token_ids)
+
+
+def test_captions_repeat_no_trigram_by_default(pipeline):
+    """The default rounding (`no_repeat_ngram_size=3`) is the denoiser's with repeated trigrams blocked and special
+    tokens exempt; 0 is the plain rounding. The untrained tiny model repeats plenty."""
+    from clip_diffusionlm.models.modeling_clip_diffusionlm import first_repeated_ngram_ends
+    from clip_diffusionlm.pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_NO_REPEAT_NGRAM_SIZE
+
+    assert RECOMMENDED_NO_REPEAT_NGRAM_SIZE == 3
+    images = _images() * 4
+    latent = _run(pipeline, images, output_type="latent").captions
+    plain = _run(pipeline, images, output_type="token_ids", no_repeat_ngram_size=0).captions
+    assert torch.equal(plain, pipeline.denoiser.round_to_token_ids(latent))
+    blocked = _run(pipeline, images, output_type="token_ids").captions
+    special = pipeline.tokenizer.all_special_ids
+    assert torch.equal(blocked, pipeline.denoiser.round_to_token_ids(latent, None, 3, special))
+    exempt = torch.isin(torch.arange(pipeline.tokenizer.vocab_size), torch.tensor(special))
+    assert (first_repeated_ngram_ends(plain, 3, exempt) >= 0).any()
+    assert (first_repeated_ngram_ends(blocked, 3, exempt) == -1).all()
+    assert _run(pipeline, images).captions == pipeline.decode(latent)
 
 
 def test_deterministic_with_generator(pipeline):
@@ -399,6 +422,10 @@ def test_bad_inputs_are_named(pipeline):
         _run(pipeline, output_type="pil")
     with pytest.raises(ValueError, match="guidance_scale"):
         _run(pipeline, guidance_scale=-1.0)
+    caption_length = pipeline.denoiser.config.caption_length
+    for size in (-1, caption_length + 1, 2.0):
+        with pytest.raises(ValueError, match=rf"`no_repeat_ngram_size` must be an integer in \[0, {caption_length}\]"):
+            _run(pipeline, no_repeat_ngram_size=size)
 
 
 def test_incomplete_or_pickled_checkpoints_are_refused(pipeline, tmp_path):

@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 
 from .cli_errors import run_cli
-from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS
+from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, RECOMMENDED_NO_REPEAT_NGRAM_SIZE
 
 
 def _load_pipeline(model: str, allow_pickle: bool = False):
@@ -40,6 +40,7 @@ def caption_command(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         num_captions_per_image=args.num_captions,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         generator=generator,
     ).captions
     for index, path in enumerate(args.images):
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"num_inference_steps (default {RECOMMENDED_INFERENCE_STEPS}, the recommended setting).")
     caption.add_argument("--guidance-scale", type=float, default=1.0, help="Classifier-free guidance w (default 1).")
     caption.add_argument("--num-captions", type=int, default=1, help="Captions per image (default 1).")
+    caption.add_argument("--no-repeat-ngram-size", type=int, default=RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+                         help=f"No n-gram of this many words twice in a caption (default "
+                              f"{RECOMMENDED_NO_REPEAT_NGRAM_SIZE}, the recommended setting; 0: off).")
     caption.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default 0).")
     caption.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
     caption.add_argument("--json", action="store_true", help="One JSON object per image instead of TSV lines.")

@@ -339,7 +339,8 @@ def one_step_draft(
     model: CLIPDiffusionLMModel, alphas_cumprod: torch.Tensor, pure_noise: torch.FloatTensor, **condition
 ) -> torch.FloatTensor:
     """What one sampling step writes from `x_{T-1}` = `pure_noise`: the denoiser's `x̂0`, rounded to the nearest word
-    embeddings. The pipeline's first step and the draft that [`diffusion_loss`]'s `draft_prob` trains on."""
+    embeddings. The pipeline's first step (rounded without its n-gram blocking, which needs the tokenizer) and the
+    draft that [`diffusion_loss`]'s `draft_prob` trains on."""
     timesteps = torch.full(pure_noise.shape[:1], len(alphas_cumprod) - 1, device=pure_noise.device)
     prediction = model(pure_noise, timesteps, **condition).prediction
     estimate = predicted_original_sample(model.config, alphas_cumprod, prediction, pure_noise, timesteps)

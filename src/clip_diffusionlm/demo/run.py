@@ -27,7 +27,6 @@ import transformers
 
 from ..evaluation import evaluate_pipeline
 from ..feature_cache import CLIPFeatureCache
-from ..pipelines.captioning_utils import decode_captions
 from ..pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, CLIPDiffusionCaptionPipeline
 from ..training import TrainingConfig, train
 from .clip_pretraining import CLIPPretrainingConfig, attribute_probe, pretrain_clip, zero_shot_retrieval
@@ -285,12 +284,10 @@ def captioned_grid(split, predictions: list[str], path: Path, count: int = 8) ->
 
 def denoising_figure(pipe: CLIPDiffusionCaptionPipeline, image, path: Path, num_inference_steps: int = 10) -> list[str]:
     """One caption forming: the rounded x̂0 after each denoising step, under the image. Returns the captions."""
-    tokenizer = pipe.tokenizer
 
     def record(pipeline, step_index, timestep, callback_kwargs):
-        token_ids = pipeline.denoiser.round_to_token_ids(callback_kwargs["original_estimate"],
-                                                         callback_kwargs["image_embeds"])
-        steps.append((int(timestep), decode_captions(tokenizer, token_ids)[0]))
+        caption = pipeline.decode(callback_kwargs["original_estimate"], image_embeds=callback_kwargs["image_embeds"])
+        steps.append((int(timestep), caption[0]))
         return {}
 
     steps: list[tuple[int, str]] = []

@@ -448,6 +448,42 @@ def linear_chain_best_path(logits: torch.Tensor, transitions: torch.Tensor) -> t
     return torch.stack(path[::-1], dim=1)
 
 
+def first_repeated_ngram_ends(paths: torch.LongTensor, ngram_size: int, exempt: torch.BoolTensor) -> torch.LongTensor:
+    """Where the first n-gram of each path that repeats an earlier one ends, shape `(batch,)`, `-1` where none does.
+    `paths` is `(batch, length)`; an n-gram holding a class marked in `exempt` (`(V,)`, e.g. padding) never counts."""
+    ngrams = paths.unfold(1, ngram_size, 1)  # (batch, num_ngrams, ngram_size)
+    counted = ~exempt[ngrams].any(dim=-1)  # (batch, num_ngrams)
+    repeats = (ngrams[:, :, None] == ngrams[:, None, :]).all(dim=-1)  # (batch, later n-gram, earlier n-gram)
+    repeats = (repeats & torch.ones_like(repeats[0]).tril(diagonal=-1)).any(dim=-1) & counted  # (batch, num_ngrams)
+    return torch.where(repeats.any(dim=1), repeats.int().argmax(dim=1) + ngram_size - 1, -1)
+
+
+def best_path_without_repeated_ngrams(
+    logits: torch.Tensor, transitions: torch.Tensor | None, ngram_size: int, exempt: torch.BoolTensor
+) -> torch.LongTensor:
+    """The best path, shape `(batch, length)`, in which no n-gram of `ngram_size` words occurs twice (transformers'
+    `no_repeat_ngram_size`, which `generate()` applies word by word): the best path ([`linear_chain_best_path`], or
+    the best word per position without `transitions`), then, while a caption repeats an n-gram, the last word of its
+    first repeat is banned at that position and the caption decoded again, at most `length` times. `transitions` as
+    for [`linear_chain_scores`]; `exempt` as for [`first_repeated_ngram_ends`]."""
+
+    def best_path(logits: torch.Tensor, rows: torch.LongTensor | slice) -> torch.LongTensor:
+        if transitions is None:
+            return logits.argmax(dim=-1)
+        return linear_chain_best_path(logits, transitions[rows] if transitions.ndim == 3 else transitions)
+
+    paths = best_path(logits, slice(None))
+    logits = logits.clone()
+    for _ in range(logits.shape[1]):
+        ends = first_repeated_ngram_ends(paths, ngram_size, exempt)
+        rows = (ends >= 0).nonzero().squeeze(1)
+        if not len(rows):
+            break
+        logits[rows, ends[rows], paths[rows, ends[rows]]] = float("-inf")
+        paths[rows] = best_path(logits[rows], rows)
+    return paths
+
+
 class SinusoidalTimestepEmbedding(nn.Module):
     """`t` → `[sin(t·ω_k), cos(t·ω_k)]` with geometric frequencies, then a two-layer MLP (as in DDPM)."""
 
@@ -648,23 +684,39 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         return transitions + torch.einsum("bpv,bpw->bvw", first.float(), second.float())
 
     def round_to_indices(
-        self, embeds: torch.FloatTensor, image_embeds: torch.FloatTensor | None = None
+        self,
+        embeds: torch.FloatTensor,
+        image_embeds: torch.FloatTensor | None = None,
+        no_repeat_ngram_size: int = 0,
+        special_token_ids: list[int] | tuple[int, ...] = (),
     ) -> torch.LongTensor:
         """Rounding into the rounding head's classes, shape `embeds.shape[:-1]`: the most likely word at each
         position, or with `rounding_transitions` the most likely caption (Viterbi), under the transitions of each
-        caption's image (`image_embeds`, `(batch, ...)`) with `image_transition_rank`."""
+        caption's image (`image_embeds`, `(batch, ...)`) with `image_transition_rank`. With `no_repeat_ngram_size`,
+        no n-gram of that many words occurs twice in a caption ([`best_path_without_repeated_ngrams`]) but those
+        holding one of `special_token_ids` (padding)."""
         logits = self.round_to_logits(embeds)
-        if self.transition_scores is None:
-            return logits.argmax(dim=-1)
-        return linear_chain_best_path(logits.flatten(0, -3).float(), self.chain_transitions(image_embeds)).view(
-            logits.shape[:-1]
-        )
+        transitions = None if self.transition_scores is None else self.chain_transitions(image_embeds)
+        if not no_repeat_ngram_size:
+            if transitions is None:
+                return logits.argmax(dim=-1)
+            return linear_chain_best_path(logits.flatten(0, -3).float(), transitions).view(logits.shape[:-1])
+        exempt = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        special = self.rounding_targets(torch.as_tensor(special_token_ids, dtype=torch.long, device=logits.device))
+        exempt[special[special >= 0]] = True
+        return best_path_without_repeated_ngrams(
+            logits.flatten(0, -3).float(), transitions, no_repeat_ngram_size, exempt
+        ).view(logits.shape[:-1])
 
     def round_to_token_ids(
-        self, embeds: torch.FloatTensor, image_embeds: torch.FloatTensor | None = None
+        self,
+        embeds: torch.FloatTensor,
+        image_embeds: torch.FloatTensor | None = None,
+        no_repeat_ngram_size: int = 0,
+        special_token_ids: list[int] | tuple[int, ...] = (),
     ) -> torch.LongTensor:
         """Rounding to token ids, shape `embeds.shape[:-1]` (see [`~CLIPDiffusionLMModel.round_to_indices`])."""
-        best = self.round_to_indices(embeds, image_embeds)
+        best = self.round_to_indices(embeds, image_embeds, no_repeat_ngram_size, special_token_ids)
         return self.rounding_token_ids[best] if self.rounding_token_ids.numel() else best
 
     def rounding_targets(self, token_ids: torch.LongTensor) -> torch.LongTensor:
