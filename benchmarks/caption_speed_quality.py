@@ -132,6 +132,20 @@ def batch_of(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     return tensor.repeat(repeats, *[1] * (tensor.ndim - 1))[:batch_size]
 
 
+def cycling_batches(tensor: torch.Tensor, batch_size: int) -> Callable[[], torch.Tensor]:
+    """A function that returns the next `batch_size` rows of `tensor` at each call, from the first again after the
+    last."""
+    start = 0
+
+    def next_batch() -> torch.Tensor:
+        nonlocal start
+        rows = torch.arange(start, start + batch_size) % len(tensor)
+        start = (start + batch_size) % len(tensor)
+        return tensor[rows]
+
+    return next_batch
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -558,15 +572,16 @@ def head_to_head(runs: list[Callable[..., list[str]]], features: torch.Tensor, d
     machine between them; a round's two timings are seconds apart. Returns each round's captions/s of both, their
     ratio, and the median ratio.
     """
-    recommended, ar = runs
     rounds: dict[int, dict[str, Any]] = {}
     for batch_size in batch_sizes:
-        inputs = batch_of(features, batch_size)
+        # Each call captions the next images of the split, so that a caption whose rounding costs more (a repeat
+        # to block) or whose decode runs longer (a long caption) weighs as often as it occurs.
+        batches = [cycling_batches(features, batch_size) for _ in runs]
         rates = []
         for _ in range(HEAD_TO_HEAD_ROUNDS):
-            rates.append([latency_row(time_calls(lambda run=run, inputs=inputs: run(image_embeds=inputs), device,
+            rates.append([latency_row(time_calls(lambda run=run, batch=batch: run(image_embeds=batch()), device,
                                                  min_seconds / HEAD_TO_HEAD_ROUNDS), batch_size)["captions_per_s"]
-                          for run in (recommended, ar)])
+                          for run, batch in zip(runs, batches)])
         ratios = [diffusion / autoregressive for diffusion, autoregressive in rates]
         rounds[batch_size] = {"captions_per_s": rates, "ratios": ratios, "median_ratio": statistics.median(ratios)}
     return rounds

@@ -149,15 +149,24 @@ def train_twins(args, recipe: dict[str, Any], device: str,
     return models, folders, teachers
 
 
+# How `compare_twins` captions each model by default (the row's name after the model's → the pipeline's arguments
+# and the denoiser passes), and the AR twin.
+TWIN_SAMPLINGS = {"1 step": ({}, 1), "2 steps": ({"num_inference_steps": 2}, 2)}
+AR_SAMPLINGS = {"AR greedy": {"num_beams": 1}}
+
+
 def compare_twins(argv: list[str] | None, script: str, description: str, result_name: str,
-                  models: dict[str, tuple[str, bool, dict[str, Any]]], timed: tuple[str, ...] = ()) -> dict[str, Any]:
+                  models: dict[str, tuple[str, bool, dict[str, Any]]], timed: tuple[str, ...] = (),
+                  samplings: dict[str, tuple[dict[str, Any], int]] = TWIN_SAMPLINGS,
+                  ar_samplings: dict[str, dict[str, Any]] = AR_SAMPLINGS) -> dict[str, Any]:
     """
-    The benchmarks that compare training options on this world (`reference_selection.py`, `image_transitions.py`):
-    every diffusion model of `models` (name → its folder under the training seed's, whether it learns from the AR
-    twin's captions, and its options over this script's recipe) trained unless already there, then captioned at one
-    step and at two beside AR greedy over the training seeds × three sampling seeds. The one-step rows of the models
-    named in `timed` are timed against AR greedy in alternating rounds (`head_to_head`, the first training seed's
-    models). Writes `<result_name>.json` and `.md` to `--output_dir`.
+    The benchmarks that compare training or sampling options on this world (`reference_selection.py`,
+    `image_transitions.py`, `ngram_blocking.py`): every diffusion model of `models` (name → its folder under the
+    training seed's, whether it learns from the AR twin's captions, and its options over this script's recipe)
+    trained unless already there, then captioned in each of `samplings` (by default at one step and at two) beside
+    the AR twin in each of `ar_samplings` (by default greedy) over the training seeds × three sampling seeds. The
+    first sampling's rows of the models named in `timed` are timed against the first AR row in alternating rounds
+    (`head_to_head`, the first training seed's models). Writes `<result_name>.json` and `.md` to `--output_dir`.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser, "harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
@@ -182,24 +191,20 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
         folders[seed]["ar"] = str(teacher)
     first = pipelines[args.training_seeds[0]]
     test, features = features_of_test_split(world_dir, first[next(iter(models))])
-    rows = []
-    for model in models:
-        rows.append({"family": "diffusion", "model": model, "name": f"{model}: 1 step", "kwargs": {}, "passes": 1})
-        rows.append({"family": "diffusion", "model": model, "name": f"{model}: 2 steps",
-                     "kwargs": {"num_inference_steps": 2}, "passes": 2})
-    rows.append({"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}, "passes": None})
+    rows = [{"family": "diffusion", "model": model, "name": f"{model}: {sampling}", "kwargs": kwargs, "passes": passes}
+            for model in models for sampling, (kwargs, passes) in samplings.items()]
+    rows += [{"family": "ar", "name": name, "kwargs": kwargs, "passes": None} for name, kwargs in ar_samplings.items()]
     results: dict[str, Any] = {"command": command, "models": folders, "num_test_images": len(test),
                                "settings": quality_rows(pipelines, rows, features, test)}
     if timed:
         by_name = {row["name"]: row for row in rows}
-        ar_greedy = caption_fn(first, by_name["AR greedy"])
-        results["machine"] = machine_record(device)
+        ar = caption_fn(first, by_name[next(iter(ar_samplings))])
+        results["machine"], results["timed_against"] = machine_record(device), next(iter(ar_samplings))
         with torch.inference_mode():
-            results["head_to_head"] = {
-                model: head_to_head([caption_fn(first, by_name[f"{model}: 1 step"]), ar_greedy], features, device,
-                                    min_seconds, batch_sizes=tuple(SPEED_TARGETS))
-                for model in timed
-            }
+            timed_rows = [f"{model}: {next(iter(samplings))}" for model in timed]
+            results["head_to_head"] = {name: head_to_head([caption_fn(first, by_name[name]), ar], features, device,
+                                                          min_seconds, batch_sizes=tuple(SPEED_TARGETS))
+                                       for name in timed_rows}
         results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = round(time.monotonic() - started, 1)
     write_results(args, result_name, results, twins_markdown(results))
@@ -216,12 +221,12 @@ def twins_markdown(results: dict[str, Any], details: str = "") -> str:
              f"{results['seconds'] / 60:.0f} min.", "",
              *quality_table(results["settings"], {"passes": lambda row: str(row["passes"] or "—")})]
     if "head_to_head" in results:
-        lines += ["", f"Speed against AR greedy ({machine_line(results['machine'])}; captions/s ratio, median of "
-                      "rounds alternating the two, seconds apart, from cached CLIP features):", ""]
-        for model, rounds in results["head_to_head"].items():
+        lines += ["", f"Speed against {results['timed_against']} ({machine_line(results['machine'])}; captions/s "
+                      "ratio, median of rounds alternating the two, seconds apart, from cached CLIP features):", ""]
+        for name, rounds in results["head_to_head"].items():
             ratios = [f"batch {batch_size} {speeds['median_ratio']:.2f}× ({min(speeds['ratios']):.2f}-"
                       f"{max(speeds['ratios']):.2f}×)" for batch_size, speeds in rounds.items()]
-            lines.append(f"- {model}, 1 step: " + ", ".join(ratios))
+            lines.append(f"- {name} — " + ", ".join(ratios))
     return "\n".join(lines) + "\n"
 
 

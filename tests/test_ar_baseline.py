@@ -378,9 +378,28 @@ def test_image_transitions_benchmark_tiny_mode(tmp_path):
     assert both["reference_selection"] and not configs["references, image transitions"]["reference_selection"]
     assert both["model_config"] == configs["references, image transitions"]["model_config"]
     # The one-step rows of both models on the AR's captions timed against AR greedy, round by round.
-    assert set(results["head_to_head"]) == {"on AR's captions", "on AR's captions, image transitions"}
+    assert set(results["head_to_head"]) == {"on AR's captions: 1 step", "on AR's captions, image transitions: 1 step"}
     for rounds in results["head_to_head"].values():
         assert set(rounds) == {"1", "64"} and all(len(speeds["ratios"]) == len(speeds["captions_per_s"]) > 0
                                                   for speeds in rounds.values())
     table = (tmp_path / "results" / "image_transitions_tiny.md").read_text()
-    assert "| on AR's captions, image transitions: 1 step | 1 |" in table and "- on AR's captions, 1 step: batch 1" in table
+    assert "| on AR's captions, image transitions: 1 step | 1 |" in table and "- on AR's captions: 1 step — batch 1" in table
+
+
+def test_ngram_blocking_benchmark_tiny_mode(tmp_path):
+    results = run_tiny_benchmark("ngram_blocking", tmp_path, "w")
+    rows = {row["name"]: row for row in results["settings"]}
+    assert len(rows) == 6 * 3 + 2 and all(len(row["runs"]) == 3 for row in rows.values() if row["family"] == "diffusion")
+    # The models of harder_world.py, reference_selection.py and image_transitions.py, in their folders.
+    assert results["models"]["0"]["references, reference selection"] == str(tmp_path / "w" / "seed0" / "reference_selection")
+    assert results["models"]["0"]["on AR's captions, image transitions"] == str(tmp_path / "w" / "seed0" / "kd_image_transitions")
+    blocking = {name.split(": ")[-1]: row["kwargs"].get("no_repeat_ngram_size")
+                for name, row in rows.items() if name.startswith("references: ")}
+    assert blocking == {"1 step (no trigram twice, the default)": None, "1 step, repeats allowed": 0,
+                        "1 step, no bigram twice": 2}
+    assert rows["AR greedy, no trigram twice"]["kwargs"] == {"num_beams": 1, "no_repeat_ngram_size": 3}
+    assert results["timed_against"] == "AR greedy" and set(results["head_to_head"]) == {
+        "on AR's captions, image transitions: 1 step (no trigram twice, the default)",
+        "references, reference selection, image transitions: 1 step (no trigram twice, the default)"}
+    table = (tmp_path / "results" / "ngram_blocking_tiny.md").read_text()
+    assert "| on AR's captions: 1 step, repeats allowed | 1 |" in table and "Speed against AR greedy" in table
