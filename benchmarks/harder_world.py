@@ -165,7 +165,7 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
     training seed's, whether it learns from the AR twin's captions, and its options over this script's recipe)
     trained unless already there, then captioned in each of `samplings` (by default at one step and at two) beside
     the AR twin in each of `ar_samplings` (by default greedy) over the training seeds × three sampling seeds. The
-    first sampling's rows of the models named in `timed` are timed against the first AR row in alternating rounds
+    rows named in `timed` ("<model>: <sampling>") are timed against the first AR row in alternating rounds
     (`head_to_head`, the first training seed's models). Writes `<result_name>.json` and `.md` to `--output_dir`.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,10 +201,9 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
         ar = caption_fn(first, by_name[next(iter(ar_samplings))])
         results["machine"], results["timed_against"] = machine_record(device), next(iter(ar_samplings))
         with torch.inference_mode():
-            timed_rows = [f"{model}: {next(iter(samplings))}" for model in timed]
             results["head_to_head"] = {name: head_to_head([caption_fn(first, by_name[name]), ar], features, device,
                                                           min_seconds, batch_sizes=tuple(SPEED_TARGETS))
-                                       for name in timed_rows}
+                                       for name in timed}
         results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = round(time.monotonic() - started, 1)
     write_results(args, result_name, results, twins_markdown(results))

@@ -41,7 +41,7 @@ MODELS = {
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     return compare_twins(argv, "image_transitions.py", __doc__, RESULT_NAME, MODELS,
-                         timed=("on AR's captions", "on AR's captions, image transitions"))
+                         timed=("on AR's captions: 1 step", "on AR's captions, image transitions: 1 step"))
 
 
 if __name__ == "__main__":

@@ -400,6 +400,7 @@ def test_ngram_blocking_benchmark_tiny_mode(tmp_path):
     assert rows["AR greedy, no trigram twice"]["kwargs"] == {"num_beams": 1, "no_repeat_ngram_size": 3}
     assert results["timed_against"] == "AR greedy" and set(results["head_to_head"]) == {
         "on AR's captions, image transitions: 1 step (no trigram twice, the default)",
+        "on AR's captions, image transitions: 1 step, repeats allowed",
         "references, reference selection, image transitions: 1 step (no trigram twice, the default)"}
     table = (tmp_path / "results" / "ngram_blocking_tiny.md").read_text()
     assert "| on AR's captions: 1 step, repeats allowed | 1 |" in table and "Speed against AR greedy" in table
