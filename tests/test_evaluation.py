@@ -46,6 +46,22 @@ def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, 
     assert table[0].startswith("| steps | guidance |") and len(table) == 2 + 4
 
 
+def test_evaluate_command_passes_the_ngram_blocking(training_assets, pipeline_from_assets, tmp_path):
+    captions = {}
+    for size in (0, 1):
+        output_dir = tmp_path / f"eval{size}"
+        assert evaluate_main([
+            "--model", str(pipeline_from_assets), "--datasets", str(training_assets["world"]), "--split", "test",
+            "--output_dir", str(output_dir), "--no_repeat_ngram_size", str(size),
+        ]) == 0
+        assert [row["no_repeat_ngram_size"] for row in json.loads((output_dir / "metrics.json").read_text())] == [size]
+        records = (output_dir / "predictions.jsonl").read_text().splitlines()
+        captions[size] = [json.loads(line)["captions"][0] for line in records]
+    words = [caption.split() for caption in captions[1]]
+    assert all(len(set(caption)) == len(caption) for caption in words)  # no word twice
+    assert captions[1] != captions[0]  # the shapes world's captions say "a" twice
+
+
 def test_eval_results_for_the_model_index():
     metrics = {"BLEU-4": 0.25, "CIDEr": 0.8, "METEOR": None, "SPICE": None, "object_accuracy": 0.9}
     results = eval_results_from_metrics(metrics, "shapes", "shapes-world", "test")

@@ -22,7 +22,11 @@ from .clip_features import encode_dataset_images
 from .data import load_datasets
 from .feature_cache import CLIPFeatureCache
 from .metrics import compute_caption_metrics, compute_diversity
-from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, CLIPDiffusionCaptionPipeline
+from .pipelines.pipeline_clip_diffusion_caption import (
+    RECOMMENDED_INFERENCE_STEPS,
+    RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+    CLIPDiffusionCaptionPipeline,
+)
 
 TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accuracy", "exact_match", "self_bleu_4")
 
@@ -36,6 +40,7 @@ def caption_embeddings(
     batch_size: int = 64,
     seed: int = 0,
     show_progress: bool = False,
+    no_repeat_ngram_size: int = RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
 ) -> list[list[str]]:
     """Captions for precomputed image embeddings, `num_captions_per_image` per image, reproducible for a `seed`."""
     generator = torch.Generator().manual_seed(seed)
@@ -47,6 +52,7 @@ def caption_embeddings(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             num_captions_per_image=num_captions_per_image,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             generator=generator,
         ).captions
         captions.extend(flat[i : i + num_captions_per_image] for i in range(0, len(flat), num_captions_per_image))
@@ -97,6 +103,7 @@ def evaluate_pipeline(
     batch_size: int = 64,
     seed: int = 0,
     show_progress: bool = True,
+    no_repeat_ngram_size: int = RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
 ) -> list[dict[str, Any]]:
     """
     Captions every image of `split` for each setting and writes the results.
@@ -122,6 +129,8 @@ def evaluate_pipeline(
             Seed of every setting's sampling.
         show_progress (`bool`, *optional*, defaults to `True`):
             Show a progress bar per setting.
+        no_repeat_ngram_size (`int`, *optional*, defaults to `RECOMMENDED_NO_REPEAT_NGRAM_SIZE` = 3):
+            The pipeline's n-gram blocking in every setting (0: off, the rounding of the paper); recorded in each row.
 
     Returns:
         `list[dict]`: One metrics row per setting, as in `metrics.json`.
@@ -143,9 +152,11 @@ def evaluate_pipeline(
     for steps in num_inference_steps:
         for guidance in guidance_scales:
             captions = caption_embeddings(
-                pipe, image_embeds, steps, guidance, num_captions_per_image, batch_size, seed, show_progress
+                pipe, image_embeds, steps, guidance, num_captions_per_image, batch_size, seed, show_progress,
+                no_repeat_ngram_size,
             )
-            rows.append({"num_inference_steps": steps, "guidance_scale": guidance, **score_split(captions, split)})
+            rows.append({"num_inference_steps": steps, "guidance_scale": guidance,
+                         "no_repeat_ngram_size": no_repeat_ngram_size, **score_split(captions, split)})
             for image_id, image_captions, references in zip(split["image_id"], captions, split["captions"]):
                 predictions.append({
                     "image_id": image_id,
@@ -199,6 +210,9 @@ class EvaluationArguments:
         "help": "Classifier-free guidance scales to sweep."
     })
     num_captions_per_image: int = field(default=1, metadata={"help": "Captions per image (diversity metrics > 1)."})
+    no_repeat_ngram_size: int = field(default=RECOMMENDED_NO_REPEAT_NGRAM_SIZE, metadata={
+        "help": "No n-gram of this many words twice in a caption (the pipeline's default; 0: off, as in the paper)."
+    })
     batch_size: int = field(default=64, metadata={"help": "Images per pipeline call."})
     max_images: int | None = field(default=None, metadata={"help": "Evaluate only the first this many images."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling noise."})
@@ -232,7 +246,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         )
     rows = evaluate_pipeline(
         pipe, split, args.output_dir, image_embeds, args.num_inference_steps, args.guidance_scale,
-        args.num_captions_per_image, args.batch_size, args.seed,
+        args.num_captions_per_image, args.batch_size, args.seed, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
     print(metrics_table(rows))
     return 0
