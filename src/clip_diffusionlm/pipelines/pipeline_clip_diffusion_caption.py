@@ -37,8 +37,9 @@ logger = logging.get_logger(__name__)
 RECOMMENDED_INFERENCE_STEPS = 1
 # The default n-gram blocking of the rounding (`no_repeat_ngram_size`): no three words twice in a caption. One
 # parallel pass can name one object twice where the scene has two ("a red triangle is to the left of a red
-# triangle"); on the harder world blocking trigrams lifted one step's object accuracy by 6-13 points, and it changed
-# no caption of the demo world, where 2 (blocking "a red" twice) cost 8 points.
+# triangle"); on the harder world blocking trigrams lifted one step's object accuracy by 7-13 points with
+# `image_transition_rank` (1-6 without), and it changed no score of the demo's model, where 2 (blocking "a red"
+# twice) cost 8 points.
 RECOMMENDED_NO_REPEAT_NGRAM_SIZE = 3
 
 
