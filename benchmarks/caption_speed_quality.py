@@ -128,8 +128,7 @@ def latency_row(times: list[float], batch_size: int) -> dict[str, float]:
 
 def batch_of(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The first `batch_size` rows, the split repeated when it is smaller."""
-    repeats = -(-batch_size // len(tensor))
-    return tensor.repeat(repeats, *[1] * (tensor.ndim - 1))[:batch_size]
+    return cycling_batches(tensor, batch_size)()
 
 
 def cycling_batches(tensor: torch.Tensor, batch_size: int) -> Callable[[], torch.Tensor]:

@@ -198,8 +198,8 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
                                "settings": quality_rows(pipelines, rows, features, test)}
     if timed:
         by_name = {row["name"]: row for row in rows}
-        ar = caption_fn(first, by_name[next(iter(ar_samplings))])
         results["machine"], results["timed_against"] = machine_record(device), next(iter(ar_samplings))
+        ar = caption_fn(first, by_name[results["timed_against"]])
         with torch.inference_mode():
             results["head_to_head"] = {name: head_to_head([caption_fn(first, by_name[name]), ar], features, device,
                                                           min_seconds, batch_sizes=tuple(SPEED_TARGETS))

@@ -474,12 +474,13 @@ def best_path_without_repeated_ngrams(
 
     paths = best_path(logits, slice(None))
     logits = logits.clone()
+    rows = torch.arange(len(paths), device=paths.device)  # the captions that may still repeat
     for _ in range(logits.shape[1]):
-        ends = first_repeated_ngram_ends(paths, ngram_size, exempt)
-        rows = (ends >= 0).nonzero().squeeze(1)
+        ends = first_repeated_ngram_ends(paths[rows], ngram_size, exempt)
+        rows, ends = rows[ends >= 0], ends[ends >= 0]
         if not len(rows):
             break
-        logits[rows, ends[rows], paths[rows, ends[rows]]] = float("-inf")
+        logits[rows, ends, paths[rows, ends]] = float("-inf")
         paths[rows] = best_path(logits[rows], rows)
     return paths
 
