@@ -80,11 +80,13 @@ IMAGE_TRANSITION_RANK = 4
 # its folder under the training seed's, whether it learns from the AR twin's captions, and its options over the
 # recipe (as `compare_twins` reads them).
 MODELS = {
-    "references, reference selection, image transitions": ("references_selection_image_transitions", False, {
+    "no teacher": ("references_selection_image_transitions", False, {
         "reference_selection": True, "model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
-    "on AR's captions, image transitions": ("kd_image_transitions", True,
-                                            {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
+    "AR teacher": ("kd_image_transitions", True, {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
 }
+RECIPES = ("no teacher: trained on the five references with reference selection; AR teacher: trained on the AR "
+           "twin's caption of each training image; both with the image's chain transitions (rank "
+           f"{IMAGE_TRANSITION_RANK}) and rounding with the pipeline's defaults (trigrams blocked).")
 
 
 def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> None:
@@ -408,7 +410,7 @@ def write_results(args, result_name: str, results: dict[str, Any], table: str) -
 def markdown(results: dict[str, Any]) -> str:
     seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
     lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; "
-             f"{machine_line(results['machine'])}; {results['seconds'] / 60:.0f} min in all.", "",
+             f"{machine_line(results['machine'])}; {results['seconds'] / 60:.0f} min in all.", "", RECIPES, "",
              f"Median (worst) over training seeds {seeds} × sampling seeds {list(SAMPLING_SEEDS)} (AR: one); speed "
              "of the first training seed's models, from cached CLIP features.", "",
              "| setting | CIDEr | BLEU-4 | objects | counts | relations (stated/caption) | fully correct | malformed | "

@@ -32,9 +32,9 @@ MODELS = {
     "references": ("diffusion", False, {}),
     "references, image transitions": ("references_image_transitions", False,
                                       {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
-    "references, reference selection, image transitions": RECOMMENDED["references, reference selection, image transitions"],
+    "references, reference selection, image transitions": RECOMMENDED["no teacher"],
     "on AR's captions": ("distilled", True, {}),
-    "on AR's captions, image transitions": RECOMMENDED["on AR's captions, image transitions"],
+    "on AR's captions, image transitions": RECOMMENDED["AR teacher"],
 }
 
 

@@ -235,25 +235,22 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
     world = json.loads(Path(results["recipe"]["datasets"][0], "world.json").read_text())
     assert world["config"]["caption_style"] == "scene" and world["config"]["max_objects"] == 4
     rows = {row["name"]: row for row in results["settings"]}
-    assert list(rows) == [
-        "references, reference selection, image transitions: DDIM 1 step (the pipeline's defaults)",
-        "references, reference selection, image transitions: DDIM 2 steps",
-        "on AR's captions, image transitions: DDIM 1 step (the pipeline's defaults)",
-        "on AR's captions, image transitions: DDIM 2 steps", "AR greedy", "AR beam 3"]
+    assert list(rows) == ["no teacher: DDIM 1 step (the pipeline's defaults)", "no teacher: DDIM 2 steps",
+                          "AR teacher: DDIM 1 step (the pipeline's defaults)", "AR teacher: DDIM 2 steps",
+                          "AR greedy", "AR beam 3"]
     # The recommended recipes: without a teacher, selecting among the references; with the AR twin as teacher, on its
     # captions (and its card says so); both with the image's chain transitions.
     folders = results["models"]["0"]
     assert {name: Path(folder).name for name, folder in folders.items()} == {
-        "references, reference selection, image transitions": "references_selection_image_transitions",
-        "on AR's captions, image transitions": "kd_image_transitions", "ar": "ar"}
-    selecting, distilled = (json.loads(Path(folders[name], "training_config.json").read_text()) for name in (
-        "references, reference selection, image transitions", "on AR's captions, image transitions"))
+        "no teacher": "references_selection_image_transitions", "AR teacher": "kd_image_transitions", "ar": "ar"}
+    selecting, distilled = (json.loads(Path(folders[name], "training_config.json").read_text())
+                            for name in ("no teacher", "AR teacher"))
     assert selecting["reference_selection"] and selecting["caption_teacher"] is None
     assert distilled["caption_teacher"] == folders["ar"] and not distilled["reference_selection"]
     assert "(`caption_teacher`, sequence-level knowledge distillation)" in " ".join(
-        Path(folders["on AR's captions, image transitions"], "README.md").read_text().split())
+        Path(folders["AR teacher"], "README.md").read_text().split())
     # Every option of the recipe reaches the models (the tiny recipe has the demo's gate and chain rounding).
-    for name in ("references, reference selection, image transitions", "on AR's captions, image transitions"):
+    for name in ("no teacher", "AR teacher"):
         model_config = json.loads(Path(folders[name], "denoiser", "config.json").read_text())
         assert model_config["gate_noisy_input"] and model_config["rounding_transitions"]
         assert model_config["image_transition_rank"] == 4
