@@ -23,6 +23,12 @@ def test_caption_command(pipeline, tmp_path, capsys):
                              generator=__import__("torch").Generator().manual_seed(0)).captions[0]
     assert no_word_twice != expected  # the untrained tiny model repeats its words
     assert capsys.readouterr().out.strip().split("\t")[1] == no_word_twice
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--steps", "3",
+                 "--length-bonus", "-50"]) == 0
+    ended_early = pipeline(PIL.Image.open(image_path), num_inference_steps=3, length_bonus=-50,
+                           generator=__import__("torch").Generator().manual_seed(0)).captions[0]
+    assert len(ended_early.split()) < len(expected.split())
+    assert capsys.readouterr().out.rstrip("\n").split("\t")[1] == ended_early
 
     assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--json", "--num-captions", "2"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -45,6 +51,8 @@ def test_caption_command_reports_bad_input(pipeline, tmp_path, capsys):
     assert "num_inference_steps" in capsys.readouterr().err
     assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--no-repeat-ngram-size", "-1"]) == 2
     assert "no_repeat_ngram_size" in capsys.readouterr().err
+    assert main(["caption", str(image_path), "--model", str(tmp_path / "pipe"), "--length-bonus", "nan"]) == 2
+    assert "length_bonus" in capsys.readouterr().err
 
 
 def test_train_and_evaluate_commands_forward_their_flags(training_assets, tmp_path, capsys):

@@ -46,20 +46,24 @@ def test_evaluate_command_writes_predictions_metrics_and_table(training_assets, 
     assert table[0].startswith("| steps | guidance |") and len(table) == 2 + 4
 
 
-def test_evaluate_command_passes_the_ngram_blocking(training_assets, pipeline_from_assets, tmp_path):
+def test_evaluate_command_passes_the_rounding_options(training_assets, pipeline_from_assets, tmp_path):
     captions = {}
-    for size in (0, 1):
-        output_dir = tmp_path / f"eval{size}"
+    for size, bonus in ((0, 0.0), (1, 0.0), (0, 50.0)):
+        output_dir = tmp_path / f"eval_{size}_{bonus:g}"
         assert evaluate_main([
             "--model", str(pipeline_from_assets), "--datasets", str(training_assets["world"]), "--split", "test",
-            "--output_dir", str(output_dir), "--no_repeat_ngram_size", str(size),
+            "--output_dir", str(output_dir), "--no_repeat_ngram_size", str(size), "--length_bonus", str(bonus),
         ]) == 0
-        assert [row["no_repeat_ngram_size"] for row in json.loads((output_dir / "metrics.json").read_text())] == [size]
+        rows = json.loads((output_dir / "metrics.json").read_text())
+        assert [(row["no_repeat_ngram_size"], row["length_bonus"]) for row in rows] == [(size, bonus)]
         records = (output_dir / "predictions.jsonl").read_text().splitlines()
-        captions[size] = [json.loads(line)["captions"][0] for line in records]
-    words = [caption.split() for caption in captions[1]]
-    assert all(len(set(caption)) == len(caption) for caption in words)  # no word twice
-    assert captions[1] != captions[0]  # the shapes world's captions say "a" twice
+        captions[size, bonus] = [json.loads(line)["captions"][0].split() for line in records]
+    plain, blocked, longer = captions[0, 0.0], captions[1, 0.0], captions[0, 50.0]
+    assert all(len(set(caption)) == len(caption) for caption in blocked)  # no word twice
+    assert blocked != plain  # the shapes world's captions say "a" twice
+    # A bonus above every end's margin leaves no position to padding: every caption as long or longer.
+    assert all(len(long) >= len(short) for long, short in zip(longer, plain))
+    assert sum(map(len, longer)) > sum(map(len, plain))
 
 
 def test_eval_results_for_the_model_index():

@@ -115,6 +115,19 @@ def test_no_repeat_ngram_size_reaches_the_pipeline(server, handler):
         assert post(server, request) == (200, from_the_pipeline(size))
 
 
+def test_length_bonus_reaches_the_pipeline(server, handler):
+    image = PIL.Image.open(io.BytesIO(RED))
+
+    def from_the_pipeline(bonus: float) -> list[dict[str, str]]:
+        captions = handler.pipe(image, length_bonus=bonus, generator=torch.Generator().manual_seed(0)).captions
+        return [{"generated_text": caption} for caption in captions]
+
+    assert from_the_pipeline(-5.0) != from_the_pipeline(0.0)
+    for bonus in (-5.0, 0.0):
+        request = {"inputs": base64.b64encode(RED).decode(), "parameters": {"length_bonus": bonus}}
+        assert post(server, request) == (200, from_the_pipeline(bonus))
+
+
 def _bomb() -> bytes:
     """A small PNG that decodes to 25 million pixels."""
     return png(PIL.Image.new("L", (5000, 5000), 0))
@@ -145,6 +158,9 @@ BAD_REQUESTS = [
     ("repeat blocking too long", lambda: ({"inputs": base64.b64encode(RED).decode(),
                                            "parameters": {"no_repeat_ngram_size": 9}},), 400,
      r"parameters.no_repeat_ngram_size must be an integer in \[0, 8\]"),
+    ("word bonus out of range", lambda: ({"inputs": base64.b64encode(RED).decode(),
+                                          "parameters": {"length_bonus": 6}},), 400,
+     r"parameters.length_bonus must be a number in \[-5.0, 5.0\]"),
     ("unknown parameter", lambda: ({"inputs": base64.b64encode(RED).decode(),
                                     "parameters": {"temperature": 1}},), 400, "Unknown parameters"),
 ]

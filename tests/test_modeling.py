@@ -564,6 +564,29 @@ def test_rounding_blocks_repeated_ngrams_but_special_tokens(tokenizer):
         estimate, no_repeat_ngram_size=2, special_token_ids=tokenizer.all_special_ids)).all()
 
 
+def test_length_bonus_raises_every_word_but_the_special_tokens(tokenizer):
+    """`length_bonus` b adds b to every rounding class but the special tokens': a position torn between a word and
+    [SEP] takes the word for a b above their gap and [SEP] for one below minus it; clear positions keep their word,
+    and without the special ids there is nothing to tell words from the end."""
+    vocabulary = [0, 1, 2, 3, 5, 6, 7]  # index 3 is [SEP]
+    model = tiny_denoiser(tokenizer, rounding_vocabulary=vocabulary, rounding_logit_scale=10.0, rounding_transitions=True)
+    weight = model.get_input_embeddings().weight[vocabulary] * model.config.embedding_scale
+    estimate = torch.stack([weight[4], weight[5], 0.5 * weight[4] + 0.5 * weight[3], weight[3]])[None]
+    logits = model.round_to_logits(estimate)[0]
+    gap = (logits[2, 4] - logits[2, 3]).abs().item()
+    margins = [(logits[p, word] - logits[p].clone().index_fill_(0, torch.tensor([word]), -1e9).max()).item()
+               for p, word in ((0, 4), (1, 5), (3, 3))]
+    bonus = 1.5 * gap
+    assert min(margins) > bonus  # so the bonus moves only the torn position
+    special = tokenizer.all_special_ids
+    assert model.round_to_indices(estimate, special_token_ids=special, length_bonus=bonus).tolist() == [[4, 5, 4, 3]]
+    assert model.round_to_indices(estimate, special_token_ids=special, length_bonus=-bonus).tolist() == [[4, 5, 3, 3]]
+    assert torch.equal(model.round_to_token_ids(estimate, None, 0, special, bonus),
+                       model.rounding_token_ids[torch.tensor([[4, 5, 4, 3]])])
+    with pytest.raises(ValueError, match="special_token_ids"):
+        model.round_to_indices(estimate, length_bonus=1.0)
+
+
 def test_rounding_transitions_start_as_per_word_rounding_and_keep_the_caption_consistent(tokenizer):
     """Zero transitions: L_R is the per-position cross-entropy and rounding the per-position argmax. A forbidden pair
     (the article "a" before "orange" in the issue's example) is never written, even when each word's own argmax
@@ -733,7 +756,7 @@ def test_one_step_draft_is_what_the_pipeline_writes_in_one_step(tokenizer):
     pipe.set_progress_bar_config(disable=True)
     image = torch.randn(3, CONDITION_DIM)
     written = pipe(image_embeds=image, num_inference_steps=1, output_type="token_ids", no_repeat_ngram_size=0,
-                   generator=torch.Generator().manual_seed(0)).captions
+                   length_bonus=0, generator=torch.Generator().manual_seed(0)).captions
     config = pipe.denoiser.config
     noise = torch.randn(3, config.caption_length, pipe.denoiser.hidden_size, generator=torch.Generator().manual_seed(0))
     draft = one_step_draft(pipe.denoiser, pipe.scheduler.alphas_cumprod, noise, image_embeds=image)

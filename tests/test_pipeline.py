@@ -122,12 +122,12 @@ def test_rounding_reads_the_image_where_the_chain_does(tokenizer, tmp_path):
         pipe.denoiser.image_transition_right.weight.normal_(generator=torch.Generator().manual_seed(0))
     patches = pipe.encode_images(_images())
     latent = _run(pipe, output_type="latent").captions
-    token_ids = _run(pipe, output_type="token_ids", no_repeat_ngram_size=0).captions
+    token_ids = _run(pipe, output_type="token_ids", no_repeat_ngram_size=0, length_bonus=0).captions
     assert torch.equal(token_ids, pipe.denoiser.round_to_token_ids(latent, patches))
     assert not torch.equal(token_ids, pipe.denoiser.round_to_token_ids(latent, patches.roll(1, dims=0)))
     special = pipe.tokenizer.all_special_ids
     assert torch.equal(_run(pipe, output_type="token_ids").captions,
-                       pipe.denoiser.round_to_token_ids(latent, patches, 3, special))
+                       pipe.denoiser.round_to_token_ids(latent, patches, 3, special, 1.0))
     for kwargs in ({"clamp_to_vocabulary": True},
                    {"num_refinement_steps": 1, "refinement_timestep": 999, "refinement_ratio": 0.25}):
         assert len(_run(pipe, **kwargs).captions) == 3
@@ -136,23 +136,28 @@ def test_rounding_reads_the_image_where_the_chain_does(tokenizer, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     reloaded = CLIPDiffusionCaptionPipeline.from_pretrained(tmp_path / "pipe")
     reloaded.set_progress_bar_config(disable=True)
-    assert torch.equal(_run(reloaded, output_type="token_ids", no_repeat_ngram_size=0).captions, token_ids)
+    assert torch.equal(_run(reloaded, output_type="token_ids", no_repeat_ngram_size=0, length_bonus=0).captions,
+                       token_ids)
 
 
 def test_captions_repeat_no_trigram_by_default(pipeline):
-    """The default rounding (`no_repeat_ngram_size=3`) is the denoiser's with repeated trigrams blocked and special
-    tokens exempt; 0 is the plain rounding. The untrained tiny model repeats plenty."""
+    """The default rounding (`no_repeat_ngram_size=3`, `length_bonus=1`) is the denoiser's with repeated trigrams
+    blocked, special tokens exempt, and every other word's score raised by 1; 0 and 0 are the plain rounding. The
+    untrained tiny model repeats plenty."""
     from clip_diffusionlm.models.modeling_clip_diffusionlm import first_repeated_ngram_ends
-    from clip_diffusionlm.pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_NO_REPEAT_NGRAM_SIZE
+    from clip_diffusionlm.pipelines.pipeline_clip_diffusion_caption import (
+        RECOMMENDED_LENGTH_BONUS,
+        RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+    )
 
-    assert RECOMMENDED_NO_REPEAT_NGRAM_SIZE == 3
+    assert RECOMMENDED_NO_REPEAT_NGRAM_SIZE == 3 and RECOMMENDED_LENGTH_BONUS == 1.0
     images = _images() * 4
     latent = _run(pipeline, images, output_type="latent").captions
-    plain = _run(pipeline, images, output_type="token_ids", no_repeat_ngram_size=0).captions
+    plain = _run(pipeline, images, output_type="token_ids", no_repeat_ngram_size=0, length_bonus=0).captions
     assert torch.equal(plain, pipeline.denoiser.round_to_token_ids(latent))
     blocked = _run(pipeline, images, output_type="token_ids").captions
     special = pipeline.tokenizer.all_special_ids
-    assert torch.equal(blocked, pipeline.denoiser.round_to_token_ids(latent, None, 3, special))
+    assert torch.equal(blocked, pipeline.denoiser.round_to_token_ids(latent, None, 3, special, 1.0))
     exempt = torch.isin(torch.arange(pipeline.tokenizer.vocab_size), torch.tensor(special))
     assert (first_repeated_ngram_ends(plain, 3, exempt) >= 0).any()
     assert (first_repeated_ngram_ends(blocked, 3, exempt) == -1).all()
@@ -426,6 +431,9 @@ def test_bad_inputs_are_named(pipeline):
     for size in (-1, caption_length + 1, 2.0):
         with pytest.raises(ValueError, match=rf"`no_repeat_ngram_size` must be an integer in \[0, {caption_length}\]"):
             _run(pipeline, no_repeat_ngram_size=size)
+    for bonus in (float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="`length_bonus` must be a finite number"):
+            _run(pipeline, length_bonus=bonus)
 
 
 def test_incomplete_or_pickled_checkpoints_are_refused(pipeline, tmp_path):
@@ -459,8 +467,9 @@ def test_a_pipeline_saved_by_the_flat_layout_loads_and_captions_the_same(tmp_pat
     pipe.set_progress_bar_config(disable=True)
     images = [PIL.Image.new("RGB", (40, 30), (255, 0, 0)), PIL.Image.new("RGB", (32, 32), (0, 0, 255))]
     generator = torch.Generator().manual_seed(expected["seed"])
-    assert pipe(images, num_inference_steps=expected["num_inference_steps"], generator=generator).captions == \
-        expected["captions"]
+    # 0.1 rounded each caption as it stood: no n-gram blocking, no word bonus.
+    assert pipe(images, num_inference_steps=expected["num_inference_steps"], no_repeat_ngram_size=0, length_bonus=0,
+                generator=generator).captions == expected["captions"]
     # Saved again, it is a folder of the current layout.
     pipe.save_pretrained(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "model_index.json").read_text())["denoiser"][0] == "modeling_clip_diffusionlm"

@@ -11,7 +11,11 @@ import PIL.Image
 import torch
 
 from .cli_errors import run_cli
-from .pipelines.pipeline_clip_diffusion_caption import RECOMMENDED_INFERENCE_STEPS, RECOMMENDED_NO_REPEAT_NGRAM_SIZE
+from .pipelines.pipeline_clip_diffusion_caption import (
+    RECOMMENDED_INFERENCE_STEPS,
+    RECOMMENDED_LENGTH_BONUS,
+    RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+)
 
 
 def _load_pipeline(model: str, allow_pickle: bool = False):
@@ -41,6 +45,7 @@ def caption_command(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         num_captions_per_image=args.num_captions,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
+        length_bonus=args.length_bonus,
         generator=generator,
     ).captions
     for index, path in enumerate(args.images):
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--no-repeat-ngram-size", type=int, default=RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
                          help=f"No n-gram of this many words twice in a caption (default "
                               f"{RECOMMENDED_NO_REPEAT_NGRAM_SIZE}, the recommended setting; 0: off).")
+    caption.add_argument("--length-bonus", type=float, default=RECOMMENDED_LENGTH_BONUS,
+                         help=f"Added to every word's rounding score, so captions end later (default "
+                              f"{RECOMMENDED_LENGTH_BONUS:g}, the recommended setting; 0: off).")
     caption.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default 0).")
     caption.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
     caption.add_argument("--json", action="store_true", help="One JSON object per image instead of TSV lines.")

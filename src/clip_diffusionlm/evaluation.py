@@ -24,6 +24,7 @@ from .feature_cache import CLIPFeatureCache
 from .metrics import compute_caption_metrics, compute_diversity
 from .pipelines.pipeline_clip_diffusion_caption import (
     RECOMMENDED_INFERENCE_STEPS,
+    RECOMMENDED_LENGTH_BONUS,
     RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
     CLIPDiffusionCaptionPipeline,
 )
@@ -41,6 +42,7 @@ def caption_embeddings(
     seed: int = 0,
     show_progress: bool = False,
     no_repeat_ngram_size: int = RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+    length_bonus: float = RECOMMENDED_LENGTH_BONUS,
 ) -> list[list[str]]:
     """Captions for precomputed image embeddings, `num_captions_per_image` per image, reproducible for a `seed`."""
     generator = torch.Generator().manual_seed(seed)
@@ -53,6 +55,7 @@ def caption_embeddings(
             guidance_scale=guidance_scale,
             num_captions_per_image=num_captions_per_image,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            length_bonus=length_bonus,
             generator=generator,
         ).captions
         captions.extend(flat[i : i + num_captions_per_image] for i in range(0, len(flat), num_captions_per_image))
@@ -104,6 +107,7 @@ def evaluate_pipeline(
     seed: int = 0,
     show_progress: bool = True,
     no_repeat_ngram_size: int = RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+    length_bonus: float = RECOMMENDED_LENGTH_BONUS,
 ) -> list[dict[str, Any]]:
     """
     Captions every image of `split` for each setting and writes the results.
@@ -131,6 +135,8 @@ def evaluate_pipeline(
             Show a progress bar per setting.
         no_repeat_ngram_size (`int`, *optional*, defaults to `RECOMMENDED_NO_REPEAT_NGRAM_SIZE` = 3):
             The pipeline's n-gram blocking in every setting (0: off, the rounding of the paper); recorded in each row.
+        length_bonus (`float`, *optional*, defaults to `RECOMMENDED_LENGTH_BONUS` = 1.0):
+            The pipeline's word bonus in every setting (0: off, the rounding of the paper); recorded in each row.
 
     Returns:
         `list[dict]`: One metrics row per setting, as in `metrics.json`.
@@ -153,10 +159,11 @@ def evaluate_pipeline(
         for guidance in guidance_scales:
             captions = caption_embeddings(
                 pipe, image_embeds, steps, guidance, num_captions_per_image, batch_size, seed, show_progress,
-                no_repeat_ngram_size,
+                no_repeat_ngram_size, length_bonus,
             )
             rows.append({"num_inference_steps": steps, "guidance_scale": guidance,
-                         "no_repeat_ngram_size": no_repeat_ngram_size, **score_split(captions, split)})
+                         "no_repeat_ngram_size": no_repeat_ngram_size, "length_bonus": length_bonus,
+                         **score_split(captions, split)})
             for image_id, image_captions, references in zip(split["image_id"], captions, split["captions"]):
                 predictions.append({
                     "image_id": image_id,
@@ -213,6 +220,10 @@ class EvaluationArguments:
     no_repeat_ngram_size: int = field(default=RECOMMENDED_NO_REPEAT_NGRAM_SIZE, metadata={
         "help": "No n-gram of this many words twice in a caption (the pipeline's default; 0: off, as in the paper)."
     })
+    length_bonus: float = field(default=RECOMMENDED_LENGTH_BONUS, metadata={
+        "help": "Added to every word's rounding score, so captions end later (the pipeline's default; 0: off, as in "
+                "the paper)."
+    })
     batch_size: int = field(default=64, metadata={"help": "Images per pipeline call."})
     max_images: int | None = field(default=None, metadata={"help": "Evaluate only the first this many images."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling noise."})
@@ -247,6 +258,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     rows = evaluate_pipeline(
         pipe, split, args.output_dir, image_embeds, args.num_inference_steps, args.guidance_scale,
         args.num_captions_per_image, args.batch_size, args.seed, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        length_bonus=args.length_bonus,
     )
     print(metrics_table(rows))
     return 0

@@ -65,6 +65,7 @@ PARAMETERS = {
     "num_inference_steps": Parameter(int, 1, 100, None),
     "guidance_scale": Parameter(float, 0.0, 20.0, 1.0),
     "no_repeat_ngram_size": Parameter(int, 0, 8, None),
+    "length_bonus": Parameter(float, -5.0, 5.0, None),
     "num_captions_per_image": Parameter(int, 1, 8, 1),
     "seed": Parameter(int, 0, 2**63 - 1, 0),
 }
@@ -164,8 +165,9 @@ class EndpointHandler:
         Args:
             data (`dict`):
                 `{"inputs": IMAGE or [IMAGE, ...], "parameters": {"num_inference_steps": 1, "guidance_scale": 1.0,
-                "no_repeat_ngram_size": 3, "num_captions_per_image": 1, "seed": 0}}`; every parameter is optional
-                (`num_inference_steps` and `no_repeat_ngram_size` default to the pipeline's recommended setting).
+                "no_repeat_ngram_size": 3, "length_bonus": 1.0, "num_captions_per_image": 1, "seed": 0}}`; every
+                parameter is optional (`num_inference_steps`, `no_repeat_ngram_size` and `length_bonus` default to the
+                pipeline's recommended setting).
 
         Returns:
             `list`: For one image, `[{"generated_text": caption}, ...]` (one per caption); for a list of images, one

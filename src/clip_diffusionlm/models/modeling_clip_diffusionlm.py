@@ -690,23 +690,31 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         image_embeds: torch.FloatTensor | None = None,
         no_repeat_ngram_size: int = 0,
         special_token_ids: list[int] | tuple[int, ...] = (),
+        length_bonus: float = 0.0,
     ) -> torch.LongTensor:
         """Rounding into the rounding head's classes, shape `embeds.shape[:-1]`: the most likely word at each
         position, or with `rounding_transitions` the most likely caption (Viterbi), under the transitions of each
         caption's image (`image_embeds`, `(batch, ...)`) with `image_transition_rank`. With `no_repeat_ngram_size`,
         no n-gram of that many words occurs twice in a caption ([`best_path_without_repeated_ngrams`]) but those
-        holding one of `special_token_ids` (padding)."""
+        holding one of `special_token_ids` (padding). `length_bonus` is added to the score of every word but those,
+        so that a caption ends only where its end is surer than that (a word insertion bonus, as in speech
+        recognition's decoders)."""
         logits = self.round_to_logits(embeds)
+        special = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        special_classes = self.rounding_targets(torch.as_tensor(special_token_ids, dtype=torch.long, device=logits.device))
+        special[special_classes[special_classes >= 0]] = True
+        if length_bonus:
+            if not special.any():
+                raise ValueError("`length_bonus` rewards every word but the special tokens: pass their "
+                                 "`special_token_ids` (e.g. `tokenizer.all_special_ids`).")
+            logits = logits + length_bonus * (~special).to(logits.dtype)
         transitions = None if self.transition_scores is None else self.chain_transitions(image_embeds)
         if not no_repeat_ngram_size:
             if transitions is None:
                 return logits.argmax(dim=-1)
             return linear_chain_best_path(logits.flatten(0, -3).float(), transitions).view(logits.shape[:-1])
-        exempt = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        special = self.rounding_targets(torch.as_tensor(special_token_ids, dtype=torch.long, device=logits.device))
-        exempt[special[special >= 0]] = True
         return best_path_without_repeated_ngrams(
-            logits.flatten(0, -3).float(), transitions, no_repeat_ngram_size, exempt
+            logits.flatten(0, -3).float(), transitions, no_repeat_ngram_size, special
         ).view(logits.shape[:-1])
 
     def round_to_token_ids(
@@ -715,9 +723,10 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         image_embeds: torch.FloatTensor | None = None,
         no_repeat_ngram_size: int = 0,
         special_token_ids: list[int] | tuple[int, ...] = (),
+        length_bonus: float = 0.0,
     ) -> torch.LongTensor:
         """Rounding to token ids, shape `embeds.shape[:-1]` (see [`~CLIPDiffusionLMModel.round_to_indices`])."""
-        best = self.round_to_indices(embeds, image_embeds, no_repeat_ngram_size, special_token_ids)
+        best = self.round_to_indices(embeds, image_embeds, no_repeat_ngram_size, special_token_ids, length_bonus)
         return self.rounding_token_ids[best] if self.rounding_token_ids.numel() else best
 
     def rounding_targets(self, token_ids: torch.LongTensor) -> torch.LongTensor:
