@@ -100,14 +100,15 @@ def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> 
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def features_of_test_split(world_dir: Path, pipe: CLIPDiffusionCaptionPipeline) -> tuple[Any, torch.Tensor]:
-    """The world's test split and its CLIP features as `pipe`'s denoiser reads them."""
-    test = load_shapes_world(world_dir)["test"]
+def features_of_split(world_dir: Path, pipe: CLIPDiffusionCaptionPipeline, split: str = "test"
+                      ) -> tuple[Any, torch.Tensor]:
+    """A split of the world (by default the test split) and its CLIP features as `pipe`'s denoiser reads them."""
+    images = load_shapes_world(world_dir)[split]
     config = pipe.denoiser.config
-    features = encode_dataset_images(pipe.image_encoder, pipe.image_processor, test, QUALITY_BATCH,
+    features = encode_dataset_images(pipe.image_encoder, pipe.image_processor, images, QUALITY_BATCH,
                                      config.image_features, num_workers=0,
                                      vision_feature_layer=config.vision_feature_layer)
-    return test, features
+    return images, features
 
 
 def prepare_world_and_recipe(args) -> tuple[Path, dict[str, Any]]:
@@ -177,11 +178,14 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
     trained unless already there, then captioned in each of `samplings` (by default at one step and at two) beside
     the AR twin in each of `ar_samplings` (by default greedy) over the training seeds × three sampling seeds. The
     rows named in `timed` ("<model>: <sampling>") are timed against the first AR row in alternating rounds
-    (`head_to_head`, the first training seed's models). Writes `<result_name>.json` and `.md` to `--output_dir`.
+    (`head_to_head`, the first training seed's models). Writes `<result_name>.json` and `.md` to `--output_dir`
+    (`<result_name>_validation.*` with `--split validation`).
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_arguments(parser, "harder_world.py's folder: its world, CLIP and models are reused, the new ones go there.")
     parser.add_argument("--training_seeds", type=int, nargs="+", default=[0], help="Training seeds of the models.")
+    parser.add_argument("--split", choices=("validation", "test"), default="test",
+                        help="The split to caption: validation to choose a setting, test to report the one chosen.")
     if timed:
         parser.add_argument("--min_seconds", type=float, default=None, help="Time each measurement at least this long.")
     else:
@@ -193,11 +197,11 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
     world_dir, recipe = prepare_world_and_recipe(args)
     pipelines, folders = train_twins(args, recipe, device, models)
     first = pipelines[args.training_seeds[0]]
-    test, features = features_of_test_split(world_dir, first[next(iter(models))])
+    test, features = features_of_split(world_dir, first[next(iter(models))], args.split)
     rows = [{"family": "diffusion", "model": model, "name": f"{model}: {sampling}", "kwargs": kwargs, "passes": passes}
             for model in models for sampling, (kwargs, passes) in samplings.items()]
     rows += [{"family": "ar", "name": name, "kwargs": kwargs, "passes": None} for name, kwargs in ar_samplings.items()]
-    results: dict[str, Any] = {"command": command, "models": folders, "num_test_images": len(test),
+    results: dict[str, Any] = {"command": command, "models": folders, "split": args.split, "num_images": len(test),
                                "settings": quality_rows(pipelines, rows, features, test)}
     if timed:
         by_name = {row["name"]: row for row in rows}
@@ -209,7 +213,8 @@ def compare_twins(argv: list[str] | None, script: str, description: str, result_
                                        for name in timed}
         results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = round(time.monotonic() - started, 1)
-    write_results(args, result_name, results, twins_markdown(results))
+    split_suffix = "" if args.split == "test" else f"_{args.split}"
+    write_results(args, result_name + split_suffix, results, twins_markdown(results))
     return results
 
 
@@ -218,7 +223,7 @@ def twins_markdown(results: dict[str, Any], details: str = "") -> str:
     header."""
     seeds = sorted({run["training_seed"] for run in results["settings"][0]["runs"]})
     ar_runs = " (AR greedy: one)" if any(row["family"] == "ar" for row in results["settings"]) else ""
-    lines = [f"`{results['command']}` — {results['num_test_images']} test images of the harder world; median (worst) "
+    lines = [f"`{results['command']}` — {results['num_images']} {results['split']} images of the harder world; median (worst) "
              f"over training seeds {seeds} × 3 sampling seeds{ar_runs}; {details}"
              f"{results['seconds'] / 60:.0f} min.", "",
              *quality_table(results["settings"], {"passes": lambda row: str(row["passes"] or "—")})]
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipelines, folders = train_twins(args, recipe, device, MODELS)
     print(f"Models ready at {time.monotonic() - started:.0f} s.", flush=True)
     first = pipelines[args.training_seeds[0]]
-    test, features = features_of_test_split(world_dir, first[next(iter(MODELS))])
+    test, features = features_of_split(world_dir, first[next(iter(MODELS))])
 
     results: dict[str, Any] = {
         "command": command,

@@ -26,7 +26,7 @@ from typing import Any
 from caption_speed_quality import start_benchmark
 from harder_world import (
     add_world_arguments,
-    features_of_test_split,
+    features_of_split,
     prepare_world_and_recipe,
     quality_rows,
     train_twins,
@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     twins = {name: (folder, True, {option: getattr(args, option)} if option else {})
              for name, (folder, option, _) in MODELS.items()}
     models, folders = train_twins(args, recipe, device, twins)
-    test, features = features_of_test_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
+    test, features = features_of_split(world_dir, next(iter(models[args.training_seeds[0]].values())))
     results: dict[str, Any] = {"command": command, "draft_prob": args.draft_prob,
                                "mask_predict_prob": args.mask_predict_prob, "models": folders,
-                               "num_test_images": len(test),
+                               "split": "test", "num_images": len(test),
                                "settings": quality_rows(models, settings(), features, test)}
     results["seconds"] = round(time.monotonic() - started, 1)
 

@@ -25,7 +25,7 @@ from typing import Any
 from caption_speed_quality import load_quiet, start_benchmark, train_if_needed
 from harder_world import (
     add_world_arguments,
-    features_of_test_split,
+    features_of_split,
     prepare_world_and_recipe,
     quality_rows,
     quality_table,
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "steps": training["global_step"], "training_seconds": training["training_seconds"],
             })
     # Both families read the same CLIP patch features; the diffusion pipeline knows which layer.
-    test, features = features_of_test_split(world_dir, models[budget_settings[0]["name"]])
+    test, features = features_of_split(world_dir, models[budget_settings[0]["name"]])
 
     results: dict[str, Any] = {"command": command, "training_seed": args.training_seed, "budget_steps": budget,
                                "num_test_images": len(test),

@@ -166,15 +166,17 @@ def test_loss_scores_caption_tokens_and_ignores_padding(tokenizer):
     torch.testing.assert_close(loss, expected)
 
 
-def run_tiny_benchmark(script: str, tmp_path: Path, work_dir: str, *arguments: str) -> dict:
-    """Runs `benchmarks/<script>.py --tiny` in a subprocess, as a user would, and returns its JSON results."""
+def run_tiny_benchmark(script: str, tmp_path: Path, work_dir: str, *arguments: str, result_name: str | None = None
+                       ) -> dict:
+    """Runs `benchmarks/<script>.py --tiny` in a subprocess, as a user would, and returns its JSON results (those of
+    `result_name`, by default the script's name)."""
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--tiny", "--work_dir", str(tmp_path / work_dir),
          "--output_dir", str(tmp_path / "results"), *arguments],
         capture_output=True, text=True, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((tmp_path / "results" / f"{script}_tiny.json").read_text())
+    return json.loads((tmp_path / "results" / f"{result_name or script}_tiny.json").read_text())
 
 
 def test_speed_quality_benchmark_tiny_mode_writes_its_results(tmp_path):
@@ -390,6 +392,24 @@ def test_image_transitions_benchmark_tiny_mode(tmp_path):
                                                   for speeds in rounds.values())
     table = (tmp_path / "results" / "image_transitions_tiny.md").read_text()
     assert "| on AR's captions, image transitions: 1 step | 1 |" in table and "- on AR's captions: 1 step — batch 1" in table
+
+
+def test_length_bonus_benchmark_tiny_mode_chooses_on_the_validation_split(tmp_path):
+    results = run_tiny_benchmark("length_bonus", tmp_path, "w", "--split", "validation",
+                                 result_name="length_bonus_validation")
+    assert results["split"] == "validation" and "head_to_head" not in results
+    rows = {row["name"]: row for row in results["settings"]}
+    assert len(rows) == 4 * 5 + 1 and all(len(row["runs"]) == 3 for row in rows.values() if row["family"] == "diffusion")
+    bonuses = {name.split(": ")[-1]: row["kwargs"]["length_bonus"]
+               for name, row in rows.items() if name.startswith("references: ")}
+    assert bonuses == {"1 step, length_bonus=0": 0.0, "1 step, length_bonus=0.5": 0.5,
+                       "1 step, length_bonus=1 (the default)": 1.0, "1 step, length_bonus=1.5": 1.5,
+                       "1 step, length_bonus=2": 2.0}
+    # The plain recipe's models and harder_world.py's, in their folders.
+    assert results["models"]["0"]["references"] == str(tmp_path / "w" / "seed0" / "diffusion")
+    assert results["models"]["0"]["AR teacher (image transitions)"] == str(tmp_path / "w" / "seed0" / "kd_image_transitions")
+    table = (tmp_path / "results" / "length_bonus_validation_tiny.md").read_text()
+    assert f"{results['num_images']} validation images of the harder world" in table
 
 
 def test_ngram_blocking_benchmark_tiny_mode(tmp_path):
