@@ -86,7 +86,7 @@ MODELS = {
 }
 RECIPES = ("no teacher: trained on the five references with reference selection; AR teacher: trained on the AR "
            "twin's caption of each training image; both with the image's chain transitions (rank "
-           f"{IMAGE_TRANSITION_RANK}) and rounding with the pipeline's defaults (trigrams blocked).")
+           f"{IMAGE_TRANSITION_RANK}) and rounding with the pipeline's defaults (trigrams blocked, word bonus 1).")
 
 
 def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> None:
