@@ -13,8 +13,9 @@ teacher, on its caption of each training image (sequence-level knowledge distill
 quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts,
 relations, captions right in all they state) and captions/s at batch 1 and 64 of the first seed's models, timed in
 the same run, and the speed targets of the best diffusion row from rounds that alternate it with AR greedy
-(`head_to_head`). Diffusion rounds with the pipeline's defaults (trigrams blocked). What each recipe's parts add is
-measured by `reference_selection.py`, `image_transitions.py` and `ngram_blocking.py` (the plain recipe among them);
+(`head_to_head`). Diffusion rounds with the pipeline's defaults (trigrams blocked, word bonus). What each part adds
+is measured by `reference_selection.py`, `image_transitions.py`, `ngram_blocking.py` and `length_bonus.py` (the
+plain recipe among them);
 refinement-trained models are `refinement.py`'s; step distillation is `step_distillation.py`'s; other training
 budgets are `training_budget.py`'s.
 
@@ -63,6 +64,10 @@ from clip_diffusionlm.demo import (
     parse_caption,
 )
 from clip_diffusionlm.metrics import compute_caption_metrics
+from clip_diffusionlm.pipelines.pipeline_clip_diffusion_caption import (
+    RECOMMENDED_LENGTH_BONUS,
+    RECOMMENDED_NO_REPEAT_NGRAM_SIZE,
+)
 from clip_diffusionlm.training import TrainingConfig
 
 RESULT_NAME = "harder_world"
@@ -86,7 +91,8 @@ MODELS = {
 }
 RECIPES = ("no teacher: trained on the five references with reference selection; AR teacher: trained on the AR "
            "twin's caption of each training image; both with the image's chain transitions (rank "
-           f"{IMAGE_TRANSITION_RANK}) and rounding with the pipeline's defaults (trigrams blocked, word bonus 1).")
+           f"{IMAGE_TRANSITION_RANK}) and rounding with the pipeline's defaults (no_repeat_ngram_size "
+           f"{RECOMMENDED_NO_REPEAT_NGRAM_SIZE}, length_bonus {RECOMMENDED_LENGTH_BONUS:g}).")
 
 
 def add_world_arguments(parser: argparse.ArgumentParser, work_dir_help: str) -> None:

@@ -6,9 +6,10 @@
 The harder world has five references per image in varied wording and order. A model that writes every position at
 once and is trained towards a reference drawn at random regresses to their mean ("references", the plain recipe);
 the usual cure is one caption per image written by the AR twin ("on AR's captions", sequence-level knowledge
-distillation). `reference_selection` trains each caption towards whichever of its image's references the model's own prediction is closest to (Shao et al. 2022), so that the model settles on one wording per
-image without a teacher; with `caption_teacher` the AR twin's caption is one more reference (their diverse
-distillation with reference selection). Every model is trained by `harder_world.py`'s recipe and captioned in one
+distillation). `reference_selection` trains each caption towards whichever of its image's references the model's own
+prediction is closest to (Shao et al. 2022), so that the model settles on one wording per image without a teacher;
+with `caption_teacher` the AR twin's caption is one more reference (their diverse distillation with reference
+selection). Every model is trained by `harder_world.py`'s recipe and captioned in one
 step and in two, beside AR greedy, over the training seeds × three sampling seeds. Selection changes only training:
 sampling costs what it did.
 

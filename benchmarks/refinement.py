@@ -4,8 +4,8 @@
     python benchmarks/refinement.py --tiny               # toy sizes, seconds (what the tests run)
 
 The harder world's best plain diffusion model (before the image term) is trained on its AR twin's captions
-(`caption_teacher`, "on AR's captions"); its one-step captions lose the coordination of many positions. A refinement pass re-noises the
-rounded caption and predicts it again: two denoiser passes in all. This benchmark trains two twins of that model by
+(`caption_teacher`, "on AR's captions"); its one-step captions lose the coordination of many positions. A refinement
+pass re-noises the rounded caption and predicts it again: two denoiser passes in all. This benchmark trains two twins of that model by
 the same recipe and captions the test split with the three at one step and with one refinement, over the training
 seeds × three sampling seeds:
 - `draft_prob`: half of each batch noised from the model's own one-step draft (SUNDAE's step-unrolled denoising, so

@@ -700,9 +700,12 @@ class CLIPDiffusionLMModel(CLIPDiffusionLMPreTrainedModel):
         so that a caption ends only where its end is surer than that (a word insertion bonus, as in speech
         recognition's decoders)."""
         logits = self.round_to_logits(embeds)
-        special = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        special_classes = self.rounding_targets(torch.as_tensor(special_token_ids, dtype=torch.long, device=logits.device))
-        special[special_classes[special_classes >= 0]] = True
+        special = None  # only the final rounding's options read it, not the plain rounding of every clamped step
+        if no_repeat_ngram_size or length_bonus:
+            special = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            special_classes = self.rounding_targets(
+                torch.as_tensor(special_token_ids, dtype=torch.long, device=logits.device))
+            special[special_classes[special_classes >= 0]] = True
         if length_bonus:
             if not special.any():
                 raise ValueError("`length_bonus` rewards every word but the special tokens: pass their "
