@@ -226,7 +226,7 @@ def test_reference_selection_gives_each_caption_all_references_of_its_image(trai
             tiny_training_config(training_assets, tmp_path / "bad", reference_selection=True, **bad)
 
 
-def test_caption_teacher_replaces_the_references_by_its_captions(training_assets, tmp_path):
+def test_caption_teacher_replaces_the_references_by_its_captions(training_assets, pipeline_from_assets, tmp_path):
     from clip_diffusionlm import CLIPARCaptionPipeline
     from clip_diffusionlm.training import make_accelerator, prepare_data, tokenize_captions
 
@@ -250,8 +250,25 @@ def test_caption_teacher_replaces_the_references_by_its_captions(training_assets
     assert torch.equal(item["input_ids"], expected[0]) and torch.equal(item["reference_ids"][0], expected[0])
     assert torch.equal(item["reference_ids"][1:1 + len(references)], references)
 
+    # `caption_teacher_kwargs` reach the teacher's call: its beam search, here different from its greedy captions.
+    beams = tiny_training_config(training_assets, tmp_path / "beams", caption_teacher=str(teacher_dir),
+                                 caption_teacher_kwargs='{"num_beams": 3}', restrict_rounding_vocabulary=True)
+    expected_beams = tokenize_captions(data.tokenizer, teacher(image_embeds=features, num_beams=3).captions, 12)
+    assert not torch.equal(expected_beams, expected)
+    torch.testing.assert_close(prepare_data(beams, make_accelerator(beams)).train_set.input_ids, expected_beams)
+
     with pytest.raises(ValueError, match="leave `captions_per_image` unset"):
         tiny_training_config(training_assets, tmp_path / "bad", caption_teacher=str(teacher_dir), captions_per_image=1)
+    with pytest.raises(ValueError, match=r"`caption_teacher_kwargs` \(\{'num_beams': 3\}\) are read only with a "):
+        tiny_training_config(training_assets, tmp_path / "bad", caption_teacher_kwargs={"num_beams": 3})
+    with pytest.raises(ValueError, match=r"may not set \['image_embeds', 'output_type'\]"):
+        tiny_training_config(training_assets, tmp_path / "bad", caption_teacher=str(teacher_dir),
+                             caption_teacher_kwargs={"output_type": "pt", "image_embeds": None})
+    diffusion_teacher = tiny_training_config(training_assets, tmp_path / "typo", caption_teacher=str(pipeline_from_assets),
+                                             caption_teacher_kwargs={"num_inference_step": 2})
+    with pytest.raises(ValueError, match=r"names \['num_inference_step'\], which CLIPDiffusionCaptionPipeline does not "
+                                         r"take; it takes \[.*'num_inference_steps'"):
+        prepare_data(diffusion_teacher, make_accelerator(diffusion_teacher))
     patches = tiny_training_config(training_assets, tmp_path / "patches", caption_teacher=str(teacher_dir),
                                    model_config={"caption_length": 12, "image_features": "patches"})
     with pytest.raises(ValueError, match="it reads other features"):

@@ -62,7 +62,7 @@ from .hub.repository import check_hub_repo, push_folder_to_hub
 from .model_families import ModelFamily, model_family
 from .models.modeling_clip_captioner_ar import CaptionerLossOutput
 from .pipelines import load_captioning_pipeline
-from .training_args import TrainingConfig, training_config_from_args
+from .training_args import TEACHER_ARGUMENTS_SET_BY_TRAINING, TrainingConfig, training_config_from_args
 
 logger = get_logger(__name__)
 
@@ -258,7 +258,8 @@ def teacher_captions(
     image_features: torch.Tensor, device: torch.device, batch_size: int = 256,
 ) -> list[str]:
     """`config.caption_teacher`'s caption of every training image, from the features cached for the student (the
-    teacher must read the same CLIP, and the same kind of features); a diffusion teacher samples with `config.seed`."""
+    teacher must read the same CLIP, and the same kind of features), called with `config.caption_teacher_kwargs`; a
+    diffusion teacher samples with `config.seed`."""
     teacher = load_captioning_pipeline(config.caption_teacher).to(device)
     teacher.set_progress_bar_config(disable=True)
     teacher_config = getattr(teacher, teacher.model_component).config
@@ -270,8 +271,14 @@ def teacher_captions(
             f"caption_teacher={config.caption_teacher!r} must read the run's CLIP ({config.clip_model}) and its "
             f"features {feature_kind}; it reads {'another CLIP' if not same_clip else 'other features'}."
         )
-    options = {"generator": torch.Generator().manual_seed(config.seed)} if "generator" in inspect.signature(
-        teacher.__call__).parameters else {}
+    parameters = inspect.signature(teacher.__call__).parameters
+    takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+    unknown = sorted(set(config.caption_teacher_kwargs) - set(parameters)) if not takes_any else []
+    if unknown:
+        raise ValueError(f"`caption_teacher_kwargs` names {unknown}, which {type(teacher).__name__} does not take; "
+                         f"it takes {sorted(set(parameters) - TEACHER_ARGUMENTS_SET_BY_TRAINING)}.")
+    options = {"generator": torch.Generator().manual_seed(config.seed)} if "generator" in parameters else {}
+    options.update(config.caption_teacher_kwargs)
     return [caption for start in range(0, len(image_features), batch_size)
             for caption in teacher(image_embeds=image_features[start:start + batch_size].to(device), **options).captions]
 

@@ -23,6 +23,8 @@ LR_SCHEDULES = ("constant", "linear", "log", "cosine", "cosine_restarts")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_TYPES = ("diffusion", "ar")
+# What `teacher_captions` passes to a `caption_teacher` itself: its features, plain captions, and a seeded generator.
+TEACHER_ARGUMENTS_SET_BY_TRAINING = {"images", "image_embeds", "output_type", "return_dict", "generator"}
 
 
 def _option(default: Any = dataclasses.MISSING, help: str = "", aliases: tuple[str, ...] = (), **kwargs) -> Any:
@@ -92,6 +94,10 @@ class TrainingConfig:
         "reading the same CLIP features) whose caption of each training image replaces its references: sequence-level "
         "knowledge distillation (Kim & Rush 2016), the usual cure for a non-autoregressive model that averages "
         "references phrased in different words and orders. Not with `captions_per_image`."
+    )
+    caption_teacher_kwargs: dict | str | None = _option(
+        {}, "Arguments of the `caption_teacher`'s `__call__` when it captions the training images, as JSON: "
+        "'{\"num_beams\": 3}' distils the AR baseline's beam search, as Kim & Rush (2016) do; default: its defaults."
     )
     clip_model: str = _option("openai/clip-vit-base-patch32", "The CLIP checkpoint; its towers are frozen.")
     text_backbone: str = _option(
@@ -196,7 +202,7 @@ class TrainingConfig:
     paper_reference: dict | str | None = _option({}, "The paper's figures for this configuration (for the model card).")
 
     def __post_init__(self):
-        for name in ("model_config", "paper_reference"):
+        for name in ("model_config", "caption_teacher_kwargs", "paper_reference"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -259,6 +265,13 @@ class TrainingConfig:
                 "`caption_teacher` trains on one caption per image, the teacher's: leave `captions_per_image` unset, "
                 f"got {self.captions_per_image}."
             )
+        if self.caption_teacher_kwargs and self.caption_teacher is None:
+            raise ValueError(f"`caption_teacher_kwargs` ({self.caption_teacher_kwargs}) are read only with a "
+                             "`caption_teacher`: name the teacher, or leave them out.")
+        fixed_by_training = set(self.caption_teacher_kwargs) & TEACHER_ARGUMENTS_SET_BY_TRAINING
+        if fixed_by_training:
+            raise ValueError(f"`caption_teacher_kwargs` may not set {sorted(fixed_by_training)}: training passes the "
+                             "images' features and reads the captions as text.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` ('user/repo').")
         # Fails early on an unknown value; `backbone_config` only overrides keys of the text backbone's config, and a

@@ -167,6 +167,7 @@ def write_training_record(
         "paper_reference": config.paper_reference,
         "step_distillation": step_distillation_record(config),
         "caption_teacher": config.caption_teacher is not None,
+        "caption_teacher_kwargs": config.caption_teacher_kwargs,
         "reference_selection": config.reference_selection,
     }
     Path(output_dir, TRAINING_RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
