@@ -252,10 +252,13 @@ def test_caption_teacher_replaces_the_references_by_its_captions(training_assets
 
     # `caption_teacher_kwargs` reach the teacher's call: its beam search, here different from its greedy captions.
     beams = tiny_training_config(training_assets, tmp_path / "beams", caption_teacher=str(teacher_dir),
-                                 caption_teacher_kwargs='{"num_beams": 3}', restrict_rounding_vocabulary=True)
+                                 caption_teacher_kwargs='{"num_beams": 3}', restrict_rounding_vocabulary=True,
+                                 max_steps=1, checkpointing_steps=0)
     expected_beams = tokenize_captions(data.tokenizer, teacher(image_embeds=features, num_beams=3).captions, 12)
     assert not torch.equal(expected_beams, expected)
     torch.testing.assert_close(prepare_data(beams, make_accelerator(beams)).train_set.input_ids, expected_beams)
+    card = " ".join((train(beams) / "README.md").read_text().split())
+    assert '(`caption_teacher`, called with `{"num_beams": 3}`, sequence-level knowledge distillation)' in card
 
     with pytest.raises(ValueError, match="leave `captions_per_image` unset"):
         tiny_training_config(training_assets, tmp_path / "bad", caption_teacher=str(teacher_dir), captions_per_image=1)
