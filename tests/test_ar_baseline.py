@@ -412,6 +412,23 @@ def test_length_bonus_benchmark_tiny_mode_chooses_on_the_validation_split(tmp_pa
     assert f"{results['num_images']} validation images of the harder world" in table
 
 
+def test_teacher_decoding_benchmark_tiny_mode(tmp_path):
+    results = run_tiny_benchmark("teacher_decoding", tmp_path, "w")
+    rows = {row["name"]: row for row in results["settings"]}
+    assert list(rows) == ["no teacher: 1 step (the pipeline's defaults)",
+                          "AR teacher, greedy captions: 1 step (the pipeline's defaults)",
+                          "AR teacher, beam-3 captions: 1 step (the pipeline's defaults)", "AR greedy", "AR beam 3"]
+    assert rows["AR beam 3"]["kwargs"] == {"num_beams": 3} and "head_to_head" not in results
+    configs = {name: json.loads(Path(folder, "training_config.json").read_text())
+               for name, folder in results["models"]["0"].items()}
+    # harder_world.py's two models, and the AR-teacher recipe again on the twin's beam-3 captions.
+    assert results["models"]["0"]["AR teacher, greedy captions"] == str(tmp_path / "w" / "seed0" / "kd_image_transitions")
+    greedy, beams = configs["AR teacher, greedy captions"], configs["AR teacher, beam-3 captions"]
+    assert greedy["caption_teacher"] == beams["caption_teacher"] == str(tmp_path / "w" / "seed0" / "ar")
+    assert greedy["caption_teacher_kwargs"] == {} and beams["caption_teacher_kwargs"] == {"num_beams": 3}
+    assert greedy["model_config"] == beams["model_config"] and beams["model_config"]["image_transition_rank"] == 4
+
+
 def test_ngram_blocking_benchmark_tiny_mode(tmp_path):
     results = run_tiny_benchmark("ngram_blocking", tmp_path, "w")
     rows = {row["name"]: row for row in results["settings"]}
