@@ -244,8 +244,8 @@ def what_trains(config: dict[str, Any]) -> dict[str, Any]:
     """A recorded training config as it trained: fields added to `TrainingConfig` since it was written at their
     defaults (what the run did without them), and without what its model type ignores: the AR baseline reads only the
     `model_config` keys it shares with the denoiser, so a change of e.g. the rounding weight does not train it again."""
-    added = {spec.name: spec.default for spec in dataclasses.fields(TrainingConfig)
-             if spec.name not in config and spec.default is not dataclasses.MISSING}
+    added = {spec.name: spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+             for spec in dataclasses.fields(TrainingConfig) if spec.name not in config}
     config = {**added, **config}
     if config.get("model_type") != "ar":
         return config

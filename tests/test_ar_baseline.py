@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -226,6 +227,21 @@ def test_malformed_captions_are_those_outside_the_canonical_grammar():
     assert is_malformed("a orange star")
     assert is_malformed("a red circle and a blue")  # missing word
     assert is_malformed("a red circle a blue square")  # missing "and"
+
+
+def test_a_saved_model_is_reused_when_the_fields_added_since_are_at_their_defaults(training_assets, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from caption_speed_quality import what_trains
+
+    from clip_diffusionlm.training import TrainingConfig
+
+    config = dataclasses.asdict(tiny_training_config(training_assets, tmp_path / "run"))
+    # A record written before `reference_selection` (a plain default) and `caption_teacher_kwargs` (a dict's) existed.
+    recorded = {name: value for name, value in config.items()
+                if name not in ("reference_selection", "caption_teacher_kwargs")}
+    assert what_trains(recorded) == what_trains(config)
+    assert what_trains(recorded) != what_trains({**config, "caption_teacher_kwargs": {"num_beams": 3}})
+    assert {spec.name for spec in dataclasses.fields(TrainingConfig)} == set(what_trains(recorded))
 
 
 def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
