@@ -9,7 +9,8 @@ reused by a second run: the world; the toy CLIP pre-trained on it (the demo's re
 twin trained on all five references and the two recommended diffusion recipes, trained by the same loop with the
 same recipe (the demo's as `make demo` trains it, longer captions) and the image's chain transitions
 (`image_transition_rank`): without a teacher, on the references with reference selection, and with the AR twin as
-teacher, on its caption of each training image (sequence-level knowledge distillation); then, for every setting,
+teacher, on its beam-search caption of each training image (sequence-level knowledge distillation, 3 beams, which
+`teacher_decoding.py` chose over its greedy captions); then, for every setting,
 quality on the test split over training seeds × sampling seeds (CIDEr, BLEU-4 and content accuracy: objects, counts,
 relations, captions right in all they state) and captions/s at batch 1 and 64 of the first seed's models, timed in
 the same run, and the speed targets of the best diffusion row from rounds that alternate it with AR greedy
@@ -87,10 +88,14 @@ IMAGE_TRANSITION_RANK = 4
 MODELS = {
     "no teacher": ("references_selection_image_transitions", False, {
         "reference_selection": True, "model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
-    "AR teacher": ("kd_image_transitions", True, {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
+    "AR teacher": ("kd_beam_image_transitions", True, {
+        "caption_teacher_kwargs": {"num_beams": 3}, "model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
 }
+# The AR-teacher recipe on the twin's greedy captions, which `teacher_decoding.py` compared with the beam search's
+# (and `length_bonus.py` measured).
+GREEDY_TEACHER_MODEL = ("kd_image_transitions", True, {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}})
 RECIPES = ("no teacher: trained on the five references with reference selection; AR teacher: trained on the AR "
-           "twin's caption of each training image; both with the image's chain transitions (rank "
+           "twin's beam-search caption (3 beams) of each training image; both with the image's chain transitions (rank "
            f"{IMAGE_TRANSITION_RANK}) and rounding with the pipeline's defaults (no_repeat_ngram_size "
            f"{RECOMMENDED_NO_REPEAT_NGRAM_SIZE}, length_bonus {RECOMMENDED_LENGTH_BONUS:g}).")
 

@@ -257,15 +257,16 @@ def test_harder_world_benchmark_tiny_mode_writes_its_results(tmp_path):
                           "AR teacher: DDIM 1 step (the pipeline's defaults)", "AR teacher: DDIM 2 steps",
                           "AR greedy", "AR beam 3"]
     # The recommended recipes: without a teacher, selecting among the references; with the AR twin as teacher, on its
-    # captions (and its card says so); both with the image's chain transitions.
+    # beam-3 captions (and its card says so); both with the image's chain transitions.
     folders = results["models"]["0"]
     assert {name: Path(folder).name for name, folder in folders.items()} == {
-        "no teacher": "references_selection_image_transitions", "AR teacher": "kd_image_transitions", "ar": "ar"}
+        "no teacher": "references_selection_image_transitions", "AR teacher": "kd_beam_image_transitions", "ar": "ar"}
     selecting, distilled = (json.loads(Path(folders[name], "training_config.json").read_text())
                             for name in ("no teacher", "AR teacher"))
     assert selecting["reference_selection"] and selecting["caption_teacher"] is None
     assert distilled["caption_teacher"] == folders["ar"] and not distilled["reference_selection"]
-    assert "(`caption_teacher`, sequence-level knowledge distillation)" in " ".join(
+    assert distilled["caption_teacher_kwargs"] == {"num_beams": 3}
+    assert '(`caption_teacher`, called with `{"num_beams": 3}`, sequence-level knowledge distillation)' in " ".join(
         Path(folders["AR teacher"], "README.md").read_text().split())
     # Every option of the recipe reaches the models (the tiny recipe has the demo's gate and chain rounding).
     for name in ("no teacher", "AR teacher"):
