@@ -21,20 +21,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from harder_world import IMAGE_TRANSITION_RANK, compare_twins
+from harder_world import GREEDY_TEACHER_MODEL, IMAGE_TRANSITION_RANK, compare_twins
 from harder_world import MODELS as RECOMMENDED
 
 RESULT_NAME = "image_transitions"
 # Each diffusion model's name in the table: its folder under the training seed's (`diffusion` and `distilled`: the
 # plain recipe, as in reference_selection.py), whether it learns from the AR twin's captions, and its options; the two
-# with reference selection or a teacher are harder_world.py's recommended ones.
+# with reference selection or a teacher are harder_world.py's recommended ones (the teacher's on its greedy captions,
+# as the recommended recipe was then).
 MODELS = {
     "references": ("diffusion", False, {}),
     "references, image transitions": ("references_image_transitions", False,
                                       {"model_config": {"image_transition_rank": IMAGE_TRANSITION_RANK}}),
     "references, reference selection, image transitions": RECOMMENDED["no teacher"],
     "on AR's captions": ("distilled", True, {}),
-    "on AR's captions, image transitions": RECOMMENDED["AR teacher"],
+    "on AR's captions, image transitions": GREEDY_TEACHER_MODEL,
 }
 
 
